@@ -1,0 +1,173 @@
+//! Marker events: one per hit of a `brokerprobe_v1_*` marker function in the broker.
+//!
+//! The marker ABI (symbols, argument registers, strings) is specified in docs/markers.md;
+//! [`MarkerKind`] and [`Stage`] numbers here are that ABI's, and probe-markers' own copy
+//! is checked against them by a test in this crate.
+
+/// The marker ABI version this build understands; symbol names carry it
+/// (`brokerprobe_v1_request_begin`).
+pub const MARKER_ABI_VERSION: u32 = 1;
+
+/// Prefix of every marker symbol of [`MARKER_ABI_VERSION`].
+pub const MARKER_SYMBOL_PREFIX: &str = "brokerprobe_v1_";
+
+/// Bytes of each string argument copied by the kernel; longer strings are truncated and
+/// the broker-given length is kept so user space can tell.
+pub const TEXT_CAP: usize = 64;
+
+/// Which marker fired. The discriminant is the wire value.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MarkerKind {
+    RequestBegin = 1,
+    RequestEnd = 2,
+    StageBegin = 3,
+    StageEnd = 4,
+    Provider = 5,
+    FirstByte = 6,
+    Chunk = 7,
+    TokenUsage = 8,
+    Fallback = 9,
+}
+
+impl MarkerKind {
+    pub const ALL: [MarkerKind; 9] = [
+        MarkerKind::RequestBegin,
+        MarkerKind::RequestEnd,
+        MarkerKind::StageBegin,
+        MarkerKind::StageEnd,
+        MarkerKind::Provider,
+        MarkerKind::FirstByte,
+        MarkerKind::Chunk,
+        MarkerKind::TokenUsage,
+        MarkerKind::Fallback,
+    ];
+
+    pub fn from_wire(value: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| *kind as u32 == value)
+    }
+
+    /// Symbol suffix after [`MARKER_SYMBOL_PREFIX`].
+    pub const fn symbol_suffix(self) -> &'static str {
+        match self {
+            MarkerKind::RequestBegin => "request_begin",
+            MarkerKind::RequestEnd => "request_end",
+            MarkerKind::StageBegin => "stage_begin",
+            MarkerKind::StageEnd => "stage_end",
+            MarkerKind::Provider => "provider",
+            MarkerKind::FirstByte => "first_byte",
+            MarkerKind::Chunk => "chunk",
+            MarkerKind::TokenUsage => "token_usage",
+            MarkerKind::Fallback => "fallback",
+        }
+    }
+
+    /// Request begin and end delimit a request: without both nothing can be assembled.
+    pub const fn is_required(self) -> bool {
+        matches!(self, MarkerKind::RequestBegin | MarkerKind::RequestEnd)
+    }
+}
+
+/// Well-known broker stages. [`Stage::Custom`] carries its name as the marker's text.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Custom = 0,
+    Route = 1,
+    KeypoolAcquire = 2,
+    UpstreamChat = 3,
+    UpstreamChatStream = 4,
+    ResponseSerialize = 5,
+    ToolLoop = 6,
+    ToolExecute = 7,
+    StreamingToolLoop = 8,
+    StreamingToolTurn = 9,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 10] = [
+        Stage::Custom,
+        Stage::Route,
+        Stage::KeypoolAcquire,
+        Stage::UpstreamChat,
+        Stage::UpstreamChatStream,
+        Stage::ResponseSerialize,
+        Stage::ToolLoop,
+        Stage::ToolExecute,
+        Stage::StreamingToolLoop,
+        Stage::StreamingToolTurn,
+    ];
+
+    pub fn from_wire(value: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|stage| *stage as u32 == value)
+    }
+
+    /// The stage's name in metrics, spans and reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stage::Custom => "custom",
+            Stage::Route => "route",
+            Stage::KeypoolAcquire => "keypool.acquire",
+            Stage::UpstreamChat => "upstream.chat",
+            Stage::UpstreamChatStream => "upstream.chat_stream",
+            Stage::ResponseSerialize => "response.serialize",
+            Stage::ToolLoop => "tool_loop",
+            Stage::ToolExecute => "tool.execute",
+            Stage::StreamingToolLoop => "streaming_tool_loop",
+            Stage::StreamingToolTurn => "streaming_tool_turn",
+        }
+    }
+}
+
+/// One marker hit, as written by the kernel into the ring buffer.
+///
+/// Field use by kind (`values`, `text`):
+/// - RequestBegin: -, [model, traceparent]
+/// - RequestEnd: [status, -], [error type, -]
+/// - StageBegin / StageEnd: [stage, -], [custom stage or tool name, -]
+/// - Provider: -, [provider, -]
+/// - TokenUsage: [input tokens, output tokens], -
+/// - Fallback: -, [from model, to model]
+/// - FirstByte, Chunk: -, -
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MarkerEvent {
+    /// `bpf_ktime_get_ns()` at the marker hit: CLOCK_MONOTONIC.
+    pub ts_ns: u64,
+    pub request_id: u64,
+    pub values: [u64; 2],
+    /// Process (tgid) and thread of the hit, as the kernel sees them.
+    pub pid: u32,
+    pub tid: u32,
+    /// A [`MarkerKind`] wire value.
+    pub kind: u32,
+    /// Length the broker passed for each string; above [`TEXT_CAP`] the copy is truncated.
+    pub text_len: [u32; 2],
+    /// Non-zero if reading a string from the broker's memory failed (bad pointer).
+    pub read_failed: u32,
+    pub text: [[u8; TEXT_CAP]; 2],
+}
+
+impl MarkerEvent {
+    pub const ZERO: MarkerEvent = MarkerEvent {
+        ts_ns: 0,
+        request_id: 0,
+        values: [0; 2],
+        pid: 0,
+        tid: 0,
+        kind: 0,
+        text_len: [0; 2],
+        read_failed: 0,
+        text: [[0; TEXT_CAP]; 2],
+    };
+
+    /// The copied bytes of string `slot` (possibly truncated, never past [`TEXT_CAP`]).
+    pub fn text(&self, slot: usize) -> &[u8] {
+        let len = (self.text_len[slot] as usize).min(TEXT_CAP);
+        &self.text[slot][..len]
+    }
+
+    pub fn is_truncated(&self, slot: usize) -> bool {
+        self.text_len[slot] as usize > TEXT_CAP
+    }
+}
