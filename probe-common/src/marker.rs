@@ -171,3 +171,48 @@ impl MarkerEvent {
         self.text_len[slot] as usize > TEXT_CAP
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// probe-markers keeps its own copy of the stage table (it has no dependencies);
+    /// both must say what docs/markers.md says.
+    #[test]
+    fn probe_markers_stage_table_matches() {
+        use probe_markers::Stage as M;
+        let theirs = [
+            M::Route,
+            M::KeypoolAcquire,
+            M::UpstreamChat,
+            M::UpstreamChatStream,
+            M::ResponseSerialize,
+            M::ToolLoop,
+            M::ToolExecute,
+            M::StreamingToolLoop,
+            M::StreamingToolTurn,
+        ];
+        assert_eq!(
+            theirs.len() + 1,
+            Stage::ALL.len(),
+            "one stage missing on one side"
+        );
+        for stage in theirs {
+            let ours = Stage::from_wire(stage as u32).expect("wire value known here");
+            assert_eq!(ours.name(), stage.name());
+        }
+    }
+
+    #[test]
+    fn wire_values_round_trip() {
+        for kind in MarkerKind::ALL {
+            assert_eq!(MarkerKind::from_wire(kind as u32), Some(kind));
+        }
+        assert_eq!(MarkerKind::from_wire(0), None);
+        assert_eq!(
+            core::mem::size_of::<MarkerEvent>(),
+            184,
+            "wire size changed: update docs/maps.md"
+        );
+    }
+}

@@ -1,8 +1,9 @@
-//! Developer tasks: `cargo xtask setup|build|demo|test|bench`.
+//! Developer tasks: `cargo xtask setup|build|demo|test`.
 
+mod demo;
 mod setup;
 
-use std::process::Command;
+use std::{env, ffi::OsString, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
@@ -16,14 +17,88 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what this machine lacks (Debian toolchain, bpf-linker); idempotent.
+    /// Install what this machine lacks (Debian toolchain, bpf-linker, Prometheus); idempotent.
     Setup,
+    /// Set up if needed, then build brokerprobe, the demo broker and the test tools (release).
+    Build,
+    /// Start the demo broker under mixed load and attach brokerprobe to it; Ctrl-C stops all.
+    Demo(demo::DemoArgs),
+    /// Set up, check formatting and lints, build, and run every test (needs root).
+    Test,
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::setup(),
+        Task::Build => build(),
+        Task::Demo(args) => {
+            require_root("cargo xtask demo attaches eBPF probes")?;
+            build()?;
+            demo::demo(&args)
+        }
+        Task::Test => test(),
     }
+}
+
+fn test() -> Result<()> {
+    require_root("cargo xtask test attaches eBPF probes in its end-to-end tests")?;
+    ensure_setup()?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--release",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    build()?;
+    run(cargo()
+        .args(["test", "--release", "--", "--test-threads=1"])
+        .env("BROKERPROBE_BIN_DIR", bin_dir()))
+}
+
+fn build() -> Result<()> {
+    ensure_setup()?;
+    run(cargo().args(["build", "--release"]))
+}
+
+fn ensure_setup() -> Result<()> {
+    if setup::is_complete() {
+        Ok(())
+    } else {
+        setup::setup()
+    }
+}
+
+/// `cargo` from the workspace root, with bpf-linker on PATH for the eBPF build.
+fn cargo() -> Command {
+    let mut path = vec![setup::cargo_bin_dir()];
+    path.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
+    cmd.current_dir(workspace_root()).env(
+        "PATH",
+        env::join_paths(path).expect("PATH entries contain no ':'"),
+    );
+    cmd
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+pub fn bin_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("release")
+}
+
+fn require_root(why: &str) -> Result<()> {
+    if !setup::is_root() {
+        bail!("{why}: run it as root (sudo -E cargo xtask ...)");
+    }
+    Ok(())
 }
 
 /// Runs a command with inherited stdio and fails with the command line if it fails.

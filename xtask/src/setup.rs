@@ -152,15 +152,32 @@ fn install_bpf_linker(done: &mut Vec<String>) -> Result<()> {
     let _ = fs::remove_file(&link);
     std::os::unix::fs::symlink(&libllvm, &link)?;
     eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm} (2-6 min)");
-    let cargo_home = cargo_bin_dir().parent().map(Path::to_path_buf).unwrap_or_default();
+    let cargo_home = cargo_bin_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     run(Command::new("cargo")
         .env("LLVM_PREFIX", &prefix)
-        .args(["install", "--locked", "--force", "bpf-linker", "--version", BPF_LINKER_VERSION])
-        .args(["--no-default-features", "--features", &format!("llvm-{llvm}")])
+        .args([
+            "install",
+            "--locked",
+            "--force",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm}"),
+        ])
         .arg("--root")
         .arg(&cargo_home))?;
     fs::write(bpf_linker_stamp(), &llvm)?;
-    done.push(format!("installed bpf-linker {BPF_LINKER_VERSION} (LLVM {llvm}) in {}", cargo_bin_dir().display()));
+    done.push(format!(
+        "installed bpf-linker {BPF_LINKER_VERSION} (LLVM {llvm}) in {}",
+        cargo_bin_dir().display()
+    ));
     Ok(())
 }
 
@@ -176,9 +193,12 @@ fn find_libllvm(major: &str) -> Result<PathBuf> {
         })
         .collect();
     found.sort();
-    found
-        .pop()
-        .with_context(|| format!("{wanted}* not found in {}: is rustc-web installed?", dir.display()))
+    found.pop().with_context(|| {
+        format!(
+            "{wanted}* not found in {}: is rustc-web installed?",
+            dir.display()
+        )
+    })
 }
 
 /// Tracepoint attach goes through tracefs; some VMs boot without it mounted.
@@ -194,7 +214,9 @@ fn mount_tracefs(done: &mut Vec<String>) -> Result<()> {
 
 fn check_kernel() -> Result<()> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        bail!("this kernel has no BTF (/sys/kernel/btf/vmlinux): brokerprobe needs CONFIG_DEBUG_INFO_BTF");
+        bail!(
+            "this kernel has no BTF (/sys/kernel/btf/vmlinux): brokerprobe needs CONFIG_DEBUG_INFO_BTF"
+        );
     }
     Ok(())
 }

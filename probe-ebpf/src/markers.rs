@@ -1,0 +1,167 @@
+//! Uprobes on the broker's marker functions (docs/markers.md): each hit becomes one
+//! [`MarkerEvent`] in the ring buffer, timestamped here, never by the broker.
+//!
+//! Program names equal the marker symbol suffixes, so user space attaches program
+//! `request_begin` to `brokerprobe_v1_request_begin`.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_probe_read_user},
+    macros::{map, uprobe},
+    maps::{PerCpuArray, RingBuf},
+    programs::ProbeContext,
+};
+use aya_log_ebpf::warn;
+use probe_common::{
+    maps::MARKER_EVENTS_BYTES,
+    marker::{MarkerEvent, MarkerKind, TEXT_CAP},
+};
+
+#[map]
+static MARKER_EVENTS: RingBuf = RingBuf::with_byte_size(MARKER_EVENTS_BYTES, 0);
+
+/// Events dropped because the ring buffer was full, per CPU (user space sums them).
+#[map]
+static MARKER_EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// A string argument: registers holding (pointer, length).
+type TextArgs = Option<(usize, usize)>;
+
+#[inline(always)]
+fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+#[inline(always)]
+fn text_arg(ctx: &ProbeContext, ptr: usize, len: usize) -> TextArgs {
+    Some((ptr, len))
+        .map(|(p, l)| (arg(ctx, p) as usize, arg(ctx, l) as usize))
+        .filter(|(p, l)| *p != 0 && *l != 0)
+}
+
+#[inline(always)]
+fn emit(ctx: &ProbeContext, kind: MarkerKind, values: [u64; 2], texts: [TextArgs; 2]) -> u32 {
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    let Some(mut entry) = MARKER_EVENTS.reserve::<MarkerEvent>(0) else {
+        count_lost(ctx);
+        return 0;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: the reservation is sized and aligned for a MarkerEvent; every field that
+    // user space reads is written below before submit.
+    let event = unsafe { &mut *entry.as_mut_ptr() };
+    event.ts_ns = ts_ns;
+    event.request_id = arg(ctx, 0);
+    event.values = values;
+    event.pid = (pid_tgid >> 32) as u32;
+    event.tid = pid_tgid as u32;
+    event.kind = kind as u32;
+    event.read_failed = 0;
+    for (slot, text) in texts.iter().enumerate() {
+        event.text_len[slot] = 0;
+        if let Some((ptr, len)) = *text {
+            let copy = if len < TEXT_CAP { len } else { TEXT_CAP };
+            // SAFETY: copies at most TEXT_CAP bytes into the event's own buffer; a bad
+            // user pointer makes the helper fail, it cannot fault.
+            let rc = unsafe {
+                bpf_probe_read_user(
+                    event.text[slot].as_mut_ptr().cast(),
+                    copy as u32,
+                    ptr as *const core::ffi::c_void,
+                )
+            };
+            if rc == 0 {
+                event.text_len[slot] = len.min(u32::MAX as usize) as u32;
+            } else {
+                event.read_failed |= 1 << slot;
+            }
+        }
+    }
+    entry.submit(0);
+    0
+}
+
+#[inline(always)]
+fn count_lost(ctx: &ProbeContext) {
+    if let Some(lost) = MARKER_EVENTS_LOST.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        let lost = unsafe { &mut *lost };
+        if *lost == 0 {
+            warn!(
+                ctx,
+                "marker ring buffer full: events are being dropped (counted)"
+            );
+        }
+        *lost += 1;
+    }
+}
+
+#[uprobe]
+pub fn request_begin(ctx: ProbeContext) -> u32 {
+    let texts = [text_arg(&ctx, 1, 2), text_arg(&ctx, 3, 4)];
+    emit(&ctx, MarkerKind::RequestBegin, [0; 2], texts)
+}
+
+#[uprobe]
+pub fn request_end(ctx: ProbeContext) -> u32 {
+    let values = [arg(&ctx, 1) as u32 as u64, 0];
+    emit(
+        &ctx,
+        MarkerKind::RequestEnd,
+        values,
+        [text_arg(&ctx, 2, 3), None],
+    )
+}
+
+#[uprobe]
+pub fn stage_begin(ctx: ProbeContext) -> u32 {
+    let values = [arg(&ctx, 1) as u32 as u64, 0];
+    emit(
+        &ctx,
+        MarkerKind::StageBegin,
+        values,
+        [text_arg(&ctx, 2, 3), None],
+    )
+}
+
+#[uprobe]
+pub fn stage_end(ctx: ProbeContext) -> u32 {
+    let values = [arg(&ctx, 1) as u32 as u64, 0];
+    emit(
+        &ctx,
+        MarkerKind::StageEnd,
+        values,
+        [text_arg(&ctx, 2, 3), None],
+    )
+}
+
+#[uprobe]
+pub fn provider(ctx: ProbeContext) -> u32 {
+    emit(
+        &ctx,
+        MarkerKind::Provider,
+        [0; 2],
+        [text_arg(&ctx, 1, 2), None],
+    )
+}
+
+#[uprobe]
+pub fn first_byte(ctx: ProbeContext) -> u32 {
+    emit(&ctx, MarkerKind::FirstByte, [0; 2], [None, None])
+}
+
+#[uprobe]
+pub fn chunk(ctx: ProbeContext) -> u32 {
+    emit(&ctx, MarkerKind::Chunk, [0; 2], [None, None])
+}
+
+#[uprobe]
+pub fn token_usage(ctx: ProbeContext) -> u32 {
+    let values = [arg(&ctx, 1), arg(&ctx, 2)];
+    emit(&ctx, MarkerKind::TokenUsage, values, [None, None])
+}
+
+#[uprobe]
+pub fn fallback(ctx: ProbeContext) -> u32 {
+    let texts = [text_arg(&ctx, 1, 2), text_arg(&ctx, 3, 4)];
+    emit(&ctx, MarkerKind::Fallback, [0; 2], texts)
+}

@@ -1,0 +1,132 @@
+//! The per-stage table printed live and on exit: count, p50, p95, p99, max.
+
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+
+use super::RequestSink;
+use crate::assembly::Request;
+
+/// The row holding whole-request durations, above the stage rows.
+const REQUEST_ROW: &str = "(request)";
+
+#[derive(Default)]
+pub struct Summary {
+    /// Rows in order of first appearance, request row first.
+    rows: Vec<(String, Histogram<u64>)>,
+}
+
+impl Summary {
+    fn row(&mut self, name: &str) -> &mut Histogram<u64> {
+        let index = match self.rows.iter().position(|(row, _)| row == name) {
+            Some(index) => index,
+            None => {
+                // 3 significant figures, auto-resizing: sized by the largest value seen.
+                let histogram = Histogram::new(3).expect("3 significant figures is valid");
+                self.rows.push((name.to_owned(), histogram));
+                self.rows.len() - 1
+            }
+        };
+        &mut self.rows[index].1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The table as text, one line per stage.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "{:<24} {:>8} {:>10} {:>10} {:>10} {:>10}\n",
+            "stage", "count", "p50", "p95", "p99", "max"
+        );
+        for (name, h) in &self.rows {
+            let q = |q: f64| format_ns(h.value_at_quantile(q));
+            let _ = writeln!(
+                out,
+                "{name:<24} {:>8} {:>10} {:>10} {:>10} {:>10}",
+                h.len(),
+                q(0.5),
+                q(0.95),
+                q(0.99),
+                format_ns(h.max())
+            );
+        }
+        out
+    }
+}
+
+impl RequestSink for Summary {
+    fn record(&mut self, request: &Request) {
+        self.observe(REQUEST_ROW, request.duration_ns());
+        for stage in &request.stages {
+            self.observe(stage.id.name(), stage.duration_ns());
+        }
+    }
+}
+
+impl Summary {
+    fn observe(&mut self, row: &str, ns: u64) {
+        let histogram = self.row(row);
+        // `record` grows the histogram to fit; it can only refuse values near u64::MAX.
+        if histogram.record(ns.max(1)).is_err() {
+            histogram.saturating_record(ns);
+        }
+    }
+}
+
+/// Nanoseconds in the unit that keeps 3 significant digits readable.
+pub fn format_ns(ns: u64) -> String {
+    let ns = ns as f64;
+    match ns {
+        n if n < 1e3 => format!("{n:.0}ns"),
+        n if n < 1e6 => format!("{:.1}µs", n / 1e3),
+        n if n < 1e9 => format!("{:.2}ms", n / 1e6),
+        n => format!("{:.2}s", n / 1e9),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use probe_common::marker::Stage;
+
+    use super::*;
+    use crate::{assembly::StageSpan, decode::StageId};
+
+    #[test]
+    fn table_has_request_row_then_stages_with_quantiles() {
+        let mut summary = Summary::default();
+        for i in 1..=100u64 {
+            summary.record(&Request {
+                begin_ns: 0,
+                end_ns: i * 1_000_000,
+                stages: vec![StageSpan {
+                    id: StageId::Known(Stage::Route),
+                    begin_ns: 0,
+                    end_ns: i * 1_000,
+                }],
+                ..Request::default()
+            });
+        }
+        let table = summary.render();
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[1].starts_with("(request)") && lines[1].contains(" 100 "),
+            "{table}"
+        );
+        assert!(lines[2].starts_with("route"), "{table}");
+        // p50 of 1..=100 µs is 50 µs, max 100 µs.
+        assert!(
+            lines[2].contains("50.0µs") && lines[2].contains("100.0µs"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn durations_format_in_readable_units() {
+        assert_eq!(format_ns(850), "850ns");
+        assert_eq!(format_ns(12_345), "12.3µs");
+        assert_eq!(format_ns(4_560_000), "4.56ms");
+        assert_eq!(format_ns(1_230_000_000), "1.23s");
+    }
+}

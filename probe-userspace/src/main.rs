@@ -1,0 +1,111 @@
+//! The `brokerprobe` command line.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+use probe_userspace::run::{self, AttachOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "brokerprobe",
+    version,
+    about = "Out-of-process eBPF latency profiler for LLM brokers",
+    long_about = "Out-of-process eBPF latency profiler for LLM brokers.\n\n\
+        Attaches to a running broker by PID (no restart, no recompile) through uprobes on \
+        the probe-markers functions it links, and reports how long each stage of every \
+        request took: route, keypool.acquire, upstream.chat, tool loops, serialization.\n\n\
+        Needs Linux >= 6.x with BTF, and root or CAP_BPF + CAP_PERFMON.",
+    after_help = "Example:\n  sudo brokerprobe attach --pid $(pgrep -n my-broker) --interval 5s\n  \
+        curl -s http://127.0.0.1:9464/metrics | grep brokerprobe_stage"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// More detail on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach to a running broker and profile it until Ctrl-C (or --duration).
+    ///
+    /// Serves per-stage Prometheus histograms while attached and prints a per-stage table
+    /// (count, p50, p95, p99, max) on exit. Requests already in flight at attach are not
+    /// reported (their start was not seen); they are counted.
+    Attach(AttachArgs),
+}
+
+#[derive(Args)]
+struct AttachArgs {
+    /// PID of the broker process.
+    #[arg(long, short)]
+    pid: u32,
+    /// Where to serve /metrics. Loopback by default; other addresses expose it.
+    #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR:PORT")]
+    metrics_addr: SocketAddr,
+    /// Detach after this long (e.g. 30s, 5m); default: until Ctrl-C or SIGTERM.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Print the per-stage table this often while attached (e.g. 2s).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    interval: Option<Duration>,
+    /// Write every finished request, with its stage timeline, as a JSON line to FILE.
+    #[arg(long, value_name = "FILE")]
+    requests_out: Option<PathBuf>,
+    /// Drop (and count) requests whose end marker has not come after this long.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// Track at most this many open requests at once; more are counted, not tracked.
+    #[arg(long, default_value_t = 100_000)]
+    max_open_requests: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        (false, _) => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_target(false)
+        .init();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let result = runtime.map_err(anyhow::Error::from).and_then(|rt| {
+        rt.block_on(async {
+            match cli.command {
+                Command::Attach(args) => run::attach(args.into()).await,
+            }
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("brokerprobe: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl From<AttachArgs> for AttachOptions {
+    fn from(args: AttachArgs) -> Self {
+        AttachOptions {
+            pid: args.pid,
+            metrics_addr: args.metrics_addr,
+            duration: args.duration,
+            live_interval: args.interval,
+            requests_out: args.requests_out,
+            request_timeout: args.request_timeout,
+            max_open_requests: args.max_open_requests,
+        }
+    }
+}

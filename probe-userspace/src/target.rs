@@ -1,0 +1,307 @@
+//! Finds what to attach to: the broker process, its executable, and the file offsets of
+//! its marker functions (ELF symbol → program header → file offset).
+
+use std::{fmt, fs, io::ErrorKind, path::PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use object::{
+    Endianness, Object as _, ObjectSymbol as _, ReadCache,
+    elf::PT_LOAD,
+    read::elf::{ElfFile64, ProgramHeader as _},
+};
+use probe_common::marker::{MARKER_ABI_VERSION, MARKER_SYMBOL_PREFIX, MarkerKind};
+
+/// A running process and the markers found in its executable.
+#[derive(Debug)]
+pub struct Target {
+    pub pid: u32,
+    /// Process name (`/proc/PID/comm`).
+    pub name: String,
+    /// The executable as the process sees it (may be in another mount namespace).
+    pub exe_display: PathBuf,
+    /// A path that opens that very file from here: `/proc/PID/exe`.
+    pub exe: PathBuf,
+    pub markers: Vec<FoundMarker>,
+    pub missing: Vec<MarkerKind>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct FoundMarker {
+    pub kind: MarkerKind,
+    pub file_offset: u64,
+}
+
+/// Why markers could not be used; each says what to do.
+#[derive(Debug)]
+pub enum MarkerProblem {
+    /// No symbol table at all: the binary was stripped.
+    Stripped,
+    /// Markers of another ABI version.
+    AbiMismatch { found: u32 },
+    /// Symbols present, but not the required markers.
+    Missing(Vec<MarkerKind>),
+}
+
+impl fmt::Display for MarkerProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MarkerProblem::Stripped => write!(
+                f,
+                "the binary has no symbol table (stripped), so its markers cannot be found; \
+                 build it without `strip` (symbols add no run-time cost)"
+            ),
+            MarkerProblem::AbiMismatch { found } => write!(
+                f,
+                "the broker uses marker ABI v{found}, this brokerprobe understands \
+                 v{MARKER_ABI_VERSION}; use a brokerprobe matching its probe-markers"
+            ),
+            MarkerProblem::Missing(kinds) => {
+                let names: Vec<String> = kinds.iter().map(|k| marker_symbol(*k)).collect();
+                write!(
+                    f,
+                    "markers not found: {} (does the broker link probe-markers and call them?)",
+                    names.join(", ")
+                )
+            }
+        }
+    }
+}
+
+pub fn marker_symbol(kind: MarkerKind) -> String {
+    format!("{MARKER_SYMBOL_PREFIX}{}", kind.symbol_suffix())
+}
+
+impl Target {
+    /// Looks up `pid` and the markers of its executable.
+    pub fn open(pid: u32) -> Result<Self> {
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        let name = match fs::read_to_string(proc_dir.join("comm")) {
+            Ok(comm) => comm.trim_end().to_owned(),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                bail!("no process with PID {pid}: check the PID (e.g. `pgrep -a BROKER`)")
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading /proc/{pid}/comm")),
+        };
+        let exe = proc_dir.join("exe");
+        let exe_display = match fs::read_link(&exe) {
+            Ok(path) => path,
+            Err(e) if e.kind() == ErrorKind::NotFound => bail!(
+                "PID {pid} ({name}) has no executable: it is a kernel thread or has exited; \
+                 attach to a broker process"
+            ),
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => bail!(
+                "may not inspect PID {pid} ({name}): run brokerprobe as root \
+                 (or with CAP_SYS_PTRACE, CAP_BPF and CAP_PERFMON)"
+            ),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", exe.display())),
+        };
+        let file = fs::File::open(&exe).with_context(|| {
+            format!(
+                "opening the executable of PID {pid} ({})",
+                exe_display.display()
+            )
+        })?;
+        let (markers, problem) = find_markers(&file)
+            .with_context(|| format!("reading ELF symbols of {}", exe_display.display()))?;
+        let missing = missing_kinds(&markers);
+        if let Some(problem) = problem {
+            bail!("PID {pid} ({name}, {}): {problem}", exe_display.display());
+        }
+        Ok(Self {
+            pid,
+            name,
+            exe_display,
+            exe,
+            markers,
+            missing,
+        })
+    }
+}
+
+/// Reads the symbol tables (.symtab and .dynsym) of an ELF file for marker symbols.
+/// Returns the markers found and, if they cannot be used, why.
+pub fn find_markers(file: &fs::File) -> Result<(Vec<FoundMarker>, Option<MarkerProblem>)> {
+    let cache = ReadCache::new(file);
+    let elf = ElfFile64::<Endianness, _>::parse(&cache).context("not a 64-bit ELF executable")?;
+    let endian = elf.endian();
+    let loads: Vec<(u64, u64, u64)> = elf
+        .elf_program_headers()
+        .iter()
+        .filter(|ph| ph.p_type(endian) == PT_LOAD)
+        .map(|ph| (ph.p_vaddr(endian), ph.p_filesz(endian), ph.p_offset(endian)))
+        .collect();
+
+    let mut markers = Vec::new();
+    let mut other_abi = None;
+    for symbol in elf.symbols().chain(elf.dynamic_symbols()) {
+        let Ok(name) = symbol.name() else { continue };
+        let Some(rest) = name.strip_prefix("brokerprobe_v") else {
+            continue;
+        };
+        let Some(suffix) = name.strip_prefix(MARKER_SYMBOL_PREFIX) else {
+            other_abi = rest.split('_').next().and_then(|v| v.parse().ok());
+            continue;
+        };
+        let Some(kind) = MarkerKind::ALL
+            .into_iter()
+            .find(|k| k.symbol_suffix() == suffix)
+        else {
+            continue;
+        };
+        if markers.iter().any(|m: &FoundMarker| m.kind == kind) {
+            continue; // the same marker in .symtab and .dynsym
+        }
+        let vaddr = symbol.address();
+        let file_offset = loads
+            .iter()
+            .find(|(start, size, _)| (*start..start + size).contains(&vaddr))
+            .map(|(start, _, offset)| vaddr - start + offset)
+            .with_context(|| format!("{name} at {vaddr:#x} is in no loadable segment"))?;
+        markers.push(FoundMarker { kind, file_offset });
+    }
+
+    let missing = missing_kinds(&markers);
+    let usable = missing.iter().all(|k| !k.is_required());
+    // Markers live in .symtab; .dynsym alone (kept by `strip`) does not list them.
+    let stripped = elf.section_by_name(".symtab").is_none();
+    let problem = match (usable, stripped, other_abi) {
+        (true, _, _) => None,
+        (false, _, Some(found)) => Some(MarkerProblem::AbiMismatch { found }),
+        (false, true, None) => Some(MarkerProblem::Stripped),
+        (false, false, None) => Some(MarkerProblem::Missing(missing)),
+    };
+    Ok((markers, problem))
+}
+
+fn missing_kinds(markers: &[FoundMarker]) -> Vec<MarkerKind> {
+    MarkerKind::ALL
+        .into_iter()
+        .filter(|kind| !markers.iter().any(|m| m.kind == *kind))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Read as _, io::Seek as _, process::Command};
+
+    use super::*;
+
+    /// Links every marker into this test binary, so it is itself a target.
+    fn call_every_marker() {
+        let id = probe_markers::RequestId::next();
+        probe_markers::request_begin(id, "m", None);
+        probe_markers::stage_begin(id, probe_markers::Stage::Route);
+        probe_markers::stage_end(id, probe_markers::Stage::Route);
+        probe_markers::provider(id, "p");
+        probe_markers::first_byte(id);
+        probe_markers::chunk(id);
+        probe_markers::token_usage(id, 1, 2);
+        probe_markers::fallback(id, "a", "b");
+        probe_markers::request_end(id, 200, None);
+    }
+
+    fn markers_of(path: &std::path::Path) -> (Vec<FoundMarker>, Option<MarkerProblem>) {
+        find_markers(&fs::File::open(path).unwrap()).unwrap()
+    }
+
+    /// Markers of a copy of this test binary changed by `objcopy`/`strip` with `args`.
+    fn markers_of_altered(
+        tool: &str,
+        args: &[&str],
+        name: &str,
+    ) -> (Vec<FoundMarker>, Option<MarkerProblem>) {
+        let out = std::env::temp_dir().join(format!(
+            "brokerprobe-target-test-{}-{name}",
+            std::process::id()
+        ));
+        fs::copy(std::env::current_exe().unwrap(), &out).unwrap();
+        let status = Command::new(tool)
+            .args(args)
+            .arg(&out)
+            .status()
+            .unwrap_or_else(|e| panic!("{tool} (binutils) is needed for this test: {e}"));
+        assert!(status.success());
+        let found = markers_of(&out);
+        fs::remove_file(&out).unwrap();
+        found
+    }
+
+    #[test]
+    fn finds_every_marker_at_its_nop() {
+        call_every_marker();
+        let exe = std::env::current_exe().unwrap();
+        let (markers, problem) = markers_of(&exe);
+        assert!(problem.is_none(), "{problem:?}");
+        assert_eq!(markers.len(), MarkerKind::ALL.len());
+        let mut file = fs::File::open(&exe).unwrap();
+        for marker in markers {
+            let mut entry = [0u8; 5];
+            file.seek(std::io::SeekFrom::Start(marker.file_offset))
+                .unwrap();
+            file.read_exact(&mut entry).unwrap();
+            assert_eq!(
+                entry,
+                [0x0f, 0x1f, 0x44, 0x00, 0x00],
+                "{:?} offset is not the NOP",
+                marker.kind
+            );
+        }
+    }
+
+    #[test]
+    fn stripped_binary_is_named_as_such() {
+        call_every_marker();
+        let (_, problem) = markers_of_altered("strip", &[], "stripped");
+        assert!(
+            matches!(problem, Some(MarkerProblem::Stripped)),
+            "{problem:?}"
+        );
+        assert!(problem.unwrap().to_string().contains("stripped"));
+    }
+
+    #[test]
+    fn other_abi_version_is_reported() {
+        call_every_marker();
+        let renames: Vec<String> = MarkerKind::ALL
+            .iter()
+            .flat_map(|k| {
+                [
+                    "--redefine-sym".to_owned(),
+                    format!(
+                        "{}={}",
+                        marker_symbol(*k),
+                        marker_symbol(*k).replace("_v1_", "_v2_")
+                    ),
+                ]
+            })
+            .collect();
+        let args: Vec<&str> = renames.iter().map(String::as_str).collect();
+        let (_, problem) = markers_of_altered("objcopy", &args, "v2");
+        assert!(
+            matches!(problem, Some(MarkerProblem::AbiMismatch { found: 2 })),
+            "{problem:?}"
+        );
+    }
+
+    #[test]
+    fn missing_required_marker_is_named() {
+        call_every_marker();
+        let symbol = marker_symbol(MarkerKind::RequestEnd);
+        let (markers, problem) =
+            markers_of_altered("objcopy", &["--strip-symbol", &symbol], "missing");
+        assert_eq!(markers.len(), MarkerKind::ALL.len() - 1);
+        let message = problem.expect("request_end is required").to_string();
+        assert!(
+            message.contains(&symbol) && !message.contains("request_begin"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn missing_pid_and_kernel_thread_get_clear_errors() {
+        let err = Target::open(u32::MAX - 1).unwrap_err().to_string();
+        assert!(err.contains("no process with PID"), "{err}");
+        let err = Target::open(2).unwrap_err().to_string(); // kthreadd
+        assert!(err.contains("kernel thread"), "{err}");
+    }
+}
