@@ -120,7 +120,9 @@ fn raw_opt(text: Option<&str>) -> (*const u8, usize) {
 pub fn request_begin(id: RequestId, model: &str, traceparent: Option<&str>) {
     let (model_ptr, model_len) = raw(model);
     let (tp_ptr, tp_len) = raw_opt(traceparent);
-    hit!(brokerprobe_v1_request_begin(id.0, model_ptr, model_len, tp_ptr, tp_len));
+    hit!(brokerprobe_v1_request_begin(
+        id.0, model_ptr, model_len, tp_ptr, tp_len
+    ));
 }
 
 /// The request finished with HTTP `status`; `error_type` names the failure, if any
@@ -129,18 +131,33 @@ pub fn request_begin(id: RequestId, model: &str, traceparent: Option<&str>) {
 #[inline(always)]
 pub fn request_end(id: RequestId, status: u16, error_type: Option<&str>) {
     let (err_ptr, err_len) = raw_opt(error_type);
-    hit!(brokerprobe_v1_request_end(id.0, status as u32, err_ptr, err_len));
+    hit!(brokerprobe_v1_request_end(
+        id.0,
+        status as u32,
+        err_ptr,
+        err_len
+    ));
 }
 
 /// A well-known stage starts. Pair with [`stage_end`], or use the guard of [`stage`].
 #[inline(always)]
 pub fn stage_begin(id: RequestId, stage: Stage) {
-    hit!(brokerprobe_v1_stage_begin(id.0, stage as u32, core::ptr::null(), 0));
+    hit!(brokerprobe_v1_stage_begin(
+        id.0,
+        stage as u32,
+        core::ptr::null(),
+        0
+    ));
 }
 
 #[inline(always)]
 pub fn stage_end(id: RequestId, stage: Stage) {
-    hit!(brokerprobe_v1_stage_end(id.0, stage as u32, core::ptr::null(), 0));
+    hit!(brokerprobe_v1_stage_end(
+        id.0,
+        stage as u32,
+        core::ptr::null(),
+        0
+    ));
 }
 
 /// A broker-defined stage starts; `name` should be a short constant like `cache.lookup`.
@@ -160,13 +177,23 @@ pub fn custom_stage_end(id: RequestId, name: &str) {
 #[inline(always)]
 pub fn tool_begin(id: RequestId, name: &str) {
     let (ptr, len) = raw(name);
-    hit!(brokerprobe_v1_stage_begin(id.0, Stage::ToolExecute as u32, ptr, len));
+    hit!(brokerprobe_v1_stage_begin(
+        id.0,
+        Stage::ToolExecute as u32,
+        ptr,
+        len
+    ));
 }
 
 #[inline(always)]
 pub fn tool_end(id: RequestId, name: &str) {
     let (ptr, len) = raw(name);
-    hit!(brokerprobe_v1_stage_end(id.0, Stage::ToolExecute as u32, ptr, len));
+    hit!(brokerprobe_v1_stage_end(
+        id.0,
+        Stage::ToolExecute as u32,
+        ptr,
+        len
+    ));
 }
 
 /// The request was routed to `provider` (e.g. `openai`, `anthropic`).
@@ -191,7 +218,11 @@ pub fn chunk(id: RequestId) {
 /// Token usage reported by the upstream for this request (summed if called per turn).
 #[inline(always)]
 pub fn token_usage(id: RequestId, input_tokens: u64, output_tokens: u64) {
-    hit!(brokerprobe_v1_token_usage(id.0, input_tokens, output_tokens));
+    hit!(brokerprobe_v1_token_usage(
+        id.0,
+        input_tokens,
+        output_tokens
+    ));
 }
 
 /// The broker fell back from model `from` to model `to`.
@@ -199,7 +230,9 @@ pub fn token_usage(id: RequestId, input_tokens: u64, output_tokens: u64) {
 pub fn fallback(id: RequestId, from: &str, to: &str) {
     let (from_ptr, from_len) = raw(from);
     let (to_ptr, to_len) = raw(to);
-    hit!(brokerprobe_v1_fallback(id.0, from_ptr, from_len, to_ptr, to_len));
+    hit!(brokerprobe_v1_fallback(
+        id.0, from_ptr, from_len, to_ptr, to_len
+    ));
 }
 
 /// Ends its stage when dropped, so early returns and `?` still close the stage.
@@ -223,19 +256,31 @@ impl Drop for StageGuard<'_> {
 #[inline(always)]
 pub fn stage(id: RequestId, stage: Stage) -> StageGuard<'static> {
     stage_begin(id, stage);
-    StageGuard { id, stage: stage as u32, name: "" }
+    StageGuard {
+        id,
+        stage: stage as u32,
+        name: "",
+    }
 }
 
 /// Begins a broker-named stage and returns the guard that ends it.
 #[inline(always)]
 pub fn custom_stage(id: RequestId, name: &str) -> StageGuard<'_> {
     custom_stage_begin(id, name);
-    StageGuard { id, stage: CUSTOM_STAGE, name }
+    StageGuard {
+        id,
+        stage: CUSTOM_STAGE,
+        name,
+    }
 }
 
 /// Begins the execution of tool `name` and returns the guard that ends it.
 #[inline(always)]
 pub fn tool(id: RequestId, name: &str) -> StageGuard<'_> {
     tool_begin(id, name);
-    StageGuard { id, stage: Stage::ToolExecute as u32, name }
+    StageGuard {
+        id,
+        stage: Stage::ToolExecute as u32,
+        name,
+    }
 }
