@@ -1,5 +1,6 @@
-//! Developer tasks: `cargo xtask setup|build|demo|test`.
+//! Developer tasks: `cargo xtask setup|build|demo|test|bench`.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -25,6 +26,8 @@ enum Task {
     Demo(demo::DemoArgs),
     /// Set up, check formatting and lints, build, and run every test (needs root).
     Test,
+    /// Run the benchmarks and write BENCHMARKS.md with what they measured.
+    Bench,
 }
 
 fn main() -> Result<()> {
@@ -37,6 +40,7 @@ fn main() -> Result<()> {
             demo::demo(&args)
         }
         Task::Test => test(),
+        Task::Bench => bench::bench(),
     }
 }
 
