@@ -1,0 +1,187 @@
+//! Running the real binaries in tests: the demo broker, brokerprobe, and their output.
+
+use std::{
+    env,
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc::{self, Receiver, RecvTimeoutError},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Where `cargo xtask test` put the release binaries.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = env::var_os("BROKERPROBE_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let target = env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target"))
+                });
+            target.join("release")
+        });
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run the end-to-end tests through `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
+/// The end-to-end tests attach eBPF programs: they need root (or CAP_BPF + CAP_PERFMON).
+pub fn require_root() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let uid_is_root = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"));
+    assert!(
+        uid_is_root,
+        "end-to-end tests need root to attach eBPF probes: run `sudo cargo xtask test`"
+    );
+}
+
+/// A child process whose stdout lines are collected; killed if dropped while running.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    lines: Receiver<String>,
+    pub stdout: Vec<String>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, command: &mut Command) -> Result<Self> {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {name}: {command:?}"))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            lines,
+            stdout: Vec::new(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a stdout line containing `needle`; returns it.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.stdout.push(line.clone());
+                    if line.contains(needle) {
+                        return Ok(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!(
+                        "{} printed no line with {needle:?} within {timeout:?}",
+                        self.name
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait()?;
+                    bail!("{} exited ({status}) before printing {needle:?}", self.name)
+                }
+            }
+        }
+    }
+
+    /// Sends `signal` (a `kill -s` name such as INT or TERM).
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.pid().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -s {signal} {} ({}) failed", self.pid(), self.name);
+        }
+        Ok(())
+    }
+
+    /// Waits for exit, collecting the rest of stdout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                self.stdout.extend(self.lines.try_iter());
+                // The reader thread may still hold the last lines for a moment.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.stdout.push(line);
+                }
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {timeout:?}", self.name);
+            }
+            self.stdout.extend(self.lines.try_iter());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The demo broker with its in-process fake upstream; returns it and its base URL.
+pub fn start_demo_broker(extra_args: &[&str]) -> Result<(Proc, String)> {
+    let mut broker = Proc::spawn(
+        "demo-broker",
+        Command::new(bin("demo-broker"))
+            .args(["--fake", "--listen", "127.0.0.1:0"])
+            .args(extra_args),
+    )?;
+    let line = broker.wait_for_line("listening on", Duration::from_secs(30))?;
+    let addr = line
+        .rsplit(' ')
+        .next()
+        .context("no address in the listening line")?;
+    Ok((broker, format!("http://{addr}")))
+}
+
+/// brokerprobe attached to `pid`; returns it and its /metrics URL once attached.
+pub fn attach_brokerprobe(pid: u32, extra_args: &[&str]) -> Result<(Proc, String)> {
+    let mut probe = Proc::spawn(
+        "brokerprobe",
+        Command::new(bin("brokerprobe"))
+            .args([
+                "attach",
+                "--pid",
+                &pid.to_string(),
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .args(extra_args),
+    )?;
+    let line = probe.wait_for_line("brokerprobe: attached", Duration::from_secs(60))?;
+    let url = line
+        .rsplit(' ')
+        .next()
+        .context("no metrics URL in the attach line")?;
+    Ok((probe, url.to_owned()))
+}

@@ -1,0 +1,93 @@
+//! Bad input to `brokerprobe attach`: one clear line on stderr, exit code 1, nothing else.
+
+use std::process::{Command, Output};
+
+use e2e::harness::{bin, require_root};
+
+fn attach(pid: &str) -> Output {
+    Command::new(bin("brokerprobe"))
+        .args([
+            "attach",
+            "--pid",
+            pid,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--duration",
+            "1s",
+        ])
+        .output()
+        .unwrap()
+}
+
+/// Exactly one line on stderr, containing every needle; exit code 1; nothing on stdout.
+fn assert_one_clear_line(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{needle:?} missing from: {stderr}");
+    }
+    assert!(
+        out.stdout.is_empty(),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn pid_that_does_not_exist() {
+    require_root();
+    assert_one_clear_line(&attach("999999999"), &["no process with PID 999999999"]);
+}
+
+#[test]
+fn kernel_thread() {
+    require_root();
+    assert_one_clear_line(&attach("2"), &["kernel thread"]);
+}
+
+#[test]
+fn binary_without_markers_names_them() {
+    require_root();
+    // Debian's binaries are stripped: the message must say so rather than "no markers".
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    let out = attach(&sleeper.id().to_string());
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    assert_one_clear_line(&out, &["stripped", "sleep"]);
+}
+
+#[test]
+fn unstripped_binary_without_markers_lists_the_missing_ones() {
+    require_root();
+    // fake-upstream is a Rust binary with symbols that does not link probe-markers.
+    let mut upstream = e2e::harness::Proc::spawn(
+        "fake-upstream",
+        Command::new(bin("fake-upstream")).args(["--listen", "127.0.0.1:0"]),
+    )
+    .unwrap();
+    upstream
+        .wait_for_line("listening on", std::time::Duration::from_secs(30))
+        .unwrap();
+    let out = attach(&upstream.pid().to_string());
+    assert_one_clear_line(
+        &out,
+        &[
+            "fake-upstream",
+            "markers not found",
+            "brokerprobe_v1_request_begin",
+            "brokerprobe_v1_request_end",
+        ],
+    );
+}
+
+#[test]
+fn bad_flag_value_is_explained() {
+    let out = Command::new(bin("brokerprobe"))
+        .args(["attach", "--pid", "1", "--duration", "soon"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--duration"), "{stderr}");
+}

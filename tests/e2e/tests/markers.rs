@@ -1,0 +1,361 @@
+//! Foundation end to end: the demo broker, warmed up, then profiled by brokerprobe attached
+//! by PID under mixed load; every request is compared with the broker's own clock.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use e2e::{
+    harness::{attach_brokerprobe, require_root, start_demo_broker},
+    load::{self, Mix, Outcome, Target},
+};
+use prometheus_parse::{Scrape, Value};
+use serde_json::Value as Json;
+
+/// Requests sent while attached, and how many at once.
+const ATTACHED_REQUESTS: usize = 2_400;
+const CONCURRENCY: usize = 32;
+/// The fidelity bound: kernel-timed vs broker-timed stage durations at p99.
+const MAX_P99_DIFF_NS: u64 = 50_000;
+
+#[test]
+fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
+    require_root();
+    let dir = scratch_dir("markers");
+    let truth_path = dir.join("ground-truth.jsonl");
+    let observed_path = dir.join("brokerprobe.jsonl");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mix = Mix::default();
+
+    let (mut broker, url) =
+        start_demo_broker(&["--ground-truth", truth_path.to_str().unwrap()]).unwrap();
+    // Warm: keep-alive pools and key pools in use before brokerprobe exists.
+    let warm = rt.block_on(load::drive(&url, 200, 16, &mix, 1)).unwrap();
+    check_statuses(&warm);
+
+    let (mut probe, metrics_url) = attach_brokerprobe(
+        broker.pid(),
+        &["--requests-out", observed_path.to_str().unwrap()],
+    )
+    .unwrap();
+    let started = Instant::now();
+    let attached = rt
+        .block_on(load::drive(&url, ATTACHED_REQUESTS, CONCURRENCY, &mix, 2))
+        .unwrap();
+    let load_time = started.elapsed();
+    check_statuses(&attached);
+    check_mix_coverage(&attached);
+
+    let metrics = rt
+        .block_on(scrape_until_requests(&metrics_url, attached.len()))
+        .unwrap();
+    promtool_check(&metrics);
+
+    probe.signal("INT").unwrap();
+    let status = probe.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(
+        status.success(),
+        "brokerprobe exited with {status}: {:#?}",
+        probe.stdout
+    );
+    assert!(
+        probe
+            .stdout
+            .iter()
+            .any(|l| l.starts_with("keypool.acquire")),
+        "no final table: {:#?}",
+        probe.stdout
+    );
+
+    // Detached: the broker serves on without errors.
+    let after = rt
+        .block_on(load::drive(&url, 300, CONCURRENCY, &mix, 3))
+        .unwrap();
+    check_statuses(&after);
+
+    broker.signal("TERM").unwrap();
+    assert!(broker.wait_exit(Duration::from_secs(30)).unwrap().success());
+
+    let truth = read_jsonl(&truth_path);
+    let observed = read_jsonl(&observed_path);
+    let truth: HashMap<u64, &Json> = truth
+        .iter()
+        .map(|r| (r["request_id"].as_u64().unwrap(), r))
+        .collect();
+    assert_eq!(
+        truth.len(),
+        warm.len() + attached.len() + after.len(),
+        "ground truth is missing requests"
+    );
+
+    // Every request sent while attached observed exactly once, and nothing else.
+    let sent: HashSet<u64> = attached.iter().map(|o| o.request_id).collect();
+    let mut seen = HashSet::new();
+    for request in &observed {
+        let id = request["request_id"].as_u64().unwrap();
+        assert!(seen.insert(id), "request {id} reported twice");
+        assert!(
+            sent.contains(&id),
+            "request {id} reported but not sent while attached"
+        );
+    }
+    assert_eq!(
+        seen.len(),
+        sent.len(),
+        "requests sent while attached but not reported"
+    );
+
+    let report = compare(&observed, &truth);
+    println!(
+        "{} requests at concurrency {CONCURRENCY} in {load_time:.1?}; {} stage instances; \
+         |kernel - broker| stage duration: p50 {} ns, p99 {} ns, max {} ns; \
+         timestamp offset p50 {} ns, p99 {} ns",
+        observed.len(),
+        report.stage_diffs.len(),
+        quantile(&report.stage_diffs, 0.5),
+        quantile(&report.stage_diffs, 0.99),
+        quantile(&report.stage_diffs, 1.0),
+        quantile(&report.offsets, 0.5),
+        quantile(&report.offsets, 0.99),
+    );
+    assert!(
+        quantile(&report.stage_diffs, 0.99) <= MAX_P99_DIFF_NS,
+        "stage durations differ too much"
+    );
+    assert!(
+        quantile(&report.offsets, 0.99) <= MAX_P99_DIFF_NS,
+        "stage timestamps differ too much"
+    );
+
+    // /metrics counts equal what was sent.
+    let scrape = Scrape::parse(metrics.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    assert_eq!(
+        counter_sum(&scrape, "brokerprobe_requests_total"),
+        attached.len() as f64
+    );
+    for (stage, count) in &report.stage_counts {
+        assert_eq!(
+            histogram_count(&scrape, "brokerprobe_stage_duration_seconds", stage),
+            *count as f64,
+            "{stage}"
+        );
+    }
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// The per-request comparison of brokerprobe's view with the ground truth.
+struct Comparison {
+    /// |observed - true| stage duration, ns, one per stage instance.
+    stage_diffs: Vec<u64>,
+    /// |observed - true| stage begin and end timestamps (same clock), ns.
+    offsets: Vec<u64>,
+    stage_counts: HashMap<String, usize>,
+}
+
+fn compare(observed: &[Json], truth: &HashMap<u64, &Json>) -> Comparison {
+    let mut result = Comparison {
+        stage_diffs: Vec::new(),
+        offsets: Vec::new(),
+        stage_counts: HashMap::new(),
+    };
+    for seen in observed {
+        let id = seen["request_id"].as_u64().unwrap();
+        let truth = truth[&id];
+        for field in [
+            "model",
+            "provider",
+            "status",
+            "error_type",
+            "chunks",
+            "input_tokens",
+            "output_tokens",
+        ] {
+            assert_eq!(seen[field], truth[field], "request {id}: {field} differs");
+        }
+        let true_fallback = match &truth["fallback"] {
+            Json::Null => vec![],
+            f => vec![Json::Array(vec![f["from"].clone(), f["to"].clone()])],
+        };
+        assert_eq!(
+            seen["fallbacks"].as_array().unwrap(),
+            &true_fallback,
+            "request {id}: fallback"
+        );
+        assert_eq!(seen["unclosed_stages"], 0, "request {id}");
+
+        let seen_stages = seen["stages"].as_array().unwrap();
+        let true_stages = truth["stages"].as_array().unwrap();
+        let names = |stages: &[Json]| -> Vec<(String, Json)> {
+            stages
+                .iter()
+                .map(|s| (s["stage"].as_str().unwrap().to_owned(), s["name"].clone()))
+                .collect()
+        };
+        assert_eq!(
+            names(seen_stages),
+            names(true_stages),
+            "request {id}: stages differ"
+        );
+        let ns = |j: &Json, f: &str| j[f].as_u64().unwrap();
+        for (s, t) in seen_stages.iter().zip(true_stages) {
+            let seen_duration = ns(s, "end_ns") - ns(s, "begin_ns");
+            let true_duration = ns(t, "end_ns") - ns(t, "begin_ns");
+            result
+                .stage_diffs
+                .push(seen_duration.abs_diff(true_duration));
+            result
+                .offsets
+                .push(ns(s, "begin_ns").abs_diff(ns(t, "begin_ns")));
+            result
+                .offsets
+                .push(ns(s, "end_ns").abs_diff(ns(t, "end_ns")));
+            *result
+                .stage_counts
+                .entry(s["stage"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+        let seen_request = ns(seen, "end_ns") - ns(seen, "begin_ns");
+        let true_request = ns(truth, "end_ns") - ns(truth, "begin_ns");
+        result.stage_diffs.push(seen_request.abs_diff(true_request));
+    }
+    result
+}
+
+/// Statuses the demo broker must give each kind of request.
+fn check_statuses(outcomes: &[Outcome]) {
+    for o in outcomes {
+        let expected = if o.kind.target == Target::UnknownModel {
+            404
+        } else {
+            200
+        };
+        assert_eq!(
+            o.status, expected,
+            "request {} ({:?})",
+            o.request_id, o.kind
+        );
+    }
+}
+
+/// The load must exercise every path the issue names.
+fn check_mix_coverage(outcomes: &[Outcome]) {
+    let count = |f: &dyn Fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
+    assert!(
+        count(&|o| o.kind.streaming) > 100,
+        "too few streaming requests"
+    );
+    assert!(
+        count(&|o| !o.kind.streaming) > 100,
+        "too few non-streaming requests"
+    );
+    assert!(
+        count(&|o| o.kind.tools && o.kind.streaming) > 20,
+        "too few streaming tool requests"
+    );
+    assert!(
+        count(&|o| o.kind.tools && !o.kind.streaming) > 20,
+        "too few tool requests"
+    );
+    assert!(
+        count(&|o| o.kind.target == Target::Fallback) > 20,
+        "too few fallbacks"
+    );
+}
+
+async fn scrape_until_requests(metrics_url: &str, expected: usize) -> anyhow::Result<String> {
+    // request_end fires as the body ends, a moment after the client has read it all.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = reqwest::get(metrics_url)
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
+        let seen = counter_sum(&scrape, "brokerprobe_requests_total");
+        if seen >= expected as f64 || Instant::now() > deadline {
+            return Ok(text);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The real Prometheus linter must accept the exposition as it is.
+fn promtool_check(metrics: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus, installed by cargo xtask setup)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn counter_sum(scrape: &Scrape, metric: &str) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric)
+        .map(|s| match s.value {
+            Value::Counter(v) => v,
+            ref other => panic!("{metric} is not a counter: {other:?}"),
+        })
+        .sum()
+}
+
+/// Observations of histogram `metric` with label `stage` (its +Inf bucket), summed.
+fn histogram_count(scrape: &Scrape, metric: &str, stage: &str) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && s.labels.get("stage") == Some(stage))
+        .map(|s| match &s.value {
+            Value::Histogram(buckets) => {
+                buckets
+                    .iter()
+                    .find(|b| b.less_than.is_infinite())
+                    .unwrap()
+                    .count
+            }
+            other => panic!("{metric} is not a histogram: {other:?}"),
+        })
+        .sum()
+}
+
+fn quantile(values: &[u64], q: f64) -> u64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[index]
+}
+
+fn read_jsonl(path: &Path) -> Vec<Json> {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("brokerprobe-e2e-{name}-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}

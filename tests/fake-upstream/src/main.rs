@@ -1,0 +1,66 @@
+//! `fake-upstream`: runs the fake OpenAI-compatible provider as a process.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use fake_upstream::FakeConfig;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "OpenAI-compatible fake LLM provider with scripted latency and failures"
+)]
+struct Cli {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// JSON file: {"default": BEHAVIOUR, "models": {"NAME": BEHAVIOUR}}, where BEHAVIOUR has
+    /// ttfb_ms, chunks, chunk_interval_ms, fail_status, fail_every (all optional).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Overrides the default behaviour's delay before the response head.
+    #[arg(long)]
+    ttfb_ms: Option<u64>,
+    /// Overrides the default behaviour's number of streamed content chunks.
+    #[arg(long)]
+    chunks: Option<u32>,
+    /// Overrides the default behaviour's pause between streamed chunks.
+    #[arg(long)]
+    chunk_interval_ms: Option<u64>,
+}
+
+impl Cli {
+    fn fake_config(&self) -> anyhow::Result<FakeConfig> {
+        let mut config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                serde_json::from_str(&text)
+                    .with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => FakeConfig::default(),
+        };
+        let default = &mut config.default;
+        default.ttfb_ms = self.ttfb_ms.unwrap_or(default.ttfb_ms);
+        default.chunks = self.chunks.unwrap_or(default.chunks);
+        default.chunk_interval_ms = self.chunk_interval_ms.unwrap_or(default.chunk_interval_ms);
+        Ok(config)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = cli.fake_config()?;
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("binding {}", cli.listen))?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on {}", listener.local_addr()?)?;
+    stdout.flush()?;
+    drop(stdout);
+    fake_upstream::serve(listener, config).await
+}
