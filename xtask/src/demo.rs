@@ -40,6 +40,8 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
     let bins = bin_dir();
     let mut broker = Command::new(bins.join("demo-broker"))
         .args(["--fake", "--listen", "127.0.0.1:0"])
+        // A small key pool, so keypool.acquire visibly waits at the demo's load.
+        .args(["--keys", "2", "--per-key-concurrency", "2"])
         .stdout(Stdio::piped())
         .spawn()
         .context("starting demo-broker")?;

@@ -131,6 +131,17 @@ fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
         quantile(&report.offsets, 0.99) <= MAX_P99_DIFF_NS,
         "stage timestamps differ too much"
     );
+    // The key pool must really have made requests wait, or keypool.acquire was not tested.
+    let waits = &report.keypool_waits_ns;
+    let waited = waits.iter().filter(|ns| **ns > 1_000_000).count();
+    println!(
+        "keypool.acquire waits over 1 ms: {waited} of {}",
+        waits.len()
+    );
+    assert!(
+        !waits.is_empty() && waited * 100 >= waits.len(),
+        "no key-pool contention under load"
+    );
 
     // /metrics counts equal what was sent.
     let scrape = Scrape::parse(metrics.lines().map(|l| Ok(l.to_owned()))).unwrap();
@@ -155,6 +166,8 @@ struct Comparison {
     /// |observed - true| stage begin and end timestamps (same clock), ns.
     offsets: Vec<u64>,
     stage_counts: HashMap<String, usize>,
+    /// True keypool.acquire durations, ns.
+    keypool_waits_ns: Vec<u64>,
 }
 
 fn compare(observed: &[Json], truth: &HashMap<u64, &Json>) -> Comparison {
@@ -162,6 +175,7 @@ fn compare(observed: &[Json], truth: &HashMap<u64, &Json>) -> Comparison {
         stage_diffs: Vec::new(),
         offsets: Vec::new(),
         stage_counts: HashMap::new(),
+        keypool_waits_ns: Vec::new(),
     };
     for seen in observed {
         let id = seen["request_id"].as_u64().unwrap();
@@ -208,6 +222,9 @@ fn compare(observed: &[Json], truth: &HashMap<u64, &Json>) -> Comparison {
             result
                 .stage_diffs
                 .push(seen_duration.abs_diff(true_duration));
+            if t["stage"] == "keypool.acquire" {
+                result.keypool_waits_ns.push(true_duration);
+            }
             result
                 .offsets
                 .push(ns(s, "begin_ns").abs_diff(ns(t, "begin_ns")));
