@@ -140,6 +140,9 @@ async fn serve(cli: &Cli, ground_truth: Option<GroundTruthSink>) -> anyhow::Resu
         .route("/health", get(health))
         .layer(middleware::from_fn(assign_request_id))
         .with_state(app);
+    // Handlers go in before "listening on" is printed, so a signal sent right after it
+    // still shuts down gracefully.
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let listener = TcpListener::bind(cli.listen)
         .await
@@ -150,7 +153,7 @@ async fn serve(cli: &Cli, ground_truth: Option<GroundTruthSink>) -> anyhow::Resu
     drop(stdout);
     let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = interrupt.recv() => {}
             _ = terminate.recv() => {}
         }
     };

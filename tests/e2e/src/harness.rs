@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use prometheus_parse::{Scrape, Value};
 
 /// Where `cargo xtask test` put the release binaries.
 pub fn bin(name: &str) -> PathBuf {
@@ -184,4 +185,37 @@ pub fn attach_brokerprobe(pid: u32, extra_args: &[&str]) -> Result<(Proc, String
         .next()
         .context("no metrics URL in the attach line")?;
     Ok((probe, url.to_owned()))
+}
+
+/// Polls brokerprobe's /metrics until it has counted `expected` requests (or 15 s pass);
+/// returns the last exposition text.
+pub async fn wait_for_requests(metrics_url: &str, expected: usize) -> anyhow::Result<String> {
+    // request_end fires as the body ends, a moment after the client has read it all.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = reqwest::get(metrics_url)
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
+        let seen = counter_sum(&scrape, "brokerprobe_requests_total");
+        if seen >= expected as f64 || Instant::now() > deadline {
+            return Ok(text);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sum of counter `metric` over all its label sets.
+pub fn counter_sum(scrape: &Scrape, metric: &str) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric)
+        .map(|s| match s.value {
+            Value::Counter(v) => v,
+            ref other => panic!("{metric} is not a counter: {other:?}"),
+        })
+        .sum()
 }

@@ -11,7 +11,9 @@ use std::{
 };
 
 use e2e::{
-    harness::{attach_brokerprobe, require_root, start_demo_broker},
+    harness::{
+        attach_brokerprobe, counter_sum, require_root, start_demo_broker, wait_for_requests,
+    },
     load::{self, Mix, Outcome, Target},
 };
 use prometheus_parse::{Scrape, Value};
@@ -52,7 +54,7 @@ fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
     check_mix_coverage(&attached);
 
     let metrics = rt
-        .block_on(scrape_until_requests(&metrics_url, attached.len()))
+        .block_on(wait_for_requests(&metrics_url, attached.len()))
         .unwrap();
     promtool_check(&metrics);
 
@@ -284,24 +286,6 @@ fn check_mix_coverage(outcomes: &[Outcome]) {
     );
 }
 
-async fn scrape_until_requests(metrics_url: &str, expected: usize) -> anyhow::Result<String> {
-    // request_end fires as the body ends, a moment after the client has read it all.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let text = reqwest::get(metrics_url)
-            .await?
-            .error_for_status()?
-            .text()
-            .await?;
-        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
-        let seen = counter_sum(&scrape, "brokerprobe_requests_total");
-        if seen >= expected as f64 || Instant::now() > deadline {
-            return Ok(text);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The real Prometheus linter must accept the exposition as it is.
 fn promtool_check(metrics: &str) {
     let mut child = Command::new("promtool")
@@ -324,18 +308,6 @@ fn promtool_check(metrics: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn counter_sum(scrape: &Scrape, metric: &str) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == metric)
-        .map(|s| match s.value {
-            Value::Counter(v) => v,
-            ref other => panic!("{metric} is not a counter: {other:?}"),
-        })
-        .sum()
 }
 
 /// Observations of histogram `metric` with label `stage` (its +Inf bucket), summed.
