@@ -12,7 +12,6 @@ mod tools;
 mod upstream;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -144,13 +143,7 @@ async fn serve(cli: &Cli, ground_truth: Option<GroundTruthSink>) -> anyhow::Resu
     // still shuts down gracefully.
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let listener = TcpListener::bind(cli.listen)
-        .await
-        .with_context(|| format!("binding {}", cli.listen))?;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "listening on {}", listener.local_addr()?)?;
-    stdout.flush()?;
-    drop(stdout);
+    let listener = fake_upstream::bind_announced(cli.listen).await?;
     let shutdown = async move {
         tokio::select! {
             _ = interrupt.recv() => {}

@@ -82,6 +82,19 @@ impl FakeConfig {
 }
 
 /// Serves the fake API on `listener` until the task is dropped.
+/// Binds `addr` and prints `listening on ADDR` (the line tests and xtask wait for) once
+/// bound, so port 0 can be used and the caller learns the real port.
+pub async fn bind_announced(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    use std::io::Write as _;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on {}", listener.local_addr()?)?;
+    stdout.flush()?;
+    Ok(listener)
+}
+
 pub async fn serve(listener: TcpListener, config: FakeConfig) -> anyhow::Result<()> {
     let state = Arc::new(Fake {
         config,

@@ -1,6 +1,5 @@
 //! `fake-upstream`: runs the fake OpenAI-compatible provider as a process.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -55,12 +54,6 @@ impl Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.fake_config()?;
-    let listener = tokio::net::TcpListener::bind(cli.listen)
-        .await
-        .with_context(|| format!("binding {}", cli.listen))?;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "listening on {}", listener.local_addr()?)?;
-    stdout.flush()?;
-    drop(stdout);
+    let listener = fake_upstream::bind_announced(cli.listen).await?;
     fake_upstream::serve(listener, config).await
 }
