@@ -14,7 +14,8 @@ fn empty_call(id: u64) {
     black_box(id);
 }
 
-fn ns_per_call(case: &dyn Fn(RequestId)) -> f64 {
+/// Generic, so each case is inlined into its own loop: only the call under test remains.
+fn ns_per_call(case: impl Fn(RequestId)) -> f64 {
     let start = Instant::now();
     for i in 0..CALLS {
         case(black_box(RequestId::from_raw(i)));
@@ -24,23 +25,22 @@ fn ns_per_call(case: &dyn Fn(RequestId)) -> f64 {
 
 fn main() {
     let model = black_box("gpt-4o-mini");
-    let cases: [(&str, &dyn Fn(RequestId)); 4] = [
-        ("empty non-inlined function (baseline)", &|id| {
-            empty_call(id.get())
-        }),
-        ("chunk(id)", &probe_markers::chunk),
-        ("stage_begin(id, Route)", &|id| {
-            probe_markers::stage_begin(id, Stage::Route)
-        }),
-        ("request_begin(id, model, None)", &|id| {
-            probe_markers::request_begin(id, model, None)
-        }),
+    let names = [
+        "empty non-inlined function (baseline)",
+        "chunk(id)",
+        "stage_begin(id, Route)",
+        "request_begin(id, model, None)",
     ];
-    let mut samples = vec![Vec::new(); cases.len()];
+    let mut samples = vec![Vec::new(); names.len()];
     for _ in 0..ROUNDS {
-        for (i, (_, case)) in cases.iter().enumerate() {
-            samples[i].push(ns_per_call(*case));
-        }
+        samples[0].push(ns_per_call(|id| empty_call(id.get())));
+        samples[1].push(ns_per_call(probe_markers::chunk));
+        samples[2].push(ns_per_call(|id| {
+            probe_markers::stage_begin(id, Stage::Route)
+        }));
+        samples[3].push(ns_per_call(|id| {
+            probe_markers::request_begin(id, model, None)
+        }));
     }
     let medians: Vec<f64> = samples
         .iter_mut()
@@ -49,7 +49,7 @@ fn main() {
             s[s.len() / 2]
         })
         .collect();
-    for ((name, _), median) in cases.iter().zip(&medians) {
+    for (name, median) in names.iter().zip(&medians) {
         println!("| {name} | {median:.2} | {:.2} |", median / medians[0]);
     }
 }

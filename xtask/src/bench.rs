@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, workspace_root};
 
 pub fn bench() -> Result<()> {
-    let marker_rows = output(cargo().args([
+    let example = [
         "run",
         "--release",
         "--quiet",
@@ -15,7 +15,10 @@ pub fn bench() -> Result<()> {
         "probe-markers",
         "--example",
         "marker_cost",
-    ]))?;
+    ];
+    let marker_rows = output(cargo().args(example))?;
+    // The same loop with the markers compiled away: what remains is the loop itself.
+    let disabled_rows = output(cargo().args(example).args(["--features", "disabled"]))?;
     let mut doc = String::from(
         "# Benchmarks\n\nWritten by `cargo xtask bench`; every figure below was measured by that run.\n\n",
     );
@@ -44,6 +47,12 @@ pub fn bench() -> Result<()> {
          | case | median ns/call | ratio to baseline |\n|---|---|---|\n",
     );
     doc.push_str(&marker_rows);
+    doc.push_str(
+        "\nThe same run with `--features disabled` (marker calls compiled away), so the loop's own\n\
+         cost per iteration can be told apart from the calls:\n\n\
+         | case | median ns/call | ratio to baseline |\n|---|---|---|\n",
+    );
+    doc.push_str(&disabled_rows);
     fs::write(workspace_root().join("BENCHMARKS.md"), &doc)?;
     print!("{doc}");
     Ok(())

@@ -48,14 +48,14 @@ fn test() -> Result<()> {
     require_root("cargo xtask test attaches eBPF probes in its end-to-end tests")?;
     ensure_setup()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-    run(cargo().args([
-        "clippy",
-        "--release",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    let clippy = ["clippy", "--release", "--all-targets"];
+    let deny_warnings = ["--", "-D", "warnings"];
+    run(cargo().args(clippy).args(deny_warnings))?;
+    // The marker crate's compiled-away variant must build too (A/B runs and brokers use it).
+    run(cargo()
+        .args(clippy)
+        .args(["-p", "probe-markers", "--features", "disabled"])
+        .args(deny_warnings))?;
     build()?;
     run(cargo()
         .args(["test", "--release", "--", "--test-threads=1"])

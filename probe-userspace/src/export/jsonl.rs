@@ -103,6 +103,8 @@ impl RequestSink for JsonLines {
             .map_err(io::Error::from)
             .and_then(|()| self.out.write_all(b"\n"));
         if let Err(e) = written {
+            // Said now, so a full disk is noticed while attached; repeated by finish().
+            log::error!("--requests-out: writing failed, later requests are not written: {e}");
             self.error = Some(e);
         }
     }
