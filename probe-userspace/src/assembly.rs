@@ -55,9 +55,11 @@ impl StageSpan {
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct AssemblyStats {
     pub completed: u64,
-    /// Requests that ended but began before the attach (their start was not seen).
+    /// Ends of requests not being tracked (begun before the attach, or already dropped as
+    /// expired or over the open-request bound): not reported.
     pub partial: u64,
-    /// Events of requests whose begin was not seen (in flight at attach).
+    /// Events of requests not being tracked: begun before the attach, or already dropped
+    /// as expired or over the open-request bound.
     pub orphan_events: u64,
     /// Requests whose end never came within the timeout.
     pub expired: u64,
@@ -69,6 +71,21 @@ pub struct AssemblyStats {
     pub unmatched_stage_ends: u64,
     /// Stages still open at request end.
     pub unclosed_stages: u64,
+    /// Stage begins, first bytes and fallbacks past one request's bounds (not kept).
+    pub over_request_bounds: u64,
+}
+
+/// Bounds on what one request keeps, so a broker that never ends a stage loop cannot grow
+/// memory without limit; generous next to real brokers (tens of stages per request).
+const MAX_STAGES_PER_REQUEST: usize = 512;
+const MAX_REPEATS_PER_REQUEST: usize = 64;
+
+fn push_bounded<T>(list: &mut Vec<T>, item: T, stats: &mut AssemblyStats) {
+    if list.len() < MAX_REPEATS_PER_REQUEST {
+        list.push(item);
+    } else {
+        stats.over_request_bounds += 1;
+    }
 }
 
 struct OpenStage {
@@ -154,11 +171,18 @@ impl Assembler {
                 let open = self.open.remove(&key)?;
                 return Some(self.close(open));
             }
-            What::StageBegin(id) => open.stages.push(OpenStage {
-                id,
-                begin_ns: event.ts_ns,
-                end_ns: None,
-            }),
+            What::StageBegin(id) => {
+                if open.stages.len() < MAX_STAGES_PER_REQUEST {
+                    let stage = OpenStage {
+                        id,
+                        begin_ns: event.ts_ns,
+                        end_ns: None,
+                    };
+                    open.stages.push(stage);
+                } else {
+                    self.stats.over_request_bounds += 1;
+                }
+            }
             What::StageEnd(id) => {
                 // The innermost open instance of the same stage: handles repeated and nested
                 // stages (e.g. one keypool.acquire per upstream turn).
@@ -173,13 +197,18 @@ impl Assembler {
                 }
             }
             What::Provider(name) => request.provider = Some(name),
-            What::FirstByte => request.first_byte_ns.push(event.ts_ns),
-            What::Chunk => request.chunks += 1,
-            What::TokenUsage { input, output } => {
-                request.input_tokens += input;
-                request.output_tokens += output;
+            What::FirstByte => {
+                push_bounded(&mut request.first_byte_ns, event.ts_ns, &mut self.stats)
             }
-            What::Fallback { from, to } => request.fallbacks.push((from, to)),
+            // Saturating: chunk and token counts come from the broker and its upstream.
+            What::Chunk => request.chunks = request.chunks.saturating_add(1),
+            What::TokenUsage { input, output } => {
+                request.input_tokens = request.input_tokens.saturating_add(input);
+                request.output_tokens = request.output_tokens.saturating_add(output);
+            }
+            What::Fallback { from, to } => {
+                push_bounded(&mut request.fallbacks, (from, to), &mut self.stats)
+            }
         }
         None
     }
@@ -360,6 +389,43 @@ mod tests {
         assert_eq!(req.unclosed_stages, 1);
         let stats = asm.stats();
         assert_eq!((stats.unclosed_stages, stats.unmatched_stage_ends), (1, 1));
+    }
+
+    #[test]
+    fn one_request_cannot_grow_without_bound() {
+        let mut asm = Assembler::new(10);
+        asm.on_event(begin(0, 1));
+        for i in 0..(MAX_STAGES_PER_REQUEST as u64 + 10) {
+            asm.on_event(stage(i, 1, true, ROUTE));
+            asm.on_event(stage(i, 1, false, ROUTE));
+        }
+        for _ in 0..(MAX_REPEATS_PER_REQUEST + 5) {
+            asm.on_event(ev(1, 1, What::FirstByte));
+        }
+        asm.on_event(ev(
+            1,
+            1,
+            What::TokenUsage {
+                input: u64::MAX,
+                output: 1,
+            },
+        ));
+        asm.on_event(ev(
+            1,
+            1,
+            What::TokenUsage {
+                input: 5,
+                output: 1,
+            },
+        ));
+        let req = asm.on_event(end(2, 1)).unwrap();
+        assert_eq!(req.stages.len(), MAX_STAGES_PER_REQUEST);
+        assert_eq!(req.first_byte_ns.len(), MAX_REPEATS_PER_REQUEST);
+        assert_eq!((req.input_tokens, req.output_tokens), (u64::MAX, 2));
+        let stats = asm.stats();
+        assert_eq!(stats.over_request_bounds, 10 + 5);
+        // The ends of the stages not kept find no begin: counted too.
+        assert_eq!(stats.unmatched_stage_ends, 10);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Loads brokerprobe's eBPF object and attaches one uprobe per marker to one process.
-//! Dropping [`Attached`] detaches everything.
+//! Dropping [`Probes`] detaches them.
 
 use std::{fs, num::NonZeroU32};
 
@@ -16,25 +16,30 @@ use crate::target::{Target, marker_symbol};
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
 
-/// What attaching yields: the probes themselves and the two streams they produce.
+/// What attaching yields: the probes, and the maps they write, which outlive them so that
+/// what was written before the detach can still be read.
 pub struct Attached {
     pub probes: Probes,
     /// Marker events.
     pub events: RingBuf<MapData>,
+    pub lost: LostCounter,
     /// Kernel-side diagnostics (aya-log), forwarded to our logger.
     pub kernel_log: Option<EbpfLogger<&'static dyn log::Log>>,
-}
-
-pub struct Probes {
-    /// Owns the programs and their links: uprobes stay attached while this lives.
-    _ebpf: Ebpf,
-    lost: PerCpuArray<MapData, u64>,
     pub markers: u32,
 }
 
+/// Owns the programs and their links: the uprobes stay attached until this is dropped.
+pub struct Probes(#[allow(dead_code, reason = "held for its Drop")] Ebpf);
+
+/// Events the kernel dropped because the ring buffer was full.
+pub struct LostCounter {
+    map: PerCpuArray<MapData, u64>,
+    last_total: u64,
+}
+
 impl Attached {
+    /// Call [`check_privileges`] first: it says what is missing in one line.
     pub fn attach(target: &Target) -> Result<Self> {
-        check_privileges()?;
         let level = kernel_log_level();
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, false)
@@ -85,23 +90,28 @@ impl Attached {
                 marker.file_offset
             );
         }
-        let markers = target.markers.len() as u32;
         Ok(Self {
-            probes: Probes {
-                _ebpf: ebpf,
-                lost,
-                markers,
-            },
+            probes: Probes(ebpf),
             events,
+            lost: LostCounter {
+                map: lost,
+                last_total: 0,
+            },
             kernel_log,
+            markers: target.markers.len() as u32,
         })
     }
 }
 
-impl Probes {
-    /// Events the kernel dropped because the ring buffer was full, since attach.
-    pub fn events_lost(&self) -> Result<u64> {
-        Ok(self.lost.get(&0, 0)?.iter().sum())
+impl LostCounter {
+    /// The total since attach; if the map cannot be read, the last total read (a counter
+    /// must not fall back to 0 and then count everything again).
+    pub fn total(&mut self) -> u64 {
+        match self.map.get(&0, 0) {
+            Ok(per_cpu) => self.last_total = per_cpu.iter().sum(),
+            Err(e) => log::warn!("reading the lost-events counter: {e}"),
+        }
+        self.last_total
     }
 }
 
@@ -123,7 +133,7 @@ const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// Fails early with the capabilities to grant, instead of an EPERM deep in loading.
-fn check_privileges() -> Result<()> {
+pub fn check_privileges() -> Result<()> {
     let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let effective = status
         .lines()

@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     net::TcpListener,
@@ -17,7 +18,7 @@ use tokio::{
 
 use crate::{
     assembly::Assembler,
-    attach::{Attached, Probes},
+    attach::{Attached, check_privileges},
     decode::decode,
     export::{
         ProbeHealth, RequestSink as _, jsonl::JsonLines, prometheus::PrometheusExporter,
@@ -71,14 +72,11 @@ impl Pipeline {
         }
     }
 
-    fn health(&self, probes: &Probes) -> ProbeHealth {
+    fn health(&self, attached_markers: u32, events_lost: u64) -> ProbeHealth {
         ProbeHealth {
-            attached_markers: probes.markers,
+            attached_markers,
             events: self.events,
-            events_lost: probes.events_lost().unwrap_or_else(|e| {
-                log::warn!("reading the lost-events counter: {e}");
-                0
-            }),
+            events_lost,
             decode_errors: self.decode_errors,
             in_flight: self.assembler.in_flight(),
             assembly: self.assembler.stats(),
@@ -95,6 +93,8 @@ enum Stop {
 
 pub async fn attach(options: AttachOptions) -> Result<()> {
     let target = Target::open(options.pid)?;
+    // Before creating any output file or port: a refused run leaves nothing changed.
+    check_privileges()?;
     // Bind before attaching, so a taken port fails before touching the broker.
     let listener = TcpListener::bind(options.metrics_addr)
         .await
@@ -114,7 +114,7 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
     let attached = Attached::attach(&target)?;
     println!(
         "brokerprobe: attached {} markers to PID {} ({}, {}); metrics on {metrics_url}",
-        attached.probes.markers,
+        attached.markers,
         target.pid,
         target.name,
         target.exe_display.display()
@@ -134,11 +134,8 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
         decode_errors: 0,
     };
     let server = tokio::spawn(server::serve(listener, pipeline.prometheus.registry()));
-    let (stop, probes) = event_loop(&options, attached, &mut pipeline).await?;
+    let (stop, health) = event_loop(&options, attached, &mut pipeline).await?;
     server.abort();
-
-    let health = pipeline.health(&probes);
-    drop(probes); // detach before printing: the broker no longer pays for us
     match stop {
         Stop::Signal(name) => log::info!("{name}: detached"),
         Stop::Duration => log::info!("duration elapsed: detached"),
@@ -152,17 +149,19 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
     Ok(())
 }
 
-/// Runs until a signal, the duration, or the broker's exit; returns why, and the probes
-/// (still attached) so the caller decides when to detach.
+/// Runs until a signal, the duration, or the broker's exit; detaches, reads what the kernel
+/// wrote up to the detach, and returns why it stopped and the final health figures.
 async fn event_loop(
     options: &AttachOptions,
     attached: Attached,
     pipeline: &mut Pipeline,
-) -> Result<(Stop, Probes)> {
+) -> Result<(Stop, ProbeHealth)> {
     let Attached {
         probes,
         events,
+        mut lost,
         kernel_log,
+        markers,
     } = attached;
     let mut ring = watch(events)?;
     let mut kernel_log = kernel_log.map(watch).transpose()?;
@@ -183,10 +182,7 @@ async fn event_loop(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let ring = guard.get_inner_mut();
-                while let Some(record) = ring.next() {
-                    pipeline.on_record(&record);
-                }
+                drain(guard.get_inner_mut(), pipeline);
                 guard.clear_ready();
             }
             guard = readable(&mut kernel_log) => {
@@ -199,7 +195,7 @@ async fn event_loop(
                 if expired > 0 {
                     log::warn!("{expired} requests never ended within {:?}: dropped (counted)", options.request_timeout);
                 }
-                pipeline.prometheus.update_health(&pipeline.health(&probes));
+                pipeline.prometheus.update_health(&pipeline.health(markers, lost.total()));
                 if !proc_dir.exists() {
                     break Stop::TargetExited;
                 }
@@ -210,12 +206,26 @@ async fn event_loop(
             () = &mut deadline => break Stop::Duration,
         }
     };
-    // Whatever the kernel wrote before we stopped still counts.
-    let ring = ring.get_mut();
+    // Detach first, so no hit lands after the final drain; programs already running on
+    // other CPUs finish within microseconds, the grace period lets their records commit.
+    drop(probes);
+    tokio::time::sleep(DETACH_GRACE).await;
+    drain(ring.get_mut(), pipeline);
+    if let Some(kernel_log) = &mut kernel_log {
+        kernel_log.get_mut().flush();
+    }
+    let health = pipeline.health(markers, lost.total());
+    pipeline.prometheus.update_health(&health);
+    Ok((stop, health))
+}
+
+/// Longer than any marker program runs (microseconds), short enough to go unnoticed.
+const DETACH_GRACE: Duration = Duration::from_millis(20);
+
+fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
     while let Some(record) = ring.next() {
         pipeline.on_record(&record);
     }
-    Ok((stop, probes))
 }
 
 /// Registers a ring buffer with tokio for read readiness.
@@ -262,18 +272,22 @@ fn print_live(pipeline: &Pipeline) {
 fn health_line(health: &ProbeHealth) -> String {
     let a = &health.assembly;
     format!(
-        "events {} (lost {}, undecodable {}); requests {} complete, {} begun before attach, \
-         {} still open, {} expired, {} over the open-request bound; stages {} unclosed, {} unmatched",
+        "events {} (lost {}, undecodable {}, {} of untracked requests); requests {} complete, \
+         {} ended untracked, {} still open, {} expired, {} over the open-request bound, \
+         {} duplicate begins; stages {} unclosed, {} unmatched, {} over a request's bounds",
         health.events,
         health.events_lost,
         health.decode_errors,
+        a.orphan_events,
         a.completed,
         a.partial,
         health.in_flight,
         a.expired,
         a.overflow,
+        a.duplicate_begins,
         a.unclosed_stages,
         a.unmatched_stage_ends,
+        a.over_request_bounds,
     )
 }
 

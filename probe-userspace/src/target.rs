@@ -5,7 +5,7 @@ use std::{fmt, fs, io::ErrorKind, path::PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 use object::{
-    Endianness, Object as _, ObjectSymbol as _, ReadCache,
+    Endianness, Object as _, ObjectSymbol as _, ReadCache, SymbolKind,
     elf::PT_LOAD,
     read::elf::{ElfFile64, ProgramHeader as _},
 };
@@ -133,13 +133,20 @@ pub fn find_markers(file: &fs::File) -> Result<(Vec<FoundMarker>, Option<MarkerP
 
     let mut markers = Vec::new();
     let mut other_abi = None;
-    for symbol in elf.symbols().chain(elf.dynamic_symbols()) {
+    // Only functions defined here: an undefined reference (address 0) is not a marker.
+    let defined_functions = elf
+        .symbols()
+        .chain(elf.dynamic_symbols())
+        .filter(|sym| !sym.is_undefined() && sym.kind() == SymbolKind::Text);
+    for symbol in defined_functions {
         let Ok(name) = symbol.name() else { continue };
         let Some(rest) = name.strip_prefix("brokerprobe_v") else {
             continue;
         };
         let Some(suffix) = name.strip_prefix(MARKER_SYMBOL_PREFIX) else {
-            other_abi = rest.split('_').next().and_then(|v| v.parse().ok());
+            if other_abi.is_none() {
+                other_abi = rest.split('_').next().and_then(|v| v.parse().ok());
+            }
             continue;
         };
         let Some(kind) = MarkerKind::ALL
@@ -297,11 +304,25 @@ mod tests {
         );
     }
 
+    /// Some kernel thread's PID (status says `Kthread: 1`), whatever the PID namespace.
+    fn kernel_thread() -> u32 {
+        fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .find(|pid| {
+                fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                    s.lines()
+                        .any(|l| l.split_whitespace().eq(["Kthread:", "1"]))
+                })
+            })
+            .expect("a kernel thread visible in /proc")
+    }
+
     #[test]
     fn missing_pid_and_kernel_thread_get_clear_errors() {
         let err = Target::open(u32::MAX - 1).unwrap_err().to_string();
         assert!(err.contains("no process with PID"), "{err}");
-        let err = Target::open(2).unwrap_err().to_string(); // kthreadd
+        let err = Target::open(kernel_thread()).unwrap_err().to_string();
         assert!(err.contains("kernel thread"), "{err}");
     }
 }

@@ -69,7 +69,7 @@ fn build() -> Result<()> {
 
 fn ensure_setup() -> Result<()> {
     if setup::is_complete() {
-        Ok(())
+        setup::check_kernel()
     } else {
         setup::setup()
     }
@@ -87,7 +87,7 @@ fn cargo() -> Command {
     cmd
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 

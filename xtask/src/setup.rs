@@ -31,7 +31,6 @@ pub fn setup() -> Result<()> {
     install_apt_packages(&mut done)?;
     link_rustup_toolchain(&mut done)?;
     install_bpf_linker(&mut done)?;
-    mount_tracefs(&mut done)?;
     check_kernel()?;
     if done.is_empty() {
         eprintln!("setup: everything already in place");
@@ -146,7 +145,8 @@ fn install_bpf_linker(done: &mut Vec<String>) -> Result<()> {
     let libllvm = find_libllvm(&llvm)?;
     // llvm-sys wants a prefix with lib/libLLVM.so; point one at Debian's shared library
     // instead of installing the multi-hundred-MB llvm-NN-dev.
-    let prefix = env::temp_dir().join(format!("brokerprobe-llvm-{llvm}"));
+    // Under target/, not a predictable /tmp path another user could prepare for root.
+    let prefix = crate::workspace_root().join(format!("target/bpf-linker-llvm-{llvm}"));
     fs::create_dir_all(prefix.join("lib"))?;
     let link = prefix.join("lib/libLLVM.so");
     let _ = fs::remove_file(&link);
@@ -201,18 +201,7 @@ fn find_libllvm(major: &str) -> Result<PathBuf> {
     })
 }
 
-/// Tracepoint attach goes through tracefs; some VMs boot without it mounted.
-fn mount_tracefs(done: &mut Vec<String>) -> Result<()> {
-    let tracing = Path::new("/sys/kernel/tracing");
-    if tracing.join("events").exists() || !is_root() {
-        return Ok(());
-    }
-    run(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))?;
-    done.push("mounted tracefs on /sys/kernel/tracing".into());
-    Ok(())
-}
-
-fn check_kernel() -> Result<()> {
+pub fn check_kernel() -> Result<()> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         bail!(
             "this kernel has no BTF (/sys/kernel/btf/vmlinux): brokerprobe needs CONFIG_DEBUG_INFO_BTF"

@@ -36,6 +36,8 @@ struct HealthMetrics {
     overflow: IntCounter,
     unclosed_stages: IntCounter,
     unmatched_stage_ends: IntCounter,
+    duplicate_begins: IntCounter,
+    over_request_bounds: IntCounter,
     last: ProbeHealth,
 }
 
@@ -149,11 +151,11 @@ impl HealthMetrics {
             )?,
             partial: counter(
                 "brokerprobe_requests_partial_total",
-                "Requests that ended but began before the attach (not reported).",
+                "Ends of requests not tracked (begun before the attach, expired or over the bound).",
             )?,
             orphan_events: counter(
                 "brokerprobe_orphan_events_total",
-                "Events of requests whose begin was not seen (in flight at attach).",
+                "Events of requests not tracked (begun before the attach, expired or over the bound).",
             )?,
             expired: counter(
                 "brokerprobe_requests_expired_total",
@@ -170,6 +172,14 @@ impl HealthMetrics {
             unmatched_stage_ends: counter(
                 "brokerprobe_stage_ends_unmatched_total",
                 "Stage ends without a matching begin.",
+            )?,
+            duplicate_begins: counter(
+                "brokerprobe_requests_duplicate_begin_total",
+                "Request begins for an id already open; the earlier request is abandoned.",
+            )?,
+            over_request_bounds: counter(
+                "brokerprobe_request_bound_drops_total",
+                "Stage begins, first bytes and fallbacks past one request's bounds (not kept).",
             )?,
             last: ProbeHealth::default(),
         })
@@ -195,6 +205,16 @@ impl HealthMetrics {
             &self.unmatched_stage_ends,
             a.unmatched_stage_ends,
             b.unmatched_stage_ends,
+        );
+        add(
+            &self.duplicate_begins,
+            a.duplicate_begins,
+            b.duplicate_begins,
+        );
+        add(
+            &self.over_request_bounds,
+            a.over_request_bounds,
+            b.over_request_bounds,
         );
         self.last = *now;
     }

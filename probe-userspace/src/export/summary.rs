@@ -1,6 +1,6 @@
 //! The per-stage table printed live and on exit: count, p50, p95, p99, max.
 
-use std::fmt::Write as _;
+use std::{collections::HashMap, fmt::Write as _};
 
 use hdrhistogram::Histogram;
 
@@ -14,24 +14,23 @@ const REQUEST_ROW: &str = "(request)";
 pub struct Summary {
     /// Rows in order of first appearance, request row first.
     rows: Vec<(String, Histogram<u64>)>,
+    /// Row name → index in `rows`.
+    index: HashMap<String, usize>,
 }
 
 impl Summary {
     fn row(&mut self, name: &str) -> &mut Histogram<u64> {
-        let index = match self.rows.iter().position(|(row, _)| row == name) {
-            Some(index) => index,
+        let index = match self.index.get(name) {
+            Some(index) => *index,
             None => {
                 // 3 significant figures, auto-resizing: sized by the largest value seen.
                 let histogram = Histogram::new(3).expect("3 significant figures is valid");
                 self.rows.push((name.to_owned(), histogram));
+                self.index.insert(name.to_owned(), self.rows.len() - 1);
                 self.rows.len() - 1
             }
         };
         &mut self.rows[index].1
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
     }
 
     /// The table as text, one line per stage.

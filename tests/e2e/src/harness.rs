@@ -46,6 +46,20 @@ pub fn require_root() {
     );
 }
 
+/// Some kernel thread's PID (status says `Kthread: 1`), whatever the PID namespace.
+pub fn kernel_thread_pid() -> u32 {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                s.lines()
+                    .any(|l| l.split_whitespace().eq(["Kthread:", "1"]))
+            })
+        })
+        .expect("a kernel thread visible in /proc")
+}
+
 /// A child process whose stdout lines are collected; killed if dropped while running.
 pub struct Proc {
     pub name: String,
@@ -218,4 +232,48 @@ pub fn counter_sum(scrape: &Scrape, metric: &str) -> f64 {
             ref other => panic!("{metric} is not a counter: {other:?}"),
         })
         .sum()
+}
+
+/// The first 5 bytes of each marker function as they are in `pid`'s memory now: the NOP
+/// when nothing is attached, a breakpoint or trampoline call while a uprobe is on it.
+pub fn marker_entry_bytes(pid: u32) -> Result<Vec<[u8; 5]>> {
+    use std::{
+        fs::File,
+        io::{Read as _, Seek as _, SeekFrom},
+    };
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+    let (markers, problem) =
+        probe_userspace::target::find_markers(&File::open(format!("/proc/{pid}/exe"))?)?;
+    if let Some(problem) = problem {
+        bail!("{problem}");
+    }
+    // Mappings of the executable: "start-end perms offset dev inode path".
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mappings: Vec<(u64, u64, u64)> = maps
+        .lines()
+        .filter(|l| l.ends_with(exe.to_str().unwrap_or_default()))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (start, end) = f.next()?.split_once('-')?;
+            let offset = f.nth(1)?;
+            let hex = |s: &str| u64::from_str_radix(s, 16).ok();
+            Some((hex(start)?, hex(end)?, hex(offset)?))
+        })
+        .collect();
+    let mut mem = File::open(format!("/proc/{pid}/mem"))?;
+    markers
+        .iter()
+        .map(|marker| {
+            let (start, _, offset) = mappings
+                .iter()
+                .find(|(start, end, offset)| {
+                    (*offset..offset + (end - start)).contains(&marker.file_offset)
+                })
+                .with_context(|| format!("{:?} is not mapped", marker.kind))?;
+            let mut entry = [0u8; 5];
+            mem.seek(SeekFrom::Start(start + marker.file_offset - offset))?;
+            mem.read_exact(&mut entry)?;
+            Ok(entry)
+        })
+        .collect()
 }

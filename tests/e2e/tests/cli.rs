@@ -2,7 +2,7 @@
 
 use std::process::{Command, Output};
 
-use e2e::harness::{bin, require_root};
+use e2e::harness::{bin, kernel_thread_pid, require_root};
 
 fn attach(pid: &str) -> Output {
     Command::new(bin("brokerprobe"))
@@ -43,7 +43,10 @@ fn pid_that_does_not_exist() {
 #[test]
 fn kernel_thread() {
     require_root();
-    assert_one_clear_line(&attach("2"), &["kernel thread"]);
+    assert_one_clear_line(
+        &attach(&kernel_thread_pid().to_string()),
+        &["kernel thread"],
+    );
 }
 
 #[test]

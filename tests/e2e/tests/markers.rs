@@ -12,12 +12,16 @@ use std::{
 
 use e2e::{
     harness::{
-        attach_brokerprobe, counter_sum, require_root, start_demo_broker, wait_for_requests,
+        attach_brokerprobe, counter_sum, marker_entry_bytes, require_root, start_demo_broker,
+        wait_for_requests,
     },
     load::{self, Mix, Outcome, Target},
 };
 use prometheus_parse::{Scrape, Value};
 use serde_json::Value as Json;
+
+/// The marker entry instruction (docs/markers.md).
+const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 
 /// Requests sent while attached, and how many at once.
 const ATTACHED_REQUESTS: usize = 2_400;
@@ -40,11 +44,21 @@ fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
     let warm = rt.block_on(load::drive(&url, 200, 16, &mix, 1)).unwrap();
     check_statuses(&warm);
 
+    let entries = marker_entry_bytes(broker.pid()).unwrap();
+    assert!(
+        entries.iter().all(|e| *e == NOP5),
+        "markers not NOPs before attach: {entries:x?}"
+    );
     let (mut probe, metrics_url) = attach_brokerprobe(
         broker.pid(),
         &["--requests-out", observed_path.to_str().unwrap()],
     )
     .unwrap();
+    let entries = marker_entry_bytes(broker.pid()).unwrap();
+    assert!(
+        entries.iter().all(|e| *e != NOP5),
+        "a marker without its uprobe: {entries:x?}"
+    );
     let started = Instant::now();
     let attached = rt
         .block_on(load::drive(&url, ATTACHED_REQUESTS, CONCURRENCY, &mix, 2))
@@ -73,8 +87,26 @@ fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
         "no final table: {:#?}",
         probe.stdout
     );
+    // Everything sent while attached was placed: nothing lost, undecodable or untracked.
+    let health = probe
+        .stdout
+        .iter()
+        .find(|l| l.starts_with("events "))
+        .expect("health line");
+    for clean in [
+        "lost 0, undecodable 0, 0 of untracked requests",
+        "0 ended untracked, 0 still open, 0 expired, 0 over the open-request bound, 0 duplicate",
+        "stages 0 unclosed, 0 unmatched, 0 over",
+    ] {
+        assert!(health.contains(clean), "{clean:?} not in: {health}");
+    }
 
-    // Detached: the broker serves on without errors.
+    // Detached: every marker entry is restored, and the broker serves on without errors.
+    let entries = marker_entry_bytes(broker.pid()).unwrap();
+    assert!(
+        entries.iter().all(|e| *e == NOP5),
+        "a uprobe left behind: {entries:x?}"
+    );
     let after = rt
         .block_on(load::drive(&url, 300, CONCURRENCY, &mix, 3))
         .unwrap();
@@ -113,6 +145,23 @@ fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
     );
 
     let report = compare(&observed, &truth);
+    // The traceparent the client sent arrives through request_begin's second string.
+    let sent_traceparent: HashMap<u64, &Option<String>> = attached
+        .iter()
+        .map(|o| (o.request_id, &o.traceparent))
+        .collect();
+    for request in &observed {
+        let id = request["request_id"].as_u64().unwrap();
+        assert_eq!(
+            request["traceparent"].as_str(),
+            sent_traceparent[&id].as_deref(),
+            "request {id}"
+        );
+    }
+    assert!(
+        attached.iter().filter(|o| o.traceparent.is_some()).count() > 100,
+        "too few traceparents"
+    );
     println!(
         "{} requests at concurrency {CONCURRENCY} in {load_time:.1?}; {} stage instances; \
          |kernel - broker| stage duration: p50 {} ns, p99 {} ns, max {} ns; \
