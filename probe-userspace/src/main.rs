@@ -62,6 +62,10 @@ struct AttachArgs {
     /// Track at most this many open requests at once; more are counted, not tracked.
     #[arg(long, default_value_t = 100_000)]
     max_open_requests: usize,
+    /// Distinct values each of the labels model, provider and stage may take; later values
+    /// are reported as `other` (model names come from clients: this bounds memory).
+    #[arg(long, default_value_t = 100)]
+    max_label_values: usize,
 }
 
 fn main() -> ExitCode {
@@ -106,6 +110,7 @@ impl From<AttachArgs> for AttachOptions {
             requests_out: args.requests_out,
             request_timeout: args.request_timeout,
             max_open_requests: args.max_open_requests,
+            max_label_values: args.max_label_values,
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct AttachOptions {
     /// Requests open longer than this are dropped and counted as expired.
     pub request_timeout: Duration,
     pub max_open_requests: usize,
+    /// Distinct values per metric label (model, provider, stage) before `other`.
+    pub max_label_values: usize,
 }
 
 /// Everything downstream of the ring buffer.
@@ -127,8 +129,8 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
 
     let mut pipeline = Pipeline {
         assembler: Assembler::new(options.max_open_requests),
-        prometheus: PrometheusExporter::new()?,
-        summary: Summary::default(),
+        prometheus: PrometheusExporter::new(options.max_label_values)?,
+        summary: Summary::new(options.max_label_values),
         jsonl,
         events: 0,
         decode_errors: 0,

@@ -2,6 +2,7 @@
 //! back into attach or assembly.
 
 pub mod jsonl;
+pub mod labels;
 pub mod prometheus;
 pub mod summary;
 

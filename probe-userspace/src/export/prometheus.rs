@@ -5,7 +5,10 @@ use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
-use super::{ProbeHealth, RequestSink};
+use super::{
+    ProbeHealth, RequestSink,
+    labels::{LabelCap, OTHER},
+};
 use crate::assembly::Request;
 
 /// Seconds; from sub-millisecond broker stages up to 5-minute generations.
@@ -21,6 +24,11 @@ pub struct PrometheusExporter {
     stage_duration: HistogramVec,
     request_duration: HistogramVec,
     requests: IntCounterVec,
+    /// Client-influenced labels, each capped.
+    models: LabelCap,
+    providers: LabelCap,
+    stages: LabelCap,
+    folded: IntCounterVec,
     health: HealthMetrics,
 }
 
@@ -42,7 +50,8 @@ struct HealthMetrics {
 }
 
 impl PrometheusExporter {
-    pub fn new() -> prometheus::Result<Self> {
+    /// `max_label_values`: distinct values each of `model`, `provider` and `stage` may take.
+    pub fn new(max_label_values: usize) -> prometheus::Result<Self> {
         let registry = Registry::new();
         let histogram =
             |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<HistogramVec> {
@@ -69,12 +78,25 @@ impl PrometheusExporter {
             &["model", "provider", "status"],
         )?;
         registry.register(Box::new(requests.clone()))?;
+        let folded = IntCounterVec::new(
+            Opts::new(
+                "brokerprobe_label_values_folded_total",
+                "Observations whose label value was replaced by `other`: the label had reached \
+                 --max-label-values distinct values.",
+            ),
+            &["label"],
+        )?;
+        registry.register(Box::new(folded.clone()))?;
         let health = HealthMetrics::register(&registry)?;
         Ok(Self {
             registry,
             stage_duration,
             request_duration,
             requests,
+            models: LabelCap::new(max_label_values),
+            providers: LabelCap::new(max_label_values),
+            stages: LabelCap::new(max_label_values),
+            folded,
             health,
         })
     }
@@ -91,12 +113,20 @@ impl PrometheusExporter {
 
 impl RequestSink for PrometheusExporter {
     fn record(&mut self, request: &Request) {
-        let model = non_empty(&request.model);
-        let provider = request.provider.as_deref().map_or(UNKNOWN, non_empty);
+        let fold = |cap: &mut LabelCap, label: &str, value| {
+            cap.admit(value).unwrap_or_else(|| {
+                self.folded.with_label_values(&[label]).inc();
+                OTHER
+            })
+        };
+        let model = fold(&mut self.models, "model", non_empty(&request.model));
+        let provider_value = request.provider.as_deref().map_or(UNKNOWN, non_empty);
+        let provider = fold(&mut self.providers, "provider", provider_value);
         let status = request.status.to_string();
         for stage in &request.stages {
+            let stage_name = fold(&mut self.stages, "stage", stage.id.name());
             self.stage_duration
-                .with_label_values(&[stage.id.name(), model, provider])
+                .with_label_values(&[stage_name, model, provider])
                 .observe(seconds(stage.duration_ns()));
         }
         self.request_duration
@@ -229,7 +259,7 @@ mod tests {
 
     #[test]
     fn stages_and_requests_are_exported_with_labels() {
-        let mut exporter = PrometheusExporter::new().unwrap();
+        let mut exporter = PrometheusExporter::new(100).unwrap();
         let request = Request {
             model: "gpt-fast".into(),
             provider: Some("openai".into()),
@@ -255,8 +285,31 @@ mod tests {
     }
 
     #[test]
+    fn client_chosen_models_cannot_grow_series_without_bound() {
+        let mut exporter = PrometheusExporter::new(10).unwrap();
+        for i in 0..1_000 {
+            let request = Request {
+                model: format!("model-{i}"),
+                status: 200,
+                ..Request::default()
+            };
+            exporter.record(&request);
+        }
+        let text = render(&exporter.registry());
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("brokerprobe_requests_total{"))
+            .count();
+        assert_eq!(series, 11, "10 models and `other`");
+        assert!(text.contains(
+            "brokerprobe_requests_total{model=\"other\",provider=\"unknown\",status=\"200\"} 990"
+        ));
+        assert!(text.contains("brokerprobe_label_values_folded_total{label=\"model\"} 990"));
+    }
+
+    #[test]
     fn health_counters_follow_totals() {
-        let mut exporter = PrometheusExporter::new().unwrap();
+        let mut exporter = PrometheusExporter::new(100).unwrap();
         exporter.update_health(&ProbeHealth {
             events: 10,
             events_lost: 2,

@@ -4,21 +4,33 @@ use std::{collections::HashMap, fmt::Write as _};
 
 use hdrhistogram::Histogram;
 
-use super::RequestSink;
+use super::{
+    RequestSink,
+    labels::{LabelCap, OTHER},
+};
 use crate::assembly::Request;
 
 /// The row holding whole-request durations, above the stage rows.
 const REQUEST_ROW: &str = "(request)";
 
-#[derive(Default)]
 pub struct Summary {
     /// Rows in order of first appearance, request row first.
     rows: Vec<(String, Histogram<u64>)>,
     /// Row name → index in `rows`.
     index: HashMap<String, usize>,
+    /// Stage names are broker-defined: bounded like metric labels.
+    stage_names: LabelCap,
 }
 
 impl Summary {
+    pub fn new(max_stage_names: usize) -> Self {
+        Self {
+            rows: Vec::new(),
+            index: HashMap::new(),
+            stage_names: LabelCap::new(max_stage_names),
+        }
+    }
+
     fn row(&mut self, name: &str) -> &mut Histogram<u64> {
         let index = match self.index.get(name) {
             Some(index) => *index,
@@ -59,7 +71,8 @@ impl RequestSink for Summary {
     fn record(&mut self, request: &Request) {
         self.observe(REQUEST_ROW, request.duration_ns());
         for stage in &request.stages {
-            self.observe(stage.id.name(), stage.duration_ns());
+            let name = self.stage_names.admit(stage.id.name()).unwrap_or(OTHER);
+            self.observe(name, stage.duration_ns());
         }
     }
 }
@@ -94,7 +107,7 @@ mod tests {
 
     #[test]
     fn table_has_request_row_then_stages_with_quantiles() {
-        let mut summary = Summary::default();
+        let mut summary = Summary::new(100);
         for i in 1..=100u64 {
             summary.record(&Request {
                 begin_ns: 0,
