@@ -57,8 +57,9 @@ fn test() -> Result<()> {
         .args(["-p", "probe-markers", "--features", "disabled"])
         .args(deny_warnings))?;
     build()?;
+    // --nocapture: the end-to-end tests print what they measured; CI logs should show it.
     run(cargo()
-        .args(["test", "--release", "--", "--test-threads=1"])
+        .args(["test", "--release", "--", "--test-threads=1", "--nocapture"])
         .env("BROKERPROBE_BIN_DIR", bin_dir()))
 }
 
