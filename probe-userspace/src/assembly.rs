@@ -73,6 +73,8 @@ pub struct AssemblyStats {
     pub unclosed_stages: u64,
     /// Stage begins, first bytes and fallbacks past one request's bounds (not kept).
     pub over_request_bounds: u64,
+    /// Events after the window closed (detaching had begun): ignored.
+    pub after_window: u64,
 }
 
 /// Bounds on what one request keeps, so a broker that never ends a stage loop cannot grow
@@ -103,6 +105,11 @@ pub struct Assembler {
     open: HashMap<(u32, u64), OpenRequest>,
     max_open: usize,
     stats: AssemblyStats,
+    /// Only requests begun inside this window are tracked, and no event after its end is
+    /// used: attaching and detaching probes one by one takes time, and a request that
+    /// straddles either would be seen with some of its markers missing.
+    window_start_ns: u64,
+    window_end_ns: u64,
 }
 
 impl Assembler {
@@ -112,7 +119,19 @@ impl Assembler {
             open: HashMap::new(),
             max_open,
             stats: AssemblyStats::default(),
+            window_start_ns: 0,
+            window_end_ns: u64::MAX,
         }
+    }
+
+    /// Every probe is in place from `ns` on: requests begun earlier are not tracked.
+    pub fn open_window(&mut self, ns: u64) {
+        self.window_start_ns = ns;
+    }
+
+    /// Probes start going away at `ns`: later events are ignored (and counted).
+    pub fn close_window(&mut self, ns: u64) {
+        self.window_end_ns = ns;
     }
 
     pub fn stats(&self) -> AssemblyStats {
@@ -126,7 +145,14 @@ impl Assembler {
     /// Feeds one event; returns the request it completed, if any.
     pub fn on_event(&mut self, event: Event) -> Option<Request> {
         let key = (event.pid, event.request_id);
+        if event.ts_ns > self.window_end_ns {
+            self.stats.after_window += 1;
+            return None;
+        }
         if let What::RequestBegin { model, traceparent } = event.what {
+            if event.ts_ns < self.window_start_ns {
+                return None; // its end will count as untracked
+            }
             if self.open.len() >= self.max_open && !self.open.contains_key(&key) {
                 self.stats.overflow += 1;
                 return None;
@@ -426,6 +452,25 @@ mod tests {
         assert_eq!(stats.over_request_bounds, 10 + 5);
         // The ends of the stages not kept find no begin: counted too.
         assert_eq!(stats.unmatched_stage_ends, 10);
+    }
+
+    #[test]
+    fn only_requests_inside_the_attach_window_are_reported() {
+        let mut asm = Assembler::new(10);
+        asm.open_window(10);
+        asm.on_event(begin(5, 1)); // while probes were still being attached
+        asm.on_event(begin(12, 2));
+        asm.on_event(begin(14, 3));
+        asm.close_window(20);
+        assert!(asm.on_event(end(15, 1)).is_none());
+        assert!(asm.on_event(end(18, 2)).is_some());
+        assert!(asm.on_event(end(25, 3)).is_none()); // while probes were going away
+        let stats = asm.stats();
+        assert_eq!(
+            (stats.partial, stats.completed, stats.after_window),
+            (1, 1, 1)
+        );
+        assert_eq!(asm.in_flight(), 1);
     }
 
     #[test]

@@ -114,6 +114,7 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
         .transpose()?;
 
     let attached = Attached::attach(&target)?;
+    let all_attached_ns = monotonic_ns();
     println!(
         "brokerprobe: attached {} markers to PID {} ({}, {}); metrics on {metrics_url}",
         attached.markers,
@@ -135,6 +136,7 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
         events: 0,
         decode_errors: 0,
     };
+    pipeline.assembler.open_window(all_attached_ns);
     let server = tokio::spawn(server::serve(listener, pipeline.prometheus.registry()));
     let (stop, health) = event_loop(&options, attached, &mut pipeline).await?;
     server.abort();
@@ -210,6 +212,7 @@ async fn event_loop(
     };
     // Detach first, so no hit lands after the final drain; programs already running on
     // other CPUs finish within microseconds, the grace period lets their records commit.
+    pipeline.assembler.close_window(monotonic_ns());
     drop(probes);
     tokio::time::sleep(DETACH_GRACE).await;
     drain(ring.get_mut(), pipeline);
@@ -276,7 +279,8 @@ fn health_line(health: &ProbeHealth) -> String {
     format!(
         "events {} (lost {}, undecodable {}, {} of untracked requests); requests {} complete, \
          {} ended untracked, {} still open, {} expired, {} over the open-request bound, \
-         {} duplicate begins; stages {} unclosed, {} unmatched, {} over a request's bounds",
+         {} duplicate begins; stages {} unclosed, {} unmatched, {} over a request's bounds; \
+         {} events while detaching (ignored)",
         health.events,
         health.events_lost,
         health.decode_errors,
@@ -290,6 +294,7 @@ fn health_line(health: &ProbeHealth) -> String {
         a.unclosed_stages,
         a.unmatched_stage_ends,
         a.over_request_bounds,
+        a.after_window,
     )
 }
 

@@ -397,3 +397,87 @@ fn scratch_dir(name: &str) -> PathBuf {
     fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Attaching and detaching take time (probes go in and out one by one): requests that
+/// straddle either must not be reported with stages missing.
+#[test]
+fn attach_and_detach_under_load_report_only_whole_requests() {
+    require_root();
+    let dir = scratch_dir("under-load");
+    let truth_path = dir.join("ground-truth.jsonl");
+    let observed_path = dir.join("brokerprobe.jsonl");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut broker, url) =
+        start_demo_broker(&["--ground-truth", truth_path.to_str().unwrap()]).unwrap();
+
+    let load = rt.spawn({
+        let url = url.clone();
+        async move { load::drive(&url, 4_000, CONCURRENCY, &Mix::default(), 7).await }
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let (mut probe, _) = attach_brokerprobe(
+        broker.pid(),
+        &["--requests-out", observed_path.to_str().unwrap()],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    probe.signal("INT").unwrap();
+    assert!(probe.wait_exit(Duration::from_secs(30)).unwrap().success());
+    let sent = rt.block_on(load).unwrap().unwrap();
+    check_statuses(&sent);
+    broker.signal("TERM").unwrap();
+    assert!(broker.wait_exit(Duration::from_secs(30)).unwrap().success());
+
+    let health = probe
+        .stdout
+        .iter()
+        .find(|l| l.starts_with("events "))
+        .expect("health line");
+    assert!(
+        health.contains("stages 0 unclosed, 0 unmatched"),
+        "{health}"
+    );
+    let truth = read_jsonl(&truth_path);
+    let truth: HashMap<u64, &Json> = truth
+        .iter()
+        .map(|r| (r["request_id"].as_u64().unwrap(), r))
+        .collect();
+    let observed = read_jsonl(&observed_path);
+    assert!(
+        observed.len() > 200,
+        "only {} requests observed",
+        observed.len()
+    );
+    // The load ran across both edges, or the edges were not tested.
+    let first_begin = observed
+        .iter()
+        .map(|r| r["begin_ns"].as_u64().unwrap())
+        .min()
+        .unwrap();
+    let last_end = observed
+        .iter()
+        .map(|r| r["end_ns"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert!(
+        truth
+            .values()
+            .any(|r| r["end_ns"].as_u64().unwrap() < first_begin),
+        "no load before attach"
+    );
+    assert!(
+        truth
+            .values()
+            .any(|r| r["begin_ns"].as_u64().unwrap() > last_end),
+        "no load after detach"
+    );
+    let report = compare(&observed, &truth);
+    println!(
+        "under load: {} of {} requests reported whole; stage duration |diff| p99 {} ns",
+        observed.len(),
+        sent.len(),
+        quantile(&report.stage_diffs, 0.99)
+    );
+    assert!(quantile(&report.stage_diffs, 0.99) <= MAX_P99_DIFF_NS);
+    let _ = fs::remove_dir_all(dir);
+}
