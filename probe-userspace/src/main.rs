@@ -34,8 +34,9 @@ enum Command {
     /// Attach to a running broker and profile it until Ctrl-C (or --duration).
     ///
     /// Serves per-stage Prometheus histograms while attached and prints a per-stage table
-    /// (count, p50, p95, p99, max) on exit. Requests already in flight at attach are not
-    /// reported (their start was not seen); they are counted.
+    /// (count, p50, p95, p99, max) on exit. Only whole requests are reported: those that
+    /// begin once every probe is attached and end before detaching starts. Requests in
+    /// flight at either edge are counted in the final health line, not reported.
     Attach(AttachArgs),
 }
 
