@@ -33,9 +33,16 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
 
 #[inline(always)]
 fn text_arg(ctx: &ProbeContext, ptr: usize, len: usize) -> TextArgs {
-    Some((ptr, len))
-        .map(|(p, l)| (arg(ctx, p) as usize, arg(ctx, l) as usize))
-        .filter(|(p, l)| *p != 0 && *l != 0)
+    let (ptr, len) = (arg(ctx, ptr) as usize, arg(ctx, len) as usize);
+    (ptr != 0 && len != 0).then_some((ptr, len))
+}
+
+/// The shape request_end and stage_begin/end share: a 32-bit value (status or stage),
+/// then one string (error type, or custom stage / tool name).
+#[inline(always)]
+fn emit_value_and_text(ctx: &ProbeContext, kind: MarkerKind) -> u32 {
+    let values = [arg(ctx, 1) as u32 as u64, 0];
+    emit(ctx, kind, values, [text_arg(ctx, 2, 3), None])
 }
 
 #[inline(always)]
@@ -103,35 +110,17 @@ pub fn request_begin(ctx: ProbeContext) -> u32 {
 
 #[uprobe]
 pub fn request_end(ctx: ProbeContext) -> u32 {
-    let values = [arg(&ctx, 1) as u32 as u64, 0];
-    emit(
-        &ctx,
-        MarkerKind::RequestEnd,
-        values,
-        [text_arg(&ctx, 2, 3), None],
-    )
+    emit_value_and_text(&ctx, MarkerKind::RequestEnd)
 }
 
 #[uprobe]
 pub fn stage_begin(ctx: ProbeContext) -> u32 {
-    let values = [arg(&ctx, 1) as u32 as u64, 0];
-    emit(
-        &ctx,
-        MarkerKind::StageBegin,
-        values,
-        [text_arg(&ctx, 2, 3), None],
-    )
+    emit_value_and_text(&ctx, MarkerKind::StageBegin)
 }
 
 #[uprobe]
 pub fn stage_end(ctx: ProbeContext) -> u32 {
-    let values = [arg(&ctx, 1) as u32 as u64, 0];
-    emit(
-        &ctx,
-        MarkerKind::StageEnd,
-        values,
-        [text_arg(&ctx, 2, 3), None],
-    )
+    emit_value_and_text(&ctx, MarkerKind::StageEnd)
 }
 
 #[uprobe]
