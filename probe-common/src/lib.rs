@@ -4,5 +4,7 @@
 //! these structs into the ring buffer, the user half reads them back byte for byte.
 #![no_std]
 
+pub mod event;
 pub mod maps;
 pub mod marker;
+pub mod socket;

@@ -1,5 +1,18 @@
 //! Sizes of every eBPF map, in one place. docs/maps.md explains each choice.
 
-/// Marker events ring buffer, in bytes (power of two, page multiple). At ~200 bytes an
-/// event this holds ~40k events: several seconds of a busy broker if userspace stalls.
-pub const MARKER_EVENTS_BYTES: u32 = 8 << 20;
+/// The ring buffer all probe families write (power of two, page multiple). At ~200 bytes
+/// an event this holds ~40k events: several seconds of a busy broker if userspace stalls.
+pub const EVENTS_BYTES: u32 = 8 << 20;
+
+/// Processes whose sockets are followed at once.
+pub const MAX_TRACED_PROCESSES: u32 = 64;
+
+/// Threads of traced processes inside a read/write/connect syscall at once. LRU: a thread
+/// that exits inside one is forgotten in time.
+pub const MAX_TRACED_THREADS: u32 = 16384;
+
+/// Socket fds of traced processes followed at once (LRU).
+pub const MAX_SOCKETS: u32 = 65536;
+
+/// Outbound TCP handshakes in progress at once (LRU).
+pub const MAX_CONNECTING: u32 = 4096;

@@ -4,6 +4,8 @@
 //! [`MarkerKind`] and [`Stage`] numbers here are that ABI's, and probe-markers' own copy
 //! is checked against them by a test in this crate.
 
+use crate::event::EventHeader;
+
 /// The marker ABI version this build understands; symbol names carry it
 /// (`brokerprobe_v1_request_begin`).
 pub const MARKER_ABI_VERSION: u32 = 1;
@@ -132,34 +134,27 @@ impl Stage {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct MarkerEvent {
-    /// `bpf_ktime_get_ns()` at the marker hit: CLOCK_MONOTONIC.
-    pub ts_ns: u64,
+    /// `header.kind` is a [`MarkerKind`] wire value; `header.tid` is the thread of the hit,
+    /// which requests do not follow (tasks move between threads).
+    pub header: EventHeader,
     pub request_id: u64,
     pub values: [u64; 2],
-    /// Process (tgid) and thread of the hit, as the kernel sees them. The thread is not
-    /// used for request correlation (tasks move between threads); it is kept as a hint for
-    /// relating socket I/O to markers, and it fills what would otherwise be padding.
-    pub pid: u32,
-    pub tid: u32,
-    /// A [`MarkerKind`] wire value.
-    pub kind: u32,
     /// Length the broker passed for each string; above [`TEXT_CAP`] the copy is truncated.
     pub text_len: [u32; 2],
-    /// Non-zero if reading a string from the broker's memory failed (bad pointer).
+    /// Bit `slot` set if reading that string from the broker's memory failed (bad pointer).
     pub read_failed: u32,
+    pub _reserved: u32,
     pub text: [[u8; TEXT_CAP]; 2],
 }
 
 impl MarkerEvent {
     pub const ZERO: MarkerEvent = MarkerEvent {
-        ts_ns: 0,
+        header: EventHeader::ZERO,
         request_id: 0,
         values: [0; 2],
-        pid: 0,
-        tid: 0,
-        kind: 0,
         text_len: [0; 2],
         read_failed: 0,
+        _reserved: 0,
         text: [[0; TEXT_CAP]; 2],
     };
 
@@ -225,7 +220,7 @@ mod tests {
         assert_eq!(MarkerKind::from_wire(0), None);
         assert_eq!(
             core::mem::size_of::<MarkerEvent>(),
-            184,
+            192,
             "wire size changed: update docs/maps.md"
         );
     }

@@ -3,7 +3,9 @@
 #![no_std]
 #![no_main]
 
+mod events;
 mod markers;
+mod sockets;
 
 #[cfg(not(test))]
 #[panic_handler]

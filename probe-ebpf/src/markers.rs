@@ -5,23 +5,17 @@
 //! `request_begin` to `brokerprobe_v1_request_begin`.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_probe_read_user},
-    macros::{map, uprobe},
-    maps::{PerCpuArray, RingBuf},
+    helpers::{bpf_ktime_get_ns, generated::bpf_probe_read_user},
+    macros::uprobe,
     programs::ProbeContext,
 };
 use aya_log_ebpf::warn;
 use probe_common::{
-    maps::MARKER_EVENTS_BYTES,
+    event::{Counter, Source},
     marker::{MarkerEvent, MarkerKind, TEXT_CAP},
 };
 
-#[map]
-static MARKER_EVENTS: RingBuf = RingBuf::with_byte_size(MARKER_EVENTS_BYTES, 0);
-
-/// Events dropped because the ring buffer was full, per CPU (user space sums them).
-#[map]
-static MARKER_EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+use crate::events::{EVENTS, count, current_task};
 
 /// A string argument: registers holding (pointer, length).
 type TextArgs = Option<(usize, usize)>;
@@ -47,21 +41,29 @@ fn emit_value_and_text(ctx: &ProbeContext, kind: MarkerKind) -> u32 {
 
 #[inline(always)]
 fn emit(ctx: &ProbeContext, kind: MarkerKind, values: [u64; 2], texts: [TextArgs; 2]) -> u32 {
+    // SAFETY: reading the clock has no preconditions.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
-    let Some(mut entry) = MARKER_EVENTS.reserve::<MarkerEvent>(0) else {
-        count_lost(ctx);
+    let (pid, tid) = current_task();
+    let request_id = arg(ctx, 0);
+    let Some(mut entry) = EVENTS.reserve::<MarkerEvent>(0) else {
+        if count(Counter::MarkerEventsLost) == 0 {
+            warn!(
+                ctx,
+                "ring buffer full: marker events are being dropped (counted)"
+            );
+        }
         return 0;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: the reservation is sized and aligned for a MarkerEvent; every field that
     // user space reads is written below before submit.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    event.ts_ns = ts_ns;
-    event.request_id = arg(ctx, 0);
+    event.header.source = Source::Marker as u32;
+    event.header.kind = kind as u32;
+    event.header.pid = pid;
+    event.header.tid = tid;
+    event.header.ts_ns = ts_ns;
+    event.request_id = request_id;
     event.values = values;
-    event.pid = (pid_tgid >> 32) as u32;
-    event.tid = pid_tgid as u32;
-    event.kind = kind as u32;
     event.read_failed = 0;
     for (slot, text) in texts.iter().enumerate() {
         event.text_len[slot] = 0;
@@ -85,21 +87,6 @@ fn emit(ctx: &ProbeContext, kind: MarkerKind, values: [u64; 2], texts: [TextArgs
     }
     entry.submit(0);
     0
-}
-
-#[inline(always)]
-fn count_lost(ctx: &ProbeContext) {
-    if let Some(lost) = MARKER_EVENTS_LOST.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
-        let lost = unsafe { &mut *lost };
-        if *lost == 0 {
-            warn!(
-                ctx,
-                "marker ring buffer full: events are being dropped (counted)"
-            );
-        }
-        *lost += 1;
-    }
 }
 
 #[uprobe]

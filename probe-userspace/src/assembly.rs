@@ -6,7 +6,12 @@
 
 use std::collections::HashMap;
 
-use crate::decode::{Event, StageId, What};
+use probe_common::marker::Stage;
+
+use crate::{
+    connections::{Attribution, Exchange, Progress},
+    decode::{Event, StageId, What},
+};
 
 /// A finished broker request.
 #[derive(Clone, Debug, Default)]
@@ -30,6 +35,48 @@ pub struct Request {
     pub output_tokens: u64,
     /// Stages begun but still open at request end (not in `stages`).
     pub unclosed_stages: u32,
+    /// Upstream exchanges attributed to this request, in the order they started.
+    pub upstream_calls: Vec<UpstreamCall>,
+}
+
+/// The broker's and the network's view of one upstream call (docs/sockets.md).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct UpstreamCall {
+    /// The [`Exchange`] id; the exchange itself is reported when it ends.
+    pub exchange_id: u64,
+    pub attribution: Option<Attribution>,
+    /// Begin of the upstream stage the exchange started in.
+    pub stage_begin_ns: u64,
+    /// First request byte written.
+    pub sent_ns: u64,
+    /// First response byte read.
+    pub first_response_ns: Option<u64>,
+    /// The broker's first-byte marker for this call.
+    pub broker_first_byte_ns: Option<u64>,
+}
+
+impl UpstreamCall {
+    /// What the broker waited: upstream stage begin → its first-byte marker.
+    pub fn broker_wait_ns(&self) -> Option<u64> {
+        Some(
+            self.broker_first_byte_ns?
+                .saturating_sub(self.stage_begin_ns),
+        )
+    }
+
+    /// What the network took: first request byte out → first response byte in.
+    pub fn network_ttfb_ns(&self) -> Option<u64> {
+        Some(self.first_response_ns?.saturating_sub(self.sent_ns))
+    }
+
+    /// The broker's wait beyond the network's: time spent in the broker and its executor
+    /// before the request went out and after the response came in.
+    pub fn lag_ns(&self) -> Option<u64> {
+        Some(
+            self.broker_wait_ns()?
+                .saturating_sub(self.network_ttfb_ns()?),
+        )
+    }
 }
 
 impl Request {
@@ -75,6 +122,13 @@ pub struct AssemblyStats {
     pub over_request_bounds: u64,
     /// Events after the window closed (detaching had begun): ignored.
     pub after_window: u64,
+    /// Upstream exchanges attributed to a request, by method.
+    pub attributed_same_thread: u64,
+    pub attributed_only_candidate: u64,
+    pub attributed_latest_begun: u64,
+    /// Upstream exchanges that started while no request of the process was in an
+    /// upstream stage.
+    pub unattributed_exchanges: u64,
 }
 
 /// Bounds on what one request keeps, so a broker that never ends a stage loop cannot grow
@@ -94,6 +148,20 @@ struct OpenStage {
     id: StageId,
     begin_ns: u64,
     end_ns: Option<u64>,
+    /// Thread of the begin marker.
+    begin_tid: u32,
+    /// The upstream exchange attributed to this stage instance.
+    exchange: Option<u64>,
+}
+
+impl OpenStage {
+    fn is_upstream_call(&self) -> bool {
+        self.end_ns.is_none()
+            && matches!(
+                self.id,
+                StageId::Known(Stage::UpstreamChat | Stage::UpstreamChatStream)
+            )
+    }
 }
 
 struct OpenRequest {
@@ -110,6 +178,8 @@ pub struct Assembler {
     /// straddles either would be seen with some of its markers missing.
     window_start_ns: u64,
     window_end_ns: u64,
+    /// Upstream exchange id → the request it was attributed to, until the exchange ends.
+    exchange_owners: HashMap<u64, ((u32, u64), Attribution)>,
 }
 
 impl Assembler {
@@ -121,6 +191,7 @@ impl Assembler {
             stats: AssemblyStats::default(),
             window_start_ns: 0,
             window_end_ns: u64::MAX,
+            exchange_owners: HashMap::new(),
         }
     }
 
@@ -203,6 +274,8 @@ impl Assembler {
                         id,
                         begin_ns: event.ts_ns,
                         end_ns: None,
+                        begin_tid: event.tid,
+                        exchange: None,
                     };
                     open.stages.push(stage);
                 } else {
@@ -256,7 +329,115 @@ impl Assembler {
         }
         self.stats.unclosed_stages += u64::from(request.unclosed_stages);
         self.stats.completed += 1;
+        for call in &mut request.upstream_calls {
+            call.broker_first_byte_ns = request
+                .first_byte_ns
+                .iter()
+                .copied()
+                .find(|ts| *ts >= call.sent_ns);
+        }
         request
+    }
+
+    /// Feeds what the connection tracker saw; returns an exchange that ended, with the
+    /// request it served when it was attributed to one.
+    pub fn on_progress(&mut self, progress: Progress) -> Option<Exchange> {
+        match progress {
+            Progress::Started {
+                id,
+                pid,
+                tid,
+                ts_ns,
+            } => {
+                self.attribute(id, pid, tid, ts_ns);
+                None
+            }
+            Progress::Responded { id, ts_ns } => {
+                let (owner, _) = self.exchange_owners.get(&id)?;
+                let open = self.open.get_mut(owner)?;
+                let call = open
+                    .request
+                    .upstream_calls
+                    .iter_mut()
+                    .find(|c| c.exchange_id == id)?;
+                call.first_response_ns = Some(ts_ns);
+                None
+            }
+            Progress::Unanswered { id } => {
+                self.exchange_owners.remove(&id);
+                None
+            }
+            Progress::Finished(exchange) => {
+                let mut exchange = *exchange;
+                if let Some(((_, request_id), how)) = self.exchange_owners.remove(&exchange.id) {
+                    exchange.request_id = Some(request_id);
+                    exchange.attribution = Some(how);
+                }
+                Some(exchange)
+            }
+        }
+    }
+
+    /// Relates an upstream exchange that starts now, on thread `tid`, to the request it
+    /// serves: one whose upstream stage is open and still without an exchange. An async
+    /// runtime usually runs the task that writes the request on the thread that began the
+    /// stage, right after it; threads alone are not enough under work stealing, so the
+    /// timeline decides among candidates (docs/sockets.md, "Attribution").
+    fn attribute(&mut self, id: u64, pid: u32, tid: u32, ts_ns: u64) {
+        // (begin, same thread, request) of each waiting upstream stage of the process.
+        let waiting: Vec<(u64, bool, (u32, u64))> = self
+            .open
+            .iter()
+            .filter(|(key, _)| key.0 == pid)
+            .flat_map(|(key, open)| {
+                open.stages
+                    .iter()
+                    .filter(|s| s.is_upstream_call() && s.exchange.is_none())
+                    .filter(|s| s.begin_ns <= ts_ns)
+                    .map(|s| (s.begin_ns, s.begin_tid == tid, *key))
+            })
+            .collect();
+        let latest = |same_thread: bool| {
+            waiting
+                .iter()
+                .filter(|w| w.1 == same_thread)
+                .max_by_key(|w| w.0)
+                .map(|w| w.2)
+        };
+        let choice = match latest(true) {
+            Some(key) => Some((key, Attribution::SameThread)),
+            None if waiting.len() == 1 => Some((waiting[0].2, Attribution::OnlyCandidate)),
+            None => latest(false).map(|key| (key, Attribution::LatestBegun)),
+        };
+        let Some((key, how)) = choice else {
+            self.stats.unattributed_exchanges += 1;
+            return;
+        };
+        let Some(open) = self.open.get_mut(&key) else {
+            return;
+        };
+        let stages = &mut open.stages;
+        let index = stages
+            .iter()
+            .rposition(|s| s.is_upstream_call() && s.exchange.is_none() && s.begin_ns <= ts_ns);
+        let Some(stage) = index.map(|i| &mut stages[i]) else {
+            return;
+        };
+        stage.exchange = Some(id);
+        let call = UpstreamCall {
+            exchange_id: id,
+            attribution: Some(how),
+            stage_begin_ns: stage.begin_ns,
+            sent_ns: ts_ns,
+            ..UpstreamCall::default()
+        };
+        push_bounded(&mut open.request.upstream_calls, call, &mut self.stats);
+        self.exchange_owners.insert(id, (key, how));
+        match how {
+            Attribution::SameThread => self.stats.attributed_same_thread += 1,
+            Attribution::OnlyCandidate => self.stats.attributed_only_candidate += 1,
+            Attribution::LatestBegun => self.stats.attributed_latest_begun += 1,
+        }
     }
 
     /// Forgets requests open since before `now_ns - timeout_ns`; returns how many.
@@ -280,6 +461,7 @@ mod tests {
         Event {
             ts_ns,
             pid: 1,
+            tid: 1,
             request_id,
             what,
         }
@@ -482,5 +664,82 @@ mod tests {
         assert_eq!((asm.in_flight(), asm.stats().overflow), (2, 3));
         assert_eq!(asm.expire(100, 95), 1);
         assert_eq!((asm.in_flight(), asm.stats().expired), (1, 1));
+    }
+
+    fn on_thread(mut event: Event, tid: u32) -> Event {
+        event.tid = tid;
+        event
+    }
+
+    const UPSTREAM: StageId = StageId::Known(Stage::UpstreamChat);
+
+    /// Two requests wait upstream, begun on threads 1 and 2; each exchange goes to the
+    /// stage begun on its writing thread, and the request reports network TTFB, broker
+    /// wait and their difference.
+    #[test]
+    fn upstream_exchanges_go_to_the_waiting_stage_on_the_writing_thread() {
+        let mut asm = Assembler::new(10);
+        for event in [
+            on_thread(begin(0, 1), 1),
+            on_thread(begin(1, 2), 2),
+            on_thread(stage(10, 1, true, UPSTREAM), 1),
+            on_thread(stage(11, 2, true, UPSTREAM), 2),
+        ] {
+            assert!(asm.on_event(event).is_none());
+        }
+        let started = |id, tid, ts_ns| Progress::Started {
+            id,
+            pid: 1,
+            tid,
+            ts_ns,
+        };
+        asm.on_progress(started(100, 2, 20));
+        asm.on_progress(started(200, 1, 21));
+        asm.on_progress(Progress::Responded { id: 200, ts_ns: 60 });
+        asm.on_event(on_thread(ev(70, 1, What::FirstByte), 1));
+        asm.on_event(stage(80, 1, false, UPSTREAM));
+        let request = asm.on_event(end(90, 1)).expect("request 1 ends");
+        assert_eq!(request.upstream_calls.len(), 1);
+        let call = &request.upstream_calls[0];
+        assert_eq!(call.exchange_id, 200);
+        assert_eq!(call.attribution, Some(Attribution::SameThread));
+        assert_eq!(call.network_ttfb_ns(), Some(39));
+        assert_eq!(call.broker_wait_ns(), Some(60));
+        assert_eq!(call.lag_ns(), Some(21));
+
+        // The exchange itself, when it ends, names its request.
+        let exchange = Exchange {
+            id: 100,
+            pid: 1,
+            fd: 3,
+            role: crate::procnet::Role::Upstream,
+            peer_name: "p".into(),
+            local: None,
+            remote: None,
+            connect_ns: None,
+            accept_wait_ns: None,
+            start_ns: 20,
+            first_response_ns: Some(50),
+            last_response_ns: Some(55),
+            request_bytes: 1,
+            response_bytes: 1,
+            response_chunks: 1,
+            method: None,
+            path: None,
+            status: None,
+            end: crate::connections::ExchangeEnd::Closed,
+            start_tid: 2,
+            request_id: None,
+            attribution: None,
+            inbound_exchange: None,
+        };
+        let reported = asm
+            .on_progress(Progress::Finished(Box::new(exchange)))
+            .unwrap();
+        assert_eq!(reported.request_id, Some(2));
+        // No request waits upstream any more: a third exchange is counted, not guessed.
+        asm.on_progress(started(300, 1, 100));
+        assert_eq!(asm.stats().unattributed_exchanges, 1);
+        assert_eq!(asm.stats().attributed_same_thread, 2);
     }
 }

@@ -1,45 +1,111 @@
-//! Loads brokerprobe's eBPF object and attaches one uprobe per marker to one process.
-//! Dropping [`Probes`] detaches them.
+//! Loads brokerprobe's eBPF object and attaches it to one process: one uprobe per marker,
+//! and the socket tracepoints (filtered in the kernel to that process). Dropping
+//! [`Probes`] detaches them.
 
 use std::{fs, num::NonZeroU32};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
-    programs::{UProbe, uprobe::UProbeScope},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{TracePoint, UProbe, uprobe::UProbeScope},
 };
 use aya_log::EbpfLogger;
+use probe_common::{
+    event::Counter,
+    socket::{DIRECTION_NONE, socket_key},
+};
 
-use crate::target::{Target, marker_symbol};
+use crate::{
+    procnet::OpenSocket,
+    target::{Target, marker_symbol},
+};
 
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
+
+/// Socket tracepoints: (program, category, tracepoints). docs/sockets.md says why each.
+const SOCKET_TRACEPOINTS: &[(&str, &str, &[&str])] = &[
+    (
+        "io_enter_plain",
+        "syscalls",
+        &[
+            "sys_enter_read",
+            "sys_enter_write",
+            "sys_enter_recvfrom",
+            "sys_enter_sendto",
+        ],
+    ),
+    (
+        "io_enter_iovec",
+        "syscalls",
+        &["sys_enter_readv", "sys_enter_writev"],
+    ),
+    (
+        "io_enter_msghdr",
+        "syscalls",
+        &["sys_enter_recvmsg", "sys_enter_sendmsg"],
+    ),
+    (
+        "io_exit",
+        "syscalls",
+        &[
+            "sys_exit_read",
+            "sys_exit_write",
+            "sys_exit_recvfrom",
+            "sys_exit_sendto",
+            "sys_exit_readv",
+            "sys_exit_writev",
+            "sys_exit_recvmsg",
+            "sys_exit_sendmsg",
+        ],
+    ),
+    (
+        "accept_exit",
+        "syscalls",
+        &["sys_exit_accept", "sys_exit_accept4"],
+    ),
+    ("connect_enter", "syscalls", &["sys_enter_connect"]),
+    ("connect_exit", "syscalls", &["sys_exit_connect"]),
+    ("close_enter", "syscalls", &["sys_enter_close"]),
+    ("tcp_state", "sock", &["inet_sock_set_state"]),
+    ("sock_send", "sock", &["sock_send_length"]),
+    ("sock_recv", "sock", &["sock_recv_length"]),
+];
+
+/// What to attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Families {
+    pub markers: bool,
+    pub sockets: bool,
+}
 
 /// What attaching yields: the probes, and the maps they write, which outlive them so that
 /// what was written before the detach can still be read.
 pub struct Attached {
     pub probes: Probes,
-    /// Marker events.
+    /// Every probe family's events, in the order they happened.
     pub events: RingBuf<MapData>,
-    pub lost: LostCounter,
+    pub counters: KernelCounters,
     /// Kernel-side diagnostics (aya-log), forwarded to our logger.
     pub kernel_log: Option<EbpfLogger<&'static dyn log::Log>>,
     pub markers: u32,
+    pub socket_tracepoints: u32,
+    sockets: HashMap<MapData, u64, u32>,
 }
 
-/// Owns the programs and their links: the uprobes stay attached until this is dropped.
+/// Owns the programs and their links: the probes stay attached until this is dropped.
 pub struct Probes(#[allow(dead_code, reason = "held for its Drop")] Ebpf);
 
-/// Events the kernel dropped because the ring buffer was full.
-pub struct LostCounter {
+/// The kernel's per-CPU counters ([`Counter`]), summed.
+pub struct KernelCounters {
     map: PerCpuArray<MapData, u64>,
-    last_total: u64,
+    last: [u64; Counter::COUNT as usize],
 }
 
 impl Attached {
     /// Call [`check_privileges`] first: it says what is missing in one line.
-    pub fn attach(target: &Target) -> Result<Self> {
+    pub fn attach(target: &Target, families: Families) -> Result<Self> {
         let level = kernel_log_level();
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, false)
@@ -52,66 +118,126 @@ impl Attached {
                 None
             }
         };
-        let events = RingBuf::try_from(
-            ebpf.take_map("MARKER_EVENTS")
-                .context("MARKER_EVENTS map missing")?,
-        )?;
-        let lost = PerCpuArray::try_from(
-            ebpf.take_map("MARKER_EVENTS_LOST")
-                .context("MARKER_EVENTS_LOST map missing")?,
-        )?;
-        let pid = NonZeroU32::new(target.pid).context("PID 0 is not a process")?;
-        for marker in &target.markers {
-            let program = marker.kind.symbol_suffix();
-            let uprobe: &mut UProbe = ebpf
-                .program_mut(program)
-                .with_context(|| format!("eBPF program {program} missing"))?
-                .try_into()?;
-            uprobe
-                .load()
-                .with_context(|| format!("loading eBPF program {program}"))?;
-            uprobe
-                .attach(
-                    marker.file_offset,
-                    &target.exe,
-                    UProbeScope::OneProcess(pid),
-                )
-                .with_context(|| {
-                    format!(
-                        "attaching to {} at file offset {:#x} of {}",
-                        marker_symbol(marker.kind),
-                        marker.file_offset,
-                        target.exe_display.display()
-                    )
-                })?;
-            log::debug!(
-                "attached {} at {:#x}",
-                marker_symbol(marker.kind),
-                marker.file_offset
-            );
-        }
+        let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?)?;
+        let sockets = HashMap::try_from(take_map(&mut ebpf, "SOCKETS")?)?;
+        let mut traced: HashMap<_, u32, u8> =
+            HashMap::try_from(take_map(&mut ebpf, "TRACED_PROCESSES")?)?;
+        traced
+            .insert(target.pid, 1, 0)
+            .context("registering the PID with the socket probes")?;
+
+        let markers = if families.markers {
+            attach_markers(&mut ebpf, target)?
+        } else {
+            0
+        };
+        let socket_tracepoints = if families.sockets {
+            attach_socket_tracepoints(&mut ebpf)?
+        } else {
+            0
+        };
         Ok(Self {
             probes: Probes(ebpf),
             events,
-            lost: LostCounter {
-                map: lost,
-                last_total: 0,
+            counters: KernelCounters {
+                map: counters,
+                last: [0; Counter::COUNT as usize],
             },
             kernel_log,
-            markers: target.markers.len() as u32,
+            markers,
+            socket_tracepoints,
+            sockets,
         })
+    }
+
+    /// Lets the kernel follow sockets opened before the attach, so that their closes and
+    /// the starts of their messages are seen.
+    pub fn follow_open_sockets(&mut self, pid: u32, sockets: &[OpenSocket]) {
+        for socket in sockets {
+            if let Err(e) = self
+                .sockets
+                .insert(socket_key(pid, socket.fd), DIRECTION_NONE, 0)
+            {
+                log::warn!("following open socket fd {}: {e}", socket.fd);
+            }
+        }
     }
 }
 
-impl LostCounter {
-    /// The total since attach; if the map cannot be read, the last total read (a counter
-    /// must not fall back to 0 and then count everything again).
-    pub fn total(&mut self) -> u64 {
-        match self.map.get(&0, 0) {
-            Ok(per_cpu) => self.last_total = per_cpu.iter().sum(),
-            Err(e) => log::warn!("reading the lost-events counter: {e}"),
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .with_context(|| format!("eBPF map {name} missing from the object"))
+}
+
+fn attach_markers(ebpf: &mut Ebpf, target: &Target) -> Result<u32> {
+    let pid = NonZeroU32::new(target.pid).context("PID 0 is not a process")?;
+    for marker in &target.markers {
+        let program = marker.kind.symbol_suffix();
+        let uprobe: &mut UProbe = ebpf
+            .program_mut(program)
+            .with_context(|| format!("eBPF program {program} missing"))?
+            .try_into()?;
+        uprobe
+            .load()
+            .with_context(|| format!("loading eBPF program {program}"))?;
+        uprobe
+            .attach(
+                marker.file_offset,
+                &target.exe,
+                UProbeScope::OneProcess(pid),
+            )
+            .with_context(|| {
+                format!(
+                    "attaching to {} at file offset {:#x} of {}",
+                    marker_symbol(marker.kind),
+                    marker.file_offset,
+                    target.exe_display.display()
+                )
+            })?;
+        log::debug!(
+            "attached {} at {:#x}",
+            marker_symbol(marker.kind),
+            marker.file_offset
+        );
+    }
+    Ok(target.markers.len() as u32)
+}
+
+fn attach_socket_tracepoints(ebpf: &mut Ebpf) -> Result<u32> {
+    let mut attached = 0;
+    for (program, category, tracepoints) in SOCKET_TRACEPOINTS {
+        let tracepoint: &mut TracePoint = ebpf
+            .program_mut(program)
+            .with_context(|| format!("eBPF program {program} missing"))?
+            .try_into()?;
+        tracepoint
+            .load()
+            .with_context(|| format!("loading eBPF program {program}"))?;
+        for name in *tracepoints {
+            tracepoint.attach(category, name).with_context(|| {
+                format!(
+                    "attaching to tracepoint {category}:{name} (is tracefs mounted at \
+                     /sys/kernel/tracing?)"
+                )
+            })?;
+            attached += 1;
         }
-        self.last_total
+    }
+    log::debug!("attached {attached} socket tracepoints");
+    Ok(attached)
+}
+
+impl KernelCounters {
+    /// The total of `counter` since attach; if the map cannot be read, the last total
+    /// read (a counter must not fall back to 0 and then count everything again).
+    pub fn total(&mut self, counter: Counter) -> u64 {
+        let index = counter as u32;
+        match self.map.get(&index, 0) {
+            Ok(per_cpu) => self.last[index as usize] = per_cpu.iter().sum(),
+            Err(e) => log::warn!("reading kernel counter {counter:?}: {e}"),
+        }
+        self.last[index as usize]
     }
 }
 

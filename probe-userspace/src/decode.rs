@@ -1,9 +1,60 @@
-//! Ring buffer bytes → typed marker events. Strings from the broker are untrusted (they
-//! may come straight from clients): decoded lossily and stripped of control characters.
+//! Ring buffer bytes → typed events of either probe family. Strings from the broker are
+//! untrusted (they may come straight from clients): decoded lossily and stripped of control
+//! characters. Socket prefixes stay bytes: only [`crate::http`] looks into them.
 
-use std::{fmt, mem::size_of};
+use std::{
+    fmt,
+    mem::size_of,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
 
-use probe_common::marker::{MarkerEvent, MarkerKind, Stage};
+use probe_common::{
+    event::{EventHeader, Source},
+    marker::{MarkerEvent, MarkerKind, Stage},
+    socket::{SocketEvent, SocketKind, WireEndpoint},
+};
+
+/// One ring buffer record.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    Marker(Event),
+    Socket(SocketIo),
+}
+
+/// One socket event of the traced process.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SocketIo {
+    /// CLOCK_MONOTONIC nanoseconds, taken in the kernel.
+    pub ts_ns: u64,
+    pub pid: u32,
+    /// 0 when the event happened outside the process (handshake completion in softirq).
+    pub tid: u32,
+    pub fd: i32,
+    pub what: SocketWhat,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum SocketWhat {
+    Accept,
+    ConnectStart {
+        remote: Option<SocketAddr>,
+    },
+    ConnectDone {
+        local: Option<SocketAddr>,
+        remote: Option<SocketAddr>,
+    },
+    ConnectFailed,
+    /// `prefix`: the first bytes, when this write starts a message (else empty).
+    Send {
+        bytes: u32,
+        prefix: Vec<u8>,
+    },
+    Recv {
+        bytes: u32,
+        prefix: Vec<u8>,
+    },
+    Close,
+}
 
 /// One decoded marker hit.
 #[derive(Clone, Debug, PartialEq)]
@@ -11,6 +62,9 @@ pub struct Event {
     /// CLOCK_MONOTONIC nanoseconds, taken in the kernel at the hit.
     pub ts_ns: u64,
     pub pid: u32,
+    /// The thread that hit the marker: requests do not follow threads, but the socket
+    /// I/O a request causes is usually done by the same thread right after.
+    pub tid: u32,
     pub request_id: u64,
     pub what: What,
 }
@@ -69,7 +123,12 @@ impl StageId {
 
 #[derive(Debug, PartialEq)]
 pub enum DecodeError {
-    Size(usize),
+    Size {
+        source: &'static str,
+        got: usize,
+        want: usize,
+    },
+    Source(u32),
     Kind(u32),
     Stage(u32),
 }
@@ -77,12 +136,13 @@ pub enum DecodeError {
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DecodeError::Size(n) => write!(
+            DecodeError::Size { source, got, want } => write!(
                 f,
-                "event of {n} bytes, expected {}: eBPF object and brokerprobe disagree",
-                size_of::<MarkerEvent>()
+                "{source} record of {got} bytes, expected {want}: eBPF object and brokerprobe \
+                 disagree"
             ),
-            DecodeError::Kind(k) => write!(f, "unknown marker kind {k}"),
+            DecodeError::Source(s) => write!(f, "record from unknown probe family {s}"),
+            DecodeError::Kind(k) => write!(f, "unknown event kind {k}"),
             DecodeError::Stage(s) => write!(f, "unknown stage {s} (newer probe-markers?)"),
         }
     }
@@ -91,14 +151,94 @@ impl fmt::Display for DecodeError {
 impl std::error::Error for DecodeError {}
 
 /// Decodes one ring buffer record.
-pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
-    if bytes.len() != size_of::<MarkerEvent>() {
-        return Err(DecodeError::Size(bytes.len()));
+pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+    let header: EventHeader = read_pod(bytes, "record", size_of::<EventHeader>(), false)?;
+    match Source::from_wire(header.source) {
+        Some(Source::Marker) => {
+            decode_marker(read_pod(bytes, "marker", size_of::<MarkerEvent>(), true)?)
+                .map(Record::Marker)
+        }
+        Some(Source::Socket) => {
+            decode_socket(read_pod(bytes, "socket", size_of::<SocketEvent>(), true)?)
+                .map(Record::Socket)
+        }
+        None => Err(DecodeError::Source(header.source)),
     }
-    // SAFETY: the length matches, MarkerEvent is plain old data valid for any bits, and
-    // read_unaligned makes no alignment assumption about the ring buffer record.
-    let raw = unsafe { bytes.as_ptr().cast::<MarkerEvent>().read_unaligned() };
-    let kind = MarkerKind::from_wire(raw.kind).ok_or(DecodeError::Kind(raw.kind))?;
+}
+
+/// Marker for the plain-old-data wire structs of probe_common, valid for any bit pattern.
+trait Pod: Copy {}
+impl Pod for EventHeader {}
+impl Pod for MarkerEvent {}
+impl Pod for SocketEvent {}
+
+/// Reads a `T` from the start of `bytes`; `exact`: the record must be exactly that size.
+fn read_pod<T: Pod>(
+    bytes: &[u8],
+    source: &'static str,
+    want: usize,
+    exact: bool,
+) -> Result<T, DecodeError> {
+    if bytes.len() < want || (exact && bytes.len() != want) {
+        return Err(DecodeError::Size {
+            source,
+            got: bytes.len(),
+            want,
+        });
+    }
+    // SAFETY: at least size_of::<T>() bytes are there, T is plain old data valid for any
+    // bits, and read_unaligned makes no alignment assumption about the record.
+    Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
+}
+
+fn decode_socket(raw: SocketEvent) -> Result<SocketIo, DecodeError> {
+    let kind = SocketKind::from_wire(raw.header.kind).ok_or(DecodeError::Kind(raw.header.kind))?;
+    let what = match kind {
+        SocketKind::Accept => SocketWhat::Accept,
+        SocketKind::ConnectStart => SocketWhat::ConnectStart {
+            remote: endpoint(&raw.remote),
+        },
+        SocketKind::ConnectDone => SocketWhat::ConnectDone {
+            local: endpoint(&raw.local),
+            remote: endpoint(&raw.remote),
+        },
+        SocketKind::ConnectFailed => SocketWhat::ConnectFailed,
+        SocketKind::Send => SocketWhat::Send {
+            bytes: raw.bytes,
+            prefix: raw.prefix().to_vec(),
+        },
+        SocketKind::Recv => SocketWhat::Recv {
+            bytes: raw.bytes,
+            prefix: raw.prefix().to_vec(),
+        },
+        SocketKind::Close => SocketWhat::Close,
+    };
+    Ok(SocketIo {
+        ts_ns: raw.header.ts_ns,
+        pid: raw.header.pid,
+        tid: raw.header.tid,
+        fd: raw.fd,
+        what,
+    })
+}
+
+/// IPv4-mapped IPv6 addresses (dual-stack sockets) are shown as IPv4.
+fn endpoint(wire: &WireEndpoint) -> Option<SocketAddr> {
+    let ip = match wire.family {
+        2 => IpAddr::V4(Ipv4Addr::new(
+            wire.addr[0],
+            wire.addr[1],
+            wire.addr[2],
+            wire.addr[3],
+        )),
+        10 => Ipv6Addr::from(wire.addr).to_canonical(),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, wire.port))
+}
+
+fn decode_marker(raw: MarkerEvent) -> Result<Event, DecodeError> {
+    let kind = MarkerKind::from_wire(raw.header.kind).ok_or(DecodeError::Kind(raw.header.kind))?;
     let text = |slot| sanitize(&raw, slot);
     let some_text = |slot: usize| Some(text(slot)).filter(|t| !t.is_empty());
     let stage = || -> Result<StageId, DecodeError> {
@@ -133,8 +273,9 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         },
     };
     Ok(Event {
-        ts_ns: raw.ts_ns,
-        pid: raw.pid,
+        ts_ns: raw.header.ts_ns,
+        pid: raw.header.pid,
+        tid: raw.header.tid,
         request_id: raw.request_id,
         what,
     })
@@ -159,7 +300,7 @@ fn sanitize(raw: &MarkerEvent, slot: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use probe_common::marker::TEXT_CAP;
+    use probe_common::{marker::TEXT_CAP, socket::PREFIX_CAP};
 
     fn bytes_of(event: &MarkerEvent) -> Vec<u8> {
         // SAFETY: MarkerEvent is repr(C) plain old data without padding.
@@ -172,13 +313,29 @@ mod tests {
         .to_vec()
     }
 
+    fn header(source: Source, kind: u32) -> EventHeader {
+        EventHeader {
+            source: source as u32,
+            kind,
+            pid: 42,
+            tid: 43,
+            ts_ns: 100,
+        }
+    }
+
     fn event(kind: MarkerKind) -> MarkerEvent {
         MarkerEvent {
-            kind: kind as u32,
+            header: header(Source::Marker, kind as u32),
             request_id: 7,
-            ts_ns: 100,
-            pid: 42,
             ..MarkerEvent::ZERO
+        }
+    }
+
+    /// Decodes a record that must be a marker event.
+    fn marker(raw: &MarkerEvent) -> Event {
+        match decode(&bytes_of(raw)) {
+            Ok(Record::Marker(event)) => event,
+            other => panic!("not a marker event: {other:?}"),
         }
     }
 
@@ -193,7 +350,7 @@ mod tests {
         let tp = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let raw = with_text(event(MarkerKind::RequestBegin), 0, b"gpt-4o", 6);
         let raw = with_text(raw, 1, tp, tp.len() as u32);
-        let decoded = decode(&bytes_of(&raw)).unwrap();
+        let decoded = marker(&raw);
         assert_eq!(decoded.request_id, 7);
         assert_eq!(decoded.pid, 42);
         assert_eq!(
@@ -213,7 +370,7 @@ mod tests {
             b"op\xffen\n{x=\"1\"}",
             1 << 20,
         );
-        let What::Provider(name) = decode(&bytes_of(&raw)).unwrap().what else {
+        let What::Provider(name) = marker(&raw).what else {
             panic!()
         };
         // The copy holds TEXT_CAP bytes at most; the broker's length says it was cut.
@@ -226,10 +383,7 @@ mod tests {
     fn unreadable_string_is_flagged_not_garbage() {
         let mut raw = event(MarkerKind::Provider);
         raw.read_failed = 1;
-        assert_eq!(
-            decode(&bytes_of(&raw)).unwrap().what,
-            What::Provider("<unreadable>".into())
-        );
+        assert_eq!(marker(&raw).what, What::Provider("<unreadable>".into()));
     }
 
     #[test]
@@ -237,18 +391,18 @@ mod tests {
         let mut raw = event(MarkerKind::StageBegin);
         raw.values[0] = Stage::KeypoolAcquire as u64;
         assert_eq!(
-            decode(&bytes_of(&raw)).unwrap().what,
+            marker(&raw).what,
             What::StageBegin(StageId::Known(Stage::KeypoolAcquire))
         );
         let mut raw = with_text(event(MarkerKind::StageEnd), 0, b"cache.lookup", 12);
         raw.values[0] = Stage::Custom as u64;
         assert_eq!(
-            decode(&bytes_of(&raw)).unwrap().what,
+            marker(&raw).what,
             What::StageEnd(StageId::Custom("cache.lookup".into()))
         );
         let mut raw = with_text(event(MarkerKind::StageBegin), 0, b"get_time", 8);
         raw.values[0] = Stage::ToolExecute as u64;
-        let What::StageBegin(id) = decode(&bytes_of(&raw)).unwrap().what else {
+        let What::StageBegin(id) = marker(&raw).what else {
             panic!()
         };
         assert_eq!((id.name(), id.tool()), ("tool.execute", Some("get_time")));
@@ -256,11 +410,30 @@ mod tests {
 
     #[test]
     fn malformed_records_are_errors() {
-        assert_eq!(decode(&[0; 3]), Err(DecodeError::Size(3)));
+        assert!(matches!(
+            decode(&[0; 3]),
+            Err(DecodeError::Size { got: 3, .. })
+        ));
         assert_eq!(
             decode(&bytes_of(&event_kind(99))),
             Err(DecodeError::Kind(99))
         );
+        let mut unknown_source = event(MarkerKind::Chunk);
+        unknown_source.header.source = 9;
+        assert_eq!(
+            decode(&bytes_of(&unknown_source)),
+            Err(DecodeError::Source(9))
+        );
+        // A marker-sized record that claims to be a socket event is refused by size.
+        let mut mislabelled = event(MarkerKind::Chunk);
+        mislabelled.header.source = Source::Socket as u32;
+        assert!(matches!(
+            decode(&bytes_of(&mislabelled)),
+            Err(DecodeError::Size {
+                source: "socket",
+                ..
+            })
+        ));
         let mut raw = event(MarkerKind::StageBegin);
         raw.values[0] = 1234;
         assert_eq!(decode(&bytes_of(&raw)), Err(DecodeError::Stage(1234)));
@@ -268,8 +441,71 @@ mod tests {
 
     fn event_kind(kind: u32) -> MarkerEvent {
         MarkerEvent {
-            kind,
+            header: header(Source::Marker, kind),
             ..MarkerEvent::ZERO
         }
+    }
+
+    #[test]
+    fn socket_events_with_endpoints_and_prefix() {
+        let mut raw = SocketEvent {
+            header: header(Source::Socket, SocketKind::ConnectDone as u32),
+            fd: 9,
+            ..SocketEvent::ZERO
+        };
+        raw.local = WireEndpoint {
+            family: 2,
+            port: 40000,
+            addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        let mut mapped = [0u8; 16];
+        mapped[10..12].copy_from_slice(&[0xff, 0xff]);
+        mapped[12..].copy_from_slice(&[10, 0, 0, 2]);
+        raw.remote = WireEndpoint {
+            family: 10,
+            port: 443,
+            addr: mapped,
+        };
+        let Ok(Record::Socket(io)) = decode(&socket_bytes(&raw)) else {
+            panic!()
+        };
+        assert_eq!((io.pid, io.tid, io.fd), (42, 43, 9));
+        assert_eq!(
+            io.what,
+            SocketWhat::ConnectDone {
+                local: Some("127.0.0.1:40000".parse().unwrap()),
+                remote: Some("10.0.0.2:443".parse().unwrap()),
+            }
+        );
+
+        let mut raw = SocketEvent {
+            header: header(Source::Socket, SocketKind::Recv as u32),
+            bytes: 1000,
+            prefix_len: 1000, // never trusted past the buffer
+            ..SocketEvent::ZERO
+        };
+        raw.prefix[..4].copy_from_slice(b"HTTP");
+        let Ok(Record::Socket(io)) = decode(&socket_bytes(&raw)) else {
+            panic!()
+        };
+        let SocketWhat::Recv { bytes, prefix } = io.what else {
+            panic!()
+        };
+        assert_eq!(
+            (bytes, prefix.len(), &prefix[..4]),
+            (1000, PREFIX_CAP, &b"HTTP"[..])
+        );
+    }
+
+    fn socket_bytes(event: &SocketEvent) -> Vec<u8> {
+        // SAFETY: SocketEvent is repr(C) plain old data; its padding-free layout is
+        // checked by probe-common's size test.
+        unsafe {
+            std::slice::from_raw_parts(
+                (event as *const SocketEvent).cast::<u8>(),
+                size_of::<SocketEvent>(),
+            )
+        }
+        .to_vec()
     }
 }

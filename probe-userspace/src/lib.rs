@@ -1,12 +1,16 @@
 //! brokerprobe: attaches to a running LLM broker by PID and times its stages from outside.
 //!
-//! Data flows one way: [`attach`] (kernel) → [`decode`] → [`assembly`] → [`export`].
-//! [`target`] finds what to attach to; [`run`] wires the pipeline together.
+//! Data flows one way: [`attach`] (kernel) → [`decode`] → [`connections`] (socket events
+//! → exchanges) → [`assembly`] (marker events and exchanges → requests) → [`export`].
+//! [`target`] and [`procnet`] find what to attach to; [`run`] wires the pipeline together.
 
 pub mod assembly;
 pub mod attach;
+pub mod connections;
 pub mod decode;
 pub mod export;
+pub mod http;
+pub mod procnet;
 pub mod run;
 pub mod server;
 pub mod target;

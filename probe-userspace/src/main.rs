@@ -2,8 +2,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{ArgAction, Args, Parser, Subcommand};
-use probe_userspace::run::{self, AttachOptions};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use probe_userspace::run::{self, AttachOptions, Mode};
 
 #[derive(Parser)]
 #[command(
@@ -14,9 +14,14 @@ use probe_userspace::run::{self, AttachOptions};
         Attaches to a running broker by PID (no restart, no recompile) through uprobes on \
         the probe-markers functions it links, and reports how long each stage of every \
         request took: route, keypool.acquire, upstream.chat, tool loops, serialization.\n\n\
+        It also follows the broker's TCP sockets with tracepoints: upstream connect time, \
+        network time to first byte, full upstream time, bytes and stream chunks, and the \
+        inbound requests. A broker without markers, in any language, is profiled from its \
+        sockets alone.\n\n\
         Needs Linux >= 6.x with BTF, and root or CAP_BPF + CAP_PERFMON.",
     after_help = "Example:\n  sudo brokerprobe attach --pid $(pgrep -n my-broker) --interval 5s\n  \
-        curl -s http://127.0.0.1:9464/metrics | grep brokerprobe_stage"
+        curl -s http://127.0.0.1:9464/metrics | grep brokerprobe_stage\n  \
+        sudo brokerprobe attach --pid $(pgrep -n python3) --upstream openai=10.0.0.5:443"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,11 +38,21 @@ struct Cli {
 enum Command {
     /// Attach to a running broker and profile it until Ctrl-C (or --duration).
     ///
-    /// Serves per-stage Prometheus histograms while attached and prints a per-stage table
-    /// (count, p50, p95, p99, max) on exit. Only whole requests are reported: those that
-    /// begin once every probe is attached and end before detaching starts. Requests in
-    /// flight at either edge are counted in the final health line, not reported.
+    /// Serves per-stage and per-upstream Prometheus histograms while attached and prints
+    /// tables (count, p50, p95, p99, max) on exit. Only whole requests are reported: those
+    /// that begin once every probe is attached and end before detaching starts. Requests
+    /// in flight at either edge are counted in the final health line, not reported.
     Attach(AttachArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    /// Markers and sockets if the broker has usable markers, else sockets only.
+    Auto,
+    /// Markers (and sockets); fail if the broker has no usable markers.
+    Markers,
+    /// Sockets only, even if the broker has markers.
+    Sockets,
 }
 
 #[derive(Args)]
@@ -45,6 +60,20 @@ struct AttachArgs {
     /// PID of the broker process.
     #[arg(long, short)]
     pid: u32,
+    /// Which probes to use: markers give stages, sockets give the network's view.
+    #[arg(long, value_enum, default_value = "auto")]
+    mode: ModeArg,
+    /// Do not follow the broker's sockets (markers only).
+    #[arg(long, conflicts_with = "mode")]
+    no_sockets: bool,
+    /// Name an upstream peer in metrics and reports, e.g. openai=10.0.0.5:443 (repeat for
+    /// more; a host name is resolved once, at start). Unnamed peers appear as IP:PORT.
+    #[arg(long = "upstream", value_name = "NAME=HOST:PORT", value_parser = parse_upstream)]
+    upstreams: Vec<Vec<(SocketAddr, String)>>,
+    /// An exchange whose response has been quiet this long is over (its connection stays
+    /// open for keep-alive, so only the next request or a close would say so).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    exchange_idle: Duration,
     /// Where to serve /metrics. Loopback by default; other addresses expose it.
     #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR:PORT")]
     metrics_addr: SocketAddr,
@@ -57,6 +86,10 @@ struct AttachArgs {
     /// Write every finished request, with its stage timeline, as a JSON line to FILE.
     #[arg(long, value_name = "FILE")]
     requests_out: Option<PathBuf>,
+    /// Write every finished socket exchange (upstream call or inbound request) as a JSON
+    /// line to FILE.
+    #[arg(long, value_name = "FILE")]
+    exchanges_out: Option<PathBuf>,
     /// Drop (and count) requests whose end marker has not come after this long.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
@@ -105,6 +138,15 @@ impl From<AttachArgs> for AttachOptions {
     fn from(args: AttachArgs) -> Self {
         AttachOptions {
             pid: args.pid,
+            mode: match args.mode {
+                ModeArg::Auto => Mode::Auto,
+                ModeArg::Markers => Mode::Markers,
+                ModeArg::Sockets => Mode::Sockets,
+            },
+            sockets: !args.no_sockets,
+            upstream_names: args.upstreams.into_iter().flatten().collect(),
+            exchange_idle: args.exchange_idle,
+            exchanges_out: args.exchanges_out,
             metrics_addr: args.metrics_addr,
             duration: args.duration,
             live_interval: args.interval,
@@ -114,4 +156,25 @@ impl From<AttachArgs> for AttachOptions {
             max_label_values: args.max_label_values,
         }
     }
+}
+
+/// `NAME=HOST:PORT` → every address HOST:PORT resolves to, named NAME.
+fn parse_upstream(text: &str) -> Result<Vec<(SocketAddr, String)>, String> {
+    use std::net::ToSocketAddrs as _;
+    let (name, addr) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=HOST:PORT, got {text:?}"))?;
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "upstream name {name:?}: use printable ASCII without spaces"
+        ));
+    }
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("{addr}: {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{addr} resolves to no address"));
+    }
+    Ok(addrs.into_iter().map(|a| (a, name.to_owned())).collect())
 }

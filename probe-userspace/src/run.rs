@@ -1,6 +1,7 @@
 //! `brokerprobe attach`: kernel events → decode → assembly → exporters, until stopped.
 
 use std::{
+    fmt::Write as _,
     io::{IsTerminal as _, Write as _},
     net::SocketAddr,
     os::fd::AsRawFd,
@@ -16,20 +17,42 @@ use tokio::{
     signal::unix::SignalKind,
 };
 
+use probe_common::event::Counter;
+
 use crate::{
     assembly::Assembler,
-    attach::{Attached, check_privileges},
-    decode::decode,
+    attach::{Attached, Families, check_privileges},
+    connections::{Connections, Exchange, Progress, UpstreamNames},
+    decode::{Record, decode},
     export::{
-        ProbeHealth, RequestSink as _, jsonl::JsonLines, prometheus::PrometheusExporter,
-        summary::Summary,
+        ExchangeSink as _, ProbeHealth, RequestSink as _, jsonl::JsonLines,
+        prometheus::PrometheusExporter, summary::Summary,
     },
-    server,
+    procnet, server,
     target::{Target, marker_symbol},
 };
 
+/// Which probe families to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Markers and sockets if the broker has markers, else sockets only (said once).
+    Auto,
+    /// Markers (and sockets); a broker without usable markers is an error.
+    Markers,
+    /// Sockets only, even if the broker has markers.
+    Sockets,
+}
+
 pub struct AttachOptions {
     pub pid: u32,
+    pub mode: Mode,
+    /// Follow the broker's TCP sockets (off: markers only).
+    pub sockets: bool,
+    /// Upstream peer address → name in metrics and reports.
+    pub upstream_names: Vec<(SocketAddr, String)>,
+    /// An exchange whose response has been quiet this long is over.
+    pub exchange_idle: Duration,
+    pub exchanges_out: Option<PathBuf>,
     pub metrics_addr: SocketAddr,
     pub duration: Option<Duration>,
     /// Print the per-stage table this often while running.
@@ -44,10 +67,14 @@ pub struct AttachOptions {
 
 /// Everything downstream of the ring buffer.
 struct Pipeline {
+    connections: Connections,
     assembler: Assembler,
+    /// Scratch: what the connection tracker reported for the event at hand.
+    progress: Vec<Progress>,
     prometheus: PrometheusExporter,
     summary: Summary,
-    jsonl: Option<JsonLines>,
+    requests_out: Option<JsonLines>,
+    exchanges_out: Option<JsonLines>,
     events: u64,
     decode_errors: u64,
 }
@@ -55,33 +82,118 @@ struct Pipeline {
 impl Pipeline {
     fn on_record(&mut self, bytes: &[u8]) {
         self.events += 1;
-        let event = match decode(bytes) {
-            Ok(event) => event,
+        match decode(bytes) {
+            Ok(Record::Marker(event)) => {
+                if let Some(request) = self.assembler.on_event(event) {
+                    self.prometheus.record(&request);
+                    self.summary.record(&request);
+                    if let Some(out) = &mut self.requests_out {
+                        out.record(&request);
+                    }
+                }
+            }
+            Ok(Record::Socket(io)) => {
+                self.connections.on_io(io, &mut self.progress);
+                self.forward_progress();
+            }
             Err(e) => {
                 if self.decode_errors == 0 {
-                    log::warn!("undecodable marker event (counted from now on): {e}");
+                    log::warn!("undecodable event (counted from now on): {e}");
                 }
                 self.decode_errors += 1;
-                return;
-            }
-        };
-        if let Some(request) = self.assembler.on_event(event) {
-            self.prometheus.record(&request);
-            self.summary.record(&request);
-            if let Some(jsonl) = &mut self.jsonl {
-                jsonl.record(&request);
             }
         }
     }
 
-    fn health(&self, attached_markers: u32, events_lost: u64) -> ProbeHealth {
+    fn forward_progress(&mut self) {
+        for progress in std::mem::take(&mut self.progress) {
+            if let Some(exchange) = self.assembler.on_progress(progress) {
+                self.export_exchange(&exchange);
+            }
+        }
+    }
+
+    fn export_exchange(&mut self, exchange: &Exchange) {
+        self.prometheus.record_exchange(exchange);
+        self.summary.record_exchange(exchange);
+        if let Some(out) = &mut self.exchanges_out {
+            out.record_exchange(exchange);
+        }
+    }
+
+    fn expire(&mut self, options: &AttachOptions) {
+        let now = monotonic_ns();
+        let expired = self
+            .assembler
+            .expire(now, options.request_timeout.as_nanos() as u64);
+        if expired > 0 {
+            log::warn!(
+                "{expired} requests never ended within {:?}: dropped (counted)",
+                options.request_timeout
+            );
+        }
+        self.connections.expire_idle(now, &mut self.progress);
+        self.forward_progress();
+    }
+
+    fn health(&self, attached: &AttachedCounts, counters: &mut KernelTotals) -> ProbeHealth {
         ProbeHealth {
-            attached_markers,
+            attached_markers: attached.markers,
+            attached_socket_tracepoints: attached.socket_tracepoints,
             events: self.events,
-            events_lost,
+            marker_events_lost: counters.total(Counter::MarkerEventsLost),
+            socket_events_lost: counters.total(Counter::SocketEventsLost),
+            socket_io_without_syscall: counters.total(Counter::SocketIoWithoutSyscall),
             decode_errors: self.decode_errors,
             in_flight: self.assembler.in_flight(),
             assembly: self.assembler.stats(),
+            connections: self.connections.stats(),
+        }
+    }
+}
+
+struct AttachedCounts {
+    markers: u32,
+    socket_tracepoints: u32,
+}
+
+type KernelTotals = crate::attach::KernelCounters;
+
+/// The probe families for this target, or why it cannot be profiled.
+fn families(options: &AttachOptions, target: &Target) -> Result<Families> {
+    let problem = target.marker_problem.as_ref();
+    let describe = |problem| {
+        format!(
+            "PID {} ({}, {}): {problem}",
+            target.pid,
+            target.name,
+            target.exe_display.display()
+        )
+    };
+    match (options.mode, problem) {
+        (Mode::Sockets, _) => Ok(Families {
+            markers: false,
+            sockets: true,
+        }),
+        (Mode::Markers | Mode::Auto, None) => Ok(Families {
+            markers: true,
+            sockets: options.sockets,
+        }),
+        (Mode::Markers, Some(problem)) => anyhow::bail!("{}", describe(problem)),
+        (Mode::Auto, Some(problem)) if !options.sockets => anyhow::bail!(
+            "{}; and --no-sockets leaves nothing to follow",
+            describe(problem)
+        ),
+        (Mode::Auto, Some(problem)) => {
+            println!(
+                "brokerprobe: no usable markers: {}\nbrokerprobe: socket-only mode: timing the \
+                 broker's inbound requests and upstream calls from its TCP sockets (no stages)",
+                describe(problem)
+            );
+            Ok(Families {
+                markers: false,
+                sockets: true,
+            })
         }
     }
 }
@@ -107,32 +219,67 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
             )
         })?;
     let metrics_url = format!("http://{}/metrics", listener.local_addr()?);
-    let jsonl = options
-        .requests_out
-        .as_deref()
-        .map(|path| JsonLines::create(path).with_context(|| format!("creating {}", path.display())))
-        .transpose()?;
+    let families = families(&options, &target)?;
+    let create = |path: &Option<PathBuf>| {
+        path.as_deref()
+            .map(|path| {
+                JsonLines::create(path).with_context(|| format!("creating {}", path.display()))
+            })
+            .transpose()
+    };
+    let requests_out = create(&options.requests_out)?;
+    let exchanges_out = create(&options.exchanges_out)?;
 
-    let attached = Attached::attach(&target)?;
+    let mut attached = Attached::attach(&target, families)?;
     let all_attached_ns = monotonic_ns();
+    let pid = target.pid;
+    let mut connections = Connections::new(
+        UpstreamNames::new(options.upstream_names.iter().cloned()),
+        options.exchange_idle.as_nanos() as u64,
+        Box::new(|pid, fd| {
+            let sockets = procnet::established_sockets(pid).ok()?;
+            sockets.into_iter().find(|s| s.fd == fd)
+        }),
+    );
+    connections.open_window(all_attached_ns);
+    if families.sockets {
+        // After attaching: a connection opened meanwhile is seen by the probes as well,
+        // and its accept or connect event replaces what is learned here.
+        let open = procnet::established_sockets(pid)
+            .with_context(|| format!("listing the open sockets of PID {pid}"))?;
+        attached.follow_open_sockets(pid, &open);
+        log::info!("{} TCP connections already open", open.len());
+        for socket in open {
+            connections.learn(pid, socket);
+        }
+    }
+    let what = match (families.markers, families.sockets) {
+        (true, true) => format!(
+            "{} markers and {} socket tracepoints",
+            attached.markers, attached.socket_tracepoints
+        ),
+        (true, false) => format!("{} markers", attached.markers),
+        _ => format!("{} socket tracepoints", attached.socket_tracepoints),
+    };
     println!(
-        "brokerprobe: attached {} markers to PID {} ({}, {}); metrics on {metrics_url}",
-        attached.markers,
-        target.pid,
+        "brokerprobe: attached {what} to PID {pid} ({}, {}); metrics on {metrics_url}",
         target.name,
         target.exe_display.display()
     );
-    if !target.missing.is_empty() {
+    if families.markers && !target.missing.is_empty() {
         let names: Vec<String> = target.missing.iter().map(|k| marker_symbol(*k)).collect();
         log::info!("not in this broker (never called): {}", names.join(", "));
     }
     std::io::stdout().flush()?;
 
     let mut pipeline = Pipeline {
+        connections,
         assembler: Assembler::new(options.max_open_requests),
+        progress: Vec::new(),
         prometheus: PrometheusExporter::new(options.max_label_values)?,
         summary: Summary::new(options.max_label_values),
-        jsonl,
+        requests_out,
+        exchanges_out,
         events: 0,
         decode_errors: 0,
     };
@@ -145,8 +292,11 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
         Stop::Duration => log::info!("duration elapsed: detached"),
         Stop::TargetExited => println!("brokerprobe: PID {} exited; detached", options.pid),
     }
-    if let Some(jsonl) = &mut pipeline.jsonl {
-        jsonl.finish().context("writing --requests-out")?;
+    if let Some(out) = &mut pipeline.requests_out {
+        out.finish().context("writing --requests-out")?;
+    }
+    if let Some(out) = &mut pipeline.exchanges_out {
+        out.finish().context("writing --exchanges-out")?;
     }
     println!("{}", pipeline.summary.render());
     println!("{}", health_line(&health));
@@ -160,12 +310,16 @@ async fn event_loop(
     attached: Attached,
     pipeline: &mut Pipeline,
 ) -> Result<(Stop, ProbeHealth)> {
+    let counts = AttachedCounts {
+        markers: attached.markers,
+        socket_tracepoints: attached.socket_tracepoints,
+    };
     let Attached {
         probes,
         events,
-        mut lost,
+        mut counters,
         kernel_log,
-        markers,
+        ..
     } = attached;
     let mut ring = watch(events)?;
     let mut kernel_log = kernel_log.map(watch).transpose()?;
@@ -195,11 +349,9 @@ async fn event_loop(
                 guard.clear_ready();
             }
             _ = housekeeping.tick() => {
-                let expired = pipeline.assembler.expire(monotonic_ns(), options.request_timeout.as_nanos() as u64);
-                if expired > 0 {
-                    log::warn!("{expired} requests never ended within {:?}: dropped (counted)", options.request_timeout);
-                }
-                pipeline.prometheus.update_health(&pipeline.health(markers, lost.total()));
+                pipeline.expire(options);
+                let health = pipeline.health(&counts, &mut counters);
+                pipeline.prometheus.update_health(&health);
                 if !proc_dir.exists() {
                     break Stop::TargetExited;
                 }
@@ -212,14 +364,18 @@ async fn event_loop(
     };
     // Detach first, so no hit lands after the final drain; programs already running on
     // other CPUs finish within microseconds, the grace period lets their records commit.
-    pipeline.assembler.close_window(monotonic_ns());
+    let detach_ns = monotonic_ns();
+    pipeline.assembler.close_window(detach_ns);
+    pipeline.connections.close_window(detach_ns);
     drop(probes);
     tokio::time::sleep(DETACH_GRACE).await;
     drain(ring.get_mut(), pipeline);
+    pipeline.connections.finish_all(&mut pipeline.progress);
+    pipeline.forward_progress();
     if let Some(kernel_log) = &mut kernel_log {
         kernel_log.get_mut().flush();
     }
-    let health = pipeline.health(markers, lost.total());
+    let health = pipeline.health(&counts, &mut counters);
     pipeline.prometheus.update_health(&health);
     Ok((stop, health))
 }
@@ -276,13 +432,15 @@ fn print_live(pipeline: &Pipeline) {
 
 fn health_line(health: &ProbeHealth) -> String {
     let a = &health.assembly;
-    format!(
-        "events {} (lost {}, undecodable {}, {} of untracked requests); requests {} complete, \
-         {} ended untracked, {} still open, {} expired, {} over the open-request bound, \
-         {} duplicate begins; stages {} unclosed, {} unmatched, {} over a request's bounds; \
-         {} events while detaching (ignored)",
+    let c = &health.connections;
+    let mut line = format!(
+        "events {} (lost: {} marker, {} socket; undecodable {}, {} of untracked requests); \
+         requests {} complete, {} ended untracked, {} still open, {} expired, {} over the \
+         open-request bound, {} duplicate begins; stages {} unclosed, {} unmatched, {} over a \
+         request's bounds; {} events while detaching (ignored)",
         health.events,
-        health.events_lost,
+        health.marker_events_lost,
+        health.socket_events_lost,
         health.decode_errors,
         a.orphan_events,
         a.completed,
@@ -295,7 +453,33 @@ fn health_line(health: &ProbeHealth) -> String {
         a.unmatched_stage_ends,
         a.over_request_bounds,
         a.after_window,
-    )
+    );
+    if health.attached_socket_tracepoints > 0 {
+        let _ = write!(
+            line,
+            "\nsockets: {} exchanges, {} unanswered; {} connects ({} failed); {} connections \
+             open at attach, {} learned later, {} unresolved ({} events not followed); {} stray \
+             response bytes; {} I/O outside read/write syscalls; {} events outside the window; \
+             upstream exchanges attributed: {} same thread, {} only candidate, {} latest begun, \
+             {} not attributed",
+            c.exchanges,
+            c.unanswered,
+            c.connects,
+            c.connect_failures,
+            c.learned_at_attach,
+            c.learned_later,
+            c.unresolved,
+            c.unfollowed_events,
+            c.stray_response_bytes,
+            health.socket_io_without_syscall,
+            c.outside_window,
+            a.attributed_same_thread,
+            a.attributed_only_candidate,
+            a.attributed_latest_begun,
+            a.unattributed_exchanges,
+        );
+    }
+    line
 }
 
 /// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns() reads.

@@ -23,6 +23,8 @@ pub struct Target {
     pub exe: PathBuf,
     pub markers: Vec<FoundMarker>,
     pub missing: Vec<MarkerKind>,
+    /// Why the markers cannot be used, if they cannot: then only sockets can be followed.
+    pub marker_problem: Option<MarkerProblem>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +42,8 @@ pub enum MarkerProblem {
     AbiMismatch { found: u32 },
     /// Symbols present, but not the required markers.
     Missing(Vec<MarkerKind>),
+    /// The executable could not be read as a 64-bit ELF file (e.g. a 32-bit binary).
+    Unreadable(String),
 }
 
 impl fmt::Display for MarkerProblem {
@@ -62,6 +66,9 @@ impl fmt::Display for MarkerProblem {
                     "markers not found: {} (does the broker link probe-markers and call them?)",
                     names.join(", ")
                 )
+            }
+            MarkerProblem::Unreadable(why) => {
+                write!(f, "its executable's symbols cannot be read: {why}")
             }
         }
     }
@@ -101,12 +108,13 @@ impl Target {
                 exe_display.display()
             )
         })?;
-        let (markers, problem) = find_markers(&file)
-            .with_context(|| format!("reading ELF symbols of {}", exe_display.display()))?;
+        let (markers, marker_problem) = find_markers(&file).unwrap_or_else(|e| {
+            (
+                Vec::new(),
+                Some(MarkerProblem::Unreadable(format!("{e:#}"))),
+            )
+        });
         let missing = missing_kinds(&markers);
-        if let Some(problem) = problem {
-            bail!("PID {pid} ({name}, {}): {problem}", exe_display.display());
-        }
         Ok(Self {
             pid,
             name,
@@ -114,6 +122,7 @@ impl Target {
             exe,
             markers,
             missing,
+            marker_problem,
         })
     }
 }

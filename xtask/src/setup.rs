@@ -207,6 +207,24 @@ pub fn check_kernel() -> Result<()> {
             "this kernel has no BTF (/sys/kernel/btf/vmlinux): brokerprobe needs CONFIG_DEBUG_INFO_BTF"
         );
     }
+    mount_tracefs()
+}
+
+/// The socket tracepoints are found through tracefs; a minimal VM may not mount it.
+fn mount_tracefs() -> Result<()> {
+    const TRACEFS: &str = "/sys/kernel/tracing";
+    if Path::new(TRACEFS).join("events").exists() {
+        return Ok(());
+    }
+    require_root("mount tracefs")?;
+    println!("setup: mounting tracefs at {TRACEFS}");
+    let status = Command::new("mount")
+        .args(["-t", "tracefs", "nodev", TRACEFS])
+        .status()
+        .context("running mount")?;
+    if !status.success() {
+        bail!("mounting tracefs at {TRACEFS} failed ({status}): the socket probes need it");
+    }
     Ok(())
 }
 

@@ -1,5 +1,7 @@
-//! `--requests-out FILE`: every finished request as one JSON line, for offline analysis and
-//! for the end-to-end tests that compare brokerprobe with the broker's own clock.
+//! `--requests-out FILE` and `--exchanges-out FILE`: every finished request (or socket
+//! exchange) as one JSON line, for offline analysis and for the end-to-end tests that
+//! compare brokerprobe with the broker's and the upstream's own records. Times are
+//! CLOCK_MONOTONIC nanoseconds.
 
 use std::{
     fs::File,
@@ -9,8 +11,11 @@ use std::{
 
 use serde::Serialize;
 
-use super::RequestSink;
-use crate::assembly::Request;
+use super::{ExchangeSink, RequestSink};
+use crate::{
+    assembly::{Request, UpstreamCall},
+    connections::Exchange,
+};
 
 pub struct JsonLines {
     out: BufWriter<File>,
@@ -35,6 +40,65 @@ struct Line<'a> {
     input_tokens: u64,
     output_tokens: u64,
     unclosed_stages: u32,
+    upstream_calls: Vec<CallLine>,
+}
+
+#[derive(Serialize)]
+struct CallLine {
+    exchange_id: u64,
+    attribution: Option<&'static str>,
+    stage_begin_ns: u64,
+    sent_ns: u64,
+    first_response_ns: Option<u64>,
+    broker_first_byte_ns: Option<u64>,
+    network_ttfb_ns: Option<u64>,
+    broker_wait_ns: Option<u64>,
+    lag_ns: Option<u64>,
+}
+
+impl CallLine {
+    fn of(call: &UpstreamCall) -> Self {
+        Self {
+            exchange_id: call.exchange_id,
+            attribution: call.attribution.map(|a| a.name()),
+            stage_begin_ns: call.stage_begin_ns,
+            sent_ns: call.sent_ns,
+            first_response_ns: call.first_response_ns,
+            broker_first_byte_ns: call.broker_first_byte_ns,
+            network_ttfb_ns: call.network_ttfb_ns(),
+            broker_wait_ns: call.broker_wait_ns(),
+            lag_ns: call.lag_ns(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ExchangeLine<'a> {
+    id: u64,
+    pid: u32,
+    fd: i32,
+    role: &'static str,
+    peer: &'a str,
+    local: Option<String>,
+    remote: Option<String>,
+    connect_ns: Option<u64>,
+    accept_wait_ns: Option<u64>,
+    start_ns: u64,
+    first_response_ns: Option<u64>,
+    last_response_ns: Option<u64>,
+    ttfb_ns: Option<u64>,
+    duration_ns: Option<u64>,
+    request_bytes: u64,
+    response_bytes: u64,
+    response_chunks: u32,
+    method: Option<&'static str>,
+    path: Option<&'a str>,
+    status: Option<u16>,
+    end: &'static str,
+    start_tid: u32,
+    request_id: Option<u64>,
+    attribution: Option<&'static str>,
+    inbound_exchange: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -61,13 +125,57 @@ impl JsonLines {
         }
         self.out.flush()
     }
+
+    fn write_line(&mut self, line: &impl Serialize) {
+        if self.error.is_some() {
+            return;
+        }
+        let written = serde_json::to_writer(&mut self.out, line)
+            .map_err(io::Error::from)
+            .and_then(|()| self.out.write_all(b"\n"));
+        if let Err(e) = written {
+            // Said now, so a full disk is noticed while attached; repeated by finish().
+            log::error!("writing JSON lines failed, later lines are not written: {e}");
+            self.error = Some(e);
+        }
+    }
+}
+
+impl ExchangeSink for JsonLines {
+    fn record_exchange(&mut self, e: &Exchange) {
+        let line = ExchangeLine {
+            id: e.id,
+            pid: e.pid,
+            fd: e.fd,
+            role: e.role.name(),
+            peer: &e.peer_name,
+            local: e.local.map(|a| a.to_string()),
+            remote: e.remote.map(|a| a.to_string()),
+            connect_ns: e.connect_ns,
+            accept_wait_ns: e.accept_wait_ns,
+            start_ns: e.start_ns,
+            first_response_ns: e.first_response_ns,
+            last_response_ns: e.last_response_ns,
+            ttfb_ns: e.ttfb_ns(),
+            duration_ns: e.duration_ns(),
+            request_bytes: e.request_bytes,
+            response_bytes: e.response_bytes,
+            response_chunks: e.response_chunks,
+            method: e.method,
+            path: e.path.as_deref(),
+            status: e.status,
+            end: e.end.name(),
+            start_tid: e.start_tid,
+            request_id: e.request_id,
+            attribution: e.attribution.map(|a| a.name()),
+            inbound_exchange: e.inbound_exchange,
+        };
+        self.write_line(&line);
+    }
 }
 
 impl RequestSink for JsonLines {
     fn record(&mut self, r: &Request) {
-        if self.error.is_some() {
-            return;
-        }
         let line = Line {
             pid: r.pid,
             request_id: r.request_id,
@@ -98,14 +206,8 @@ impl RequestSink for JsonLines {
             input_tokens: r.input_tokens,
             output_tokens: r.output_tokens,
             unclosed_stages: r.unclosed_stages,
+            upstream_calls: r.upstream_calls.iter().map(CallLine::of).collect(),
         };
-        let written = serde_json::to_writer(&mut self.out, &line)
-            .map_err(io::Error::from)
-            .and_then(|()| self.out.write_all(b"\n"));
-        if let Err(e) = written {
-            // Said now, so a full disk is noticed while attached; repeated by finish().
-            log::error!("--requests-out: writing failed, later requests are not written: {e}");
-            self.error = Some(e);
-        }
+        self.write_line(&line);
     }
 }

@@ -1,15 +1,17 @@
 //! Prometheus exposition: per-stage and per-request histograms plus the probe's own health.
 //! Every metric is listed in docs/metrics.md.
 
+use std::collections::HashMap;
+
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
 use super::{
-    ProbeHealth, RequestSink,
+    ExchangeSink, ProbeHealth, RequestSink,
     labels::{LabelCap, OTHER},
 };
-use crate::assembly::Request;
+use crate::{assembly::Request, connections::Exchange, procnet::Role};
 
 /// Seconds; from sub-millisecond broker stages up to 5-minute generations.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -18,6 +20,8 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 const UNKNOWN: &str = "unknown";
+
+const NO_LABELS: [&str; 0] = [];
 
 pub struct PrometheusExporter {
     registry: Registry,
@@ -28,25 +32,37 @@ pub struct PrometheusExporter {
     models: LabelCap,
     providers: LabelCap,
     stages: LabelCap,
+    /// Upstream names are addresses unless configured; paths come from clients.
+    upstreams: LabelCap,
+    paths: LabelCap,
     folded: IntCounterVec,
+    exchanges: ExchangeMetrics,
     health: HealthMetrics,
 }
 
 struct HealthMetrics {
     attached_markers: IntGauge,
-    events: IntCounter,
-    events_lost: IntCounter,
-    decode_errors: IntCounter,
+    attached_socket_tracepoints: IntGauge,
     in_flight: IntGauge,
-    partial: IntCounter,
-    orphan_events: IntCounter,
-    expired: IntCounter,
-    overflow: IntCounter,
-    unclosed_stages: IntCounter,
-    unmatched_stage_ends: IntCounter,
-    duplicate_begins: IntCounter,
-    over_request_bounds: IntCounter,
+    counters: Vec<(IntCounter, HealthTotal)>,
     last: ProbeHealth,
+}
+
+/// Per-exchange metrics: upstream calls and inbound requests seen on the sockets.
+struct ExchangeMetrics {
+    upstream_ttfb: HistogramVec,
+    upstream_duration: HistogramVec,
+    upstream_connect: HistogramVec,
+    upstream_exchanges: IntCounterVec,
+    upstream_request_bytes: IntCounterVec,
+    upstream_response_bytes: IntCounterVec,
+    upstream_chunks: IntCounterVec,
+    upstream_lag: HistogramVec,
+    inbound_duration: HistogramVec,
+    inbound_accept_wait: HistogramVec,
+    inbound_exchanges: IntCounterVec,
+    inbound_request_bytes: IntCounterVec,
+    inbound_response_bytes: IntCounterVec,
 }
 
 impl PrometheusExporter {
@@ -60,6 +76,82 @@ impl PrometheusExporter {
                 registry.register(Box::new(metric.clone()))?;
                 Ok(metric)
             };
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+                let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(metric.clone()))?;
+                Ok(metric)
+            };
+        let exchanges = ExchangeMetrics {
+            upstream_ttfb: histogram(
+                "brokerprobe_upstream_ttfb_seconds",
+                "Network time to first byte of an upstream call: first request byte written to \
+                 first response byte read, on the broker's socket.",
+                &["upstream"],
+            )?,
+            upstream_duration: histogram(
+                "brokerprobe_upstream_duration_seconds",
+                "Upstream call, first request byte written to last response byte read.",
+                &["upstream"],
+            )?,
+            upstream_connect: histogram(
+                "brokerprobe_upstream_connect_seconds",
+                "TCP handshake of a new upstream connection (SYN sent to established).",
+                &["upstream"],
+            )?,
+            upstream_exchanges: counter(
+                "brokerprobe_upstream_exchanges_total",
+                "Upstream calls (request/response exchanges) seen on the sockets.",
+                &["upstream", "status"],
+            )?,
+            upstream_request_bytes: counter(
+                "brokerprobe_upstream_request_bytes_total",
+                "Bytes the broker wrote to upstreams (TCP payload, headers included).",
+                &["upstream"],
+            )?,
+            upstream_response_bytes: counter(
+                "brokerprobe_upstream_response_bytes_total",
+                "Bytes the broker read from upstreams (TCP payload, headers included).",
+                &["upstream"],
+            )?,
+            upstream_chunks: counter(
+                "brokerprobe_upstream_response_chunks_total",
+                "Reads that carried upstream response bytes (stream chunks as they arrived).",
+                &["upstream"],
+            )?,
+            upstream_lag: histogram(
+                "brokerprobe_upstream_lag_seconds",
+                "Broker-seen upstream wait (upstream stage begin to first-byte marker) minus \
+                 network TTFB: time lost in the broker and its executor around the call.",
+                &["provider"],
+            )?,
+            inbound_duration: histogram(
+                "brokerprobe_inbound_duration_seconds",
+                "Inbound request on the broker's socket: first request byte read to last \
+                 response byte written.",
+                &["method", "path", "status"],
+            )?,
+            inbound_accept_wait: histogram(
+                "brokerprobe_inbound_accept_wait_seconds",
+                "New inbound connection: accept to first request byte read.",
+                &[],
+            )?,
+            inbound_exchanges: counter(
+                "brokerprobe_inbound_exchanges_total",
+                "Inbound requests (request/response exchanges) seen on the sockets.",
+                &["method", "path", "status"],
+            )?,
+            inbound_request_bytes: counter(
+                "brokerprobe_inbound_request_bytes_total",
+                "Bytes the broker read from clients.",
+                &[],
+            )?,
+            inbound_response_bytes: counter(
+                "brokerprobe_inbound_response_bytes_total",
+                "Bytes the broker wrote to clients.",
+                &[],
+            )?,
+        };
         let stage_duration = histogram(
             "brokerprobe_stage_duration_seconds",
             "Duration of one broker stage instance, from its begin to its end marker.",
@@ -96,7 +188,10 @@ impl PrometheusExporter {
             models: LabelCap::new(max_label_values),
             providers: LabelCap::new(max_label_values),
             stages: LabelCap::new(max_label_values),
+            upstreams: LabelCap::new(max_label_values),
+            paths: LabelCap::new(max_label_values),
             folded,
+            exchanges,
             health,
         })
     }
@@ -135,6 +230,87 @@ impl RequestSink for PrometheusExporter {
         self.requests
             .with_label_values(&[model, provider, &status])
             .inc();
+        for call in &request.upstream_calls {
+            if let Some(lag) = call.lag_ns() {
+                self.exchanges
+                    .upstream_lag
+                    .with_label_values(&[provider])
+                    .observe(seconds(lag));
+            }
+        }
+    }
+}
+
+impl ExchangeSink for PrometheusExporter {
+    fn record_exchange(&mut self, exchange: &Exchange) {
+        let m = &self.exchanges;
+        let status = exchange
+            .status
+            .map_or_else(|| UNKNOWN.to_owned(), |s| s.to_string());
+        match exchange.role {
+            Role::Upstream => {
+                let upstream = self
+                    .upstreams
+                    .admit(&exchange.peer_name)
+                    .unwrap_or_else(|| {
+                        self.folded.with_label_values(&["upstream"]).inc();
+                        OTHER
+                    });
+                let labels = [upstream];
+                if let Some(ttfb) = exchange.ttfb_ns() {
+                    m.upstream_ttfb
+                        .with_label_values(&labels)
+                        .observe(seconds(ttfb));
+                }
+                if let Some(duration) = exchange.duration_ns() {
+                    m.upstream_duration
+                        .with_label_values(&labels)
+                        .observe(seconds(duration));
+                }
+                if let Some(connect) = exchange.connect_ns {
+                    m.upstream_connect
+                        .with_label_values(&labels)
+                        .observe(seconds(connect));
+                }
+                m.upstream_exchanges
+                    .with_label_values(&[upstream, &status])
+                    .inc();
+                m.upstream_request_bytes
+                    .with_label_values(&labels)
+                    .inc_by(exchange.request_bytes);
+                m.upstream_response_bytes
+                    .with_label_values(&labels)
+                    .inc_by(exchange.response_bytes);
+                m.upstream_chunks
+                    .with_label_values(&labels)
+                    .inc_by(u64::from(exchange.response_chunks));
+            }
+            Role::Inbound => {
+                let path = exchange.path.as_deref().unwrap_or(UNKNOWN);
+                let path = self.paths.admit(path).unwrap_or_else(|| {
+                    self.folded.with_label_values(&["path"]).inc();
+                    OTHER
+                });
+                let labels = [exchange.method.unwrap_or(UNKNOWN), path, &status];
+                if let Some(duration) = exchange.duration_ns() {
+                    m.inbound_duration
+                        .with_label_values(&labels)
+                        .observe(seconds(duration));
+                }
+                if let Some(wait) = exchange.accept_wait_ns {
+                    m.inbound_accept_wait
+                        .with_label_values(&NO_LABELS)
+                        .observe(seconds(wait));
+                }
+                m.inbound_exchanges.with_label_values(&labels).inc();
+                m.inbound_request_bytes
+                    .with_label_values(&NO_LABELS)
+                    .inc_by(exchange.request_bytes);
+                m.inbound_response_bytes
+                    .with_label_values(&NO_LABELS)
+                    .inc_by(exchange.response_bytes);
+            }
+        }
     }
 }
 
@@ -146,106 +322,190 @@ fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
+/// Reads one total out of the health figures.
+type HealthTotal = fn(&ProbeHealth) -> u64;
+
+/// A health counter: metric name, help, an optional (label, value), and its total.
+type HealthCounter = (
+    &'static str,
+    &'static str,
+    Option<(&'static str, &'static str)>,
+    HealthTotal,
+);
+
+/// Every health counter, exported as the increase of a [`ProbeHealth`] total.
+const HEALTH_COUNTERS: &[HealthCounter] = &[
+    (
+        "brokerprobe_events_total",
+        "Events received from the kernel (markers and sockets).",
+        None,
+        |h| h.events,
+    ),
+    (
+        "brokerprobe_events_lost_total",
+        "Events dropped in the kernel because the ring buffer was full.",
+        Some(("family", "marker")),
+        |h| h.marker_events_lost,
+    ),
+    (
+        "brokerprobe_events_lost_total",
+        "Events dropped in the kernel because the ring buffer was full.",
+        Some(("family", "socket")),
+        |h| h.socket_events_lost,
+    ),
+    (
+        "brokerprobe_event_decode_errors_total",
+        "Events that could not be decoded.",
+        None,
+        |h| h.decode_errors,
+    ),
+    (
+        "brokerprobe_requests_partial_total",
+        "Ends of requests not tracked (begun before the attach, expired or over the bound).",
+        None,
+        |h| h.assembly.partial,
+    ),
+    (
+        "brokerprobe_orphan_events_total",
+        "Events of requests not tracked (begun before the attach, expired or over the bound).",
+        None,
+        |h| h.assembly.orphan_events,
+    ),
+    (
+        "brokerprobe_requests_expired_total",
+        "Requests dropped because their end never came.",
+        None,
+        |h| h.assembly.expired,
+    ),
+    (
+        "brokerprobe_requests_overflow_total",
+        "Requests not tracked because too many were open at once.",
+        None,
+        |h| h.assembly.overflow,
+    ),
+    (
+        "brokerprobe_stages_unclosed_total",
+        "Stages still open when their request ended (not reported).",
+        None,
+        |h| h.assembly.unclosed_stages,
+    ),
+    (
+        "brokerprobe_stage_ends_unmatched_total",
+        "Stage ends without a matching begin.",
+        None,
+        |h| h.assembly.unmatched_stage_ends,
+    ),
+    (
+        "brokerprobe_requests_duplicate_begin_total",
+        "Request begins for an id already open; the earlier request is abandoned.",
+        None,
+        |h| h.assembly.duplicate_begins,
+    ),
+    (
+        "brokerprobe_request_bound_drops_total",
+        "Stage begins, first bytes, fallbacks and upstream calls past one request's bounds (not kept).",
+        None,
+        |h| h.assembly.over_request_bounds,
+    ),
+    (
+        "brokerprobe_socket_io_unfollowed_total",
+        "Socket reads/writes outside read/write-family syscalls (io_uring, sendfile): not followed.",
+        None,
+        |h| h.socket_io_without_syscall,
+    ),
+    (
+        "brokerprobe_sockets_unresolved_total",
+        "Sockets whose role could not be learned from /proc: their I/O is not followed.",
+        None,
+        |h| h.connections.unresolved,
+    ),
+    (
+        "brokerprobe_exchanges_unanswered_total",
+        "Exchanges whose request got no response before close or detach (not reported).",
+        None,
+        |h| h.connections.unanswered,
+    ),
+    (
+        "brokerprobe_stray_response_bytes_total",
+        "Response bytes outside any observed exchange (under way at attach, or after the idle timeout).",
+        None,
+        |h| h.connections.stray_response_bytes,
+    ),
+    (
+        "brokerprobe_upstream_attributions_total",
+        "Upstream exchanges related to a broker request, by method (docs/sockets.md).",
+        Some(("method", "same_thread")),
+        |h| h.assembly.attributed_same_thread,
+    ),
+    (
+        "brokerprobe_upstream_attributions_total",
+        "Upstream exchanges related to a broker request, by method (docs/sockets.md).",
+        Some(("method", "only_candidate")),
+        |h| h.assembly.attributed_only_candidate,
+    ),
+    (
+        "brokerprobe_upstream_attributions_total",
+        "Upstream exchanges related to a broker request, by method (docs/sockets.md).",
+        Some(("method", "latest_begun")),
+        |h| h.assembly.attributed_latest_begun,
+    ),
+    (
+        "brokerprobe_upstream_attributions_total",
+        "Upstream exchanges related to a broker request, by method (docs/sockets.md).",
+        Some(("method", "none")),
+        |h| h.assembly.unattributed_exchanges,
+    ),
+];
+
 impl HealthMetrics {
     fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
-            let metric = IntCounter::new(name, help)?;
-            registry.register(Box::new(metric.clone()))?;
-            Ok(metric)
-        };
         let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
             let metric = IntGauge::new(name, help)?;
             registry.register(Box::new(metric.clone()))?;
             Ok(metric)
         };
+        let mut families: HashMap<&str, IntCounterVec> = HashMap::new();
+        let mut counters = Vec::new();
+        for (name, help, label, total) in HEALTH_COUNTERS {
+            let family = match families.get(name) {
+                Some(family) => family.clone(),
+                None => {
+                    let labels: Vec<&str> = label.iter().map(|(label, _)| *label).collect();
+                    let family = IntCounterVec::new(Opts::new(*name, *help), &labels)?;
+                    registry.register(Box::new(family.clone()))?;
+                    families.insert(name, family.clone());
+                    family
+                }
+            };
+            let values: Vec<&str> = label.iter().map(|(_, value)| *value).collect();
+            counters.push((family.with_label_values(&values), *total));
+        }
         Ok(Self {
             attached_markers: gauge(
                 "brokerprobe_attached_markers",
                 "Marker uprobes currently attached.",
             )?,
-            events: counter(
-                "brokerprobe_events_total",
-                "Marker events received from the kernel.",
-            )?,
-            events_lost: counter(
-                "brokerprobe_events_lost_total",
-                "Marker events dropped in the kernel because the ring buffer was full.",
-            )?,
-            decode_errors: counter(
-                "brokerprobe_event_decode_errors_total",
-                "Marker events that could not be decoded.",
+            attached_socket_tracepoints: gauge(
+                "brokerprobe_attached_socket_tracepoints",
+                "Socket tracepoints currently attached.",
             )?,
             in_flight: gauge(
                 "brokerprobe_requests_in_flight",
                 "Requests begun and not yet ended.",
             )?,
-            partial: counter(
-                "brokerprobe_requests_partial_total",
-                "Ends of requests not tracked (begun before the attach, expired or over the bound).",
-            )?,
-            orphan_events: counter(
-                "brokerprobe_orphan_events_total",
-                "Events of requests not tracked (begun before the attach, expired or over the bound).",
-            )?,
-            expired: counter(
-                "brokerprobe_requests_expired_total",
-                "Requests dropped because their end never came.",
-            )?,
-            overflow: counter(
-                "brokerprobe_requests_overflow_total",
-                "Requests not tracked because too many were open at once.",
-            )?,
-            unclosed_stages: counter(
-                "brokerprobe_stages_unclosed_total",
-                "Stages still open when their request ended (not reported).",
-            )?,
-            unmatched_stage_ends: counter(
-                "brokerprobe_stage_ends_unmatched_total",
-                "Stage ends without a matching begin.",
-            )?,
-            duplicate_begins: counter(
-                "brokerprobe_requests_duplicate_begin_total",
-                "Request begins for an id already open; the earlier request is abandoned.",
-            )?,
-            over_request_bounds: counter(
-                "brokerprobe_request_bound_drops_total",
-                "Stage begins, first bytes and fallbacks past one request's bounds (not kept).",
-            )?,
+            counters,
             last: ProbeHealth::default(),
         })
     }
 
     fn update(&mut self, now: &ProbeHealth) {
-        let last = self.last;
-        let add = |counter: &IntCounter, now: u64, before: u64| {
-            counter.inc_by(now.saturating_sub(before))
-        };
         self.attached_markers.set(i64::from(now.attached_markers));
+        self.attached_socket_tracepoints
+            .set(i64::from(now.attached_socket_tracepoints));
         self.in_flight.set(now.in_flight as i64);
-        add(&self.events, now.events, last.events);
-        add(&self.events_lost, now.events_lost, last.events_lost);
-        add(&self.decode_errors, now.decode_errors, last.decode_errors);
-        let (a, b) = (now.assembly, last.assembly);
-        add(&self.partial, a.partial, b.partial);
-        add(&self.orphan_events, a.orphan_events, b.orphan_events);
-        add(&self.expired, a.expired, b.expired);
-        add(&self.overflow, a.overflow, b.overflow);
-        add(&self.unclosed_stages, a.unclosed_stages, b.unclosed_stages);
-        add(
-            &self.unmatched_stage_ends,
-            a.unmatched_stage_ends,
-            b.unmatched_stage_ends,
-        );
-        add(
-            &self.duplicate_begins,
-            a.duplicate_begins,
-            b.duplicate_begins,
-        );
-        add(
-            &self.over_request_bounds,
-            a.over_request_bounds,
-            b.over_request_bounds,
-        );
+        for (counter, total) in &self.counters {
+            counter.inc_by(total(now).saturating_sub(total(&self.last)));
+        }
         self.last = *now;
     }
 }
@@ -312,16 +572,16 @@ mod tests {
         let mut exporter = PrometheusExporter::new(100).unwrap();
         exporter.update_health(&ProbeHealth {
             events: 10,
-            events_lost: 2,
+            marker_events_lost: 2,
             ..ProbeHealth::default()
         });
         exporter.update_health(&ProbeHealth {
             events: 15,
-            events_lost: 2,
+            marker_events_lost: 2,
             ..ProbeHealth::default()
         });
         let text = render(&exporter.registry());
         assert!(text.contains("brokerprobe_events_total 15"));
-        assert!(text.contains("brokerprobe_events_lost_total 2"));
+        assert!(text.contains("brokerprobe_events_lost_total{family=\"marker\"} 2"));
     }
 }

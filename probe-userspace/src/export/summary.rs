@@ -1,36 +1,58 @@
-//! The per-stage table printed live and on exit: count, p50, p95, p99, max.
+//! The tables printed live and on exit: per stage, and per upstream and inbound as seen
+//! on the sockets; count, p50, p95, p99, max.
 
 use std::{collections::HashMap, fmt::Write as _};
 
 use hdrhistogram::Histogram;
 
 use super::{
-    RequestSink,
+    ExchangeSink, RequestSink,
     labels::{LabelCap, OTHER},
 };
-use crate::assembly::Request;
+use crate::{assembly::Request, connections::Exchange, procnet::Role};
 
 /// The row holding whole-request durations, above the stage rows.
 const REQUEST_ROW: &str = "(request)";
 
 pub struct Summary {
-    /// Rows in order of first appearance, request row first.
-    rows: Vec<(String, Histogram<u64>)>,
-    /// Row name → index in `rows`.
-    index: HashMap<String, usize>,
-    /// Stage names are broker-defined: bounded like metric labels.
+    stages: Table,
+    sockets: Table,
+    /// Stage and upstream names are broker-defined: bounded like metric labels.
     stage_names: LabelCap,
+    upstream_names: LabelCap,
 }
 
 impl Summary {
-    pub fn new(max_stage_names: usize) -> Self {
+    pub fn new(max_names: usize) -> Self {
         Self {
-            rows: Vec::new(),
-            index: HashMap::new(),
-            stage_names: LabelCap::new(max_stage_names),
+            stages: Table::default(),
+            sockets: Table::default(),
+            stage_names: LabelCap::new(max_names),
+            upstream_names: LabelCap::new(max_names),
         }
     }
 
+    /// The tables as text: stages, then (if any were seen) upstream calls and inbound
+    /// requests.
+    pub fn render(&self) -> String {
+        let mut out = self.stages.render("stage");
+        if !self.sockets.rows.is_empty() {
+            out.push('\n');
+            out.push_str(&self.sockets.render("socket view"));
+        }
+        out
+    }
+}
+
+/// Rows in order of first appearance.
+#[derive(Default)]
+struct Table {
+    rows: Vec<(String, Histogram<u64>)>,
+    /// Row name → index in `rows`.
+    index: HashMap<String, usize>,
+}
+
+impl Table {
     fn row(&mut self, name: &str) -> &mut Histogram<u64> {
         let index = match self.index.get(name) {
             Some(index) => *index,
@@ -45,17 +67,16 @@ impl Summary {
         &mut self.rows[index].1
     }
 
-    /// The table as text, one line per stage.
-    pub fn render(&self) -> String {
+    fn render(&self, title: &str) -> String {
         let mut out = format!(
-            "{:<24} {:>8} {:>10} {:>10} {:>10} {:>10}\n",
-            "stage", "count", "p50", "p95", "p99", "max"
+            "{:<32} {:>8} {:>10} {:>10} {:>10} {:>10}\n",
+            title, "count", "p50", "p95", "p99", "max"
         );
         for (name, h) in &self.rows {
             let q = |q: f64| format_ns(h.value_at_quantile(q));
             let _ = writeln!(
                 out,
-                "{name:<24} {:>8} {:>10} {:>10} {:>10} {:>10}",
+                "{name:<32} {:>8} {:>10} {:>10} {:>10} {:>10}",
                 h.len(),
                 q(0.5),
                 q(0.95),
@@ -69,15 +90,41 @@ impl Summary {
 
 impl RequestSink for Summary {
     fn record(&mut self, request: &Request) {
-        self.observe(REQUEST_ROW, request.duration_ns());
+        self.stages.observe(REQUEST_ROW, request.duration_ns());
         for stage in &request.stages {
             let name = self.stage_names.admit(stage.id.name()).unwrap_or(OTHER);
-            self.observe(name, stage.duration_ns());
+            self.stages.observe(name, stage.duration_ns());
+        }
+        for call in &request.upstream_calls {
+            if let Some(lag) = call.lag_ns() {
+                self.sockets.observe("upstream lag (broker - network)", lag);
+            }
         }
     }
 }
 
-impl Summary {
+impl ExchangeSink for Summary {
+    fn record_exchange(&mut self, exchange: &Exchange) {
+        let name = match exchange.role {
+            Role::Upstream => self
+                .upstream_names
+                .admit(&exchange.peer_name)
+                .unwrap_or(OTHER),
+            Role::Inbound => "inbound",
+        };
+        if let Some(ttfb) = exchange.ttfb_ns() {
+            self.sockets.observe(&format!("{name} ttfb"), ttfb);
+        }
+        if let Some(duration) = exchange.duration_ns() {
+            self.sockets.observe(&format!("{name} total"), duration);
+        }
+        if let Some(connect) = exchange.connect_ns {
+            self.sockets.observe(&format!("{name} connect"), connect);
+        }
+    }
+}
+
+impl Table {
     fn observe(&mut self, row: &str, ns: u64) {
         let histogram = self.row(row);
         // `record` grows the histogram to fit; it can only refuse values near u64::MAX.

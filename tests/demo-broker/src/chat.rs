@@ -145,7 +145,10 @@ async fn call_upstream(
 ) -> Result<Value, UpstreamFailure> {
     let lease = acquire_key(app, recorder, route.provider).await;
     let upstream_call = recorder.stage(Stage::UpstreamChat);
-    let response = app.upstream.send(&lease.secret, request).await?;
+    let response = app
+        .upstream
+        .send(recorder.id(), &lease.secret, request)
+        .await?;
     recorder.first_byte();
     let status = response.status();
     let body = response.bytes().await?;

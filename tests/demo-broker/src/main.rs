@@ -66,6 +66,10 @@ struct Cli {
     /// Print the routing table and exit.
     #[arg(long)]
     list_models: bool,
+    /// Never call the markers: the broker behaves as one without probe-markers (ground
+    /// truth is still written).
+    #[arg(long)]
+    no_markers: bool,
 }
 
 /// What every request handler shares.
@@ -81,6 +85,9 @@ fn main() -> anyhow::Result<()> {
     if cli.list_models {
         print_routes();
         return Ok(());
+    }
+    if cli.no_markers {
+        recorder::disable_markers();
     }
     let writer = match &cli.ground_truth {
         Some(path) => Some(

@@ -3,6 +3,7 @@
 //! clock brokerprobe's eBPF timestamps use) and records the broker's own view of the
 //! request. Without `--ground-truth` it reads no clock and records nothing.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use probe_markers::{RequestId, Stage};
@@ -59,6 +60,18 @@ struct FallbackRecord {
     to: String,
 }
 
+/// Off with `--no-markers`: the broker then runs as if it had never linked probe-markers
+/// (the socket-only mode tests use it).
+static MARKERS_ENABLED: AtomicBool = AtomicBool::new(true);
+
+pub fn disable_markers() {
+    MARKERS_ENABLED.store(false, Ordering::Relaxed);
+}
+
+fn markers_enabled() -> bool {
+    MARKERS_ENABLED.load(Ordering::Relaxed)
+}
+
 fn monotonic_ns() -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
@@ -91,7 +104,9 @@ impl Recorder {
     /// Begins `stage`; it ends when the guard is dropped.
     pub fn stage(&self, stage: Stage) -> StageGuard {
         let at = self.clock();
-        probe_markers::stage_begin(self.id, stage);
+        if markers_enabled() {
+            probe_markers::stage_begin(self.id, stage);
+        }
         self.record(at, |trace, at| trace.begin_stage(stage.name(), None, at));
         StageGuard {
             recorder: self.clone(),
@@ -101,14 +116,18 @@ impl Recorder {
 
     fn stage_end(&self, stage: Stage) {
         let at = self.clock();
-        probe_markers::stage_end(self.id, stage);
+        if markers_enabled() {
+            probe_markers::stage_end(self.id, stage);
+        }
         self.record(at, |trace, at| trace.end_stage(stage.name(), None, at));
     }
 
     /// Begins executing tool `name` (stage `tool.execute`); it ends when the guard is dropped.
     pub fn tool<'a>(&'a self, name: &'a str) -> ToolGuard<'a> {
         let at = self.clock();
-        probe_markers::tool_begin(self.id, name);
+        if markers_enabled() {
+            probe_markers::tool_begin(self.id, name);
+        }
         self.record(at, |trace, at| {
             trace.begin_stage(Stage::ToolExecute.name(), Some(name), at)
         });
@@ -120,7 +139,9 @@ impl Recorder {
 
     fn tool_end(&self, name: &str) {
         let at = self.clock();
-        probe_markers::tool_end(self.id, name);
+        if markers_enabled() {
+            probe_markers::tool_end(self.id, name);
+        }
         self.record(at, |trace, at| {
             trace.end_stage(Stage::ToolExecute.name(), Some(name), at)
         });
@@ -128,25 +149,33 @@ impl Recorder {
 
     pub fn provider(&self, provider: &str) {
         let at = self.clock();
-        probe_markers::provider(self.id, provider);
+        if markers_enabled() {
+            probe_markers::provider(self.id, provider);
+        }
         self.record(at, |trace, _| trace.provider = Some(provider.to_owned()));
     }
 
     pub fn first_byte(&self) {
         let at = self.clock();
-        probe_markers::first_byte(self.id);
+        if markers_enabled() {
+            probe_markers::first_byte(self.id);
+        }
         self.record(at, |trace, at| trace.first_byte_ns.push(at));
     }
 
     pub fn chunk(&self) {
         let at = self.clock();
-        probe_markers::chunk(self.id);
+        if markers_enabled() {
+            probe_markers::chunk(self.id);
+        }
         self.record(at, |trace, _| trace.chunks += 1);
     }
 
     pub fn token_usage(&self, input_tokens: u64, output_tokens: u64) {
         let at = self.clock();
-        probe_markers::token_usage(self.id, input_tokens, output_tokens);
+        if markers_enabled() {
+            probe_markers::token_usage(self.id, input_tokens, output_tokens);
+        }
         self.record(at, |trace, _| {
             trace.input_tokens += input_tokens;
             trace.output_tokens += output_tokens;
@@ -155,7 +184,9 @@ impl Recorder {
 
     pub fn fallback(&self, from: &str, to: &str) {
         let at = self.clock();
-        probe_markers::fallback(self.id, from, to);
+        if markers_enabled() {
+            probe_markers::fallback(self.id, from, to);
+        }
         self.record(at, |trace, _| {
             trace.fallback = Some(FallbackRecord {
                 from: from.to_owned(),
@@ -254,7 +285,9 @@ impl RequestScope {
         });
         let recorder = Recorder { id, trace };
         let at = recorder.clock();
-        probe_markers::request_begin(id, model, traceparent);
+        if markers_enabled() {
+            probe_markers::request_begin(id, model, traceparent);
+        }
         recorder.record(at, |trace, at| trace.begin_ns = at);
         Self {
             recorder,
@@ -274,7 +307,9 @@ impl RequestScope {
         self.ended = true;
         let recorder = &self.recorder;
         let at = recorder.clock();
-        probe_markers::request_end(recorder.id, status, error_type);
+        if markers_enabled() {
+            probe_markers::request_end(recorder.id, status, error_type);
+        }
         recorder.record(at, |trace, at| {
             trace.end_ns = at;
             trace.status = status;

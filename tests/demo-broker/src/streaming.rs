@@ -182,7 +182,11 @@ async fn open_stream(
         request.model = route.model.to_owned();
         let lease = chat::acquire_key(app, recorder, route.provider).await;
         let upstream_call = recorder.stage(Stage::UpstreamChatStream);
-        let failure = match app.upstream.send(&lease.secret, request).await {
+        let failure = match app
+            .upstream
+            .send(recorder.id(), &lease.secret, request)
+            .await
+        {
             Ok(response) => {
                 recorder.first_byte();
                 let status = response.status();

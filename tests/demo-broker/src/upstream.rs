@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use probe_markers::RequestId;
 
 use crate::api::{ApiError, ChatRequest};
 
@@ -22,14 +23,18 @@ impl Upstream {
         Ok(Self { client, chat_url })
     }
 
-    /// Sends the request; resolves when the response head has arrived.
+    /// Sends the request; resolves when the response head has arrived. The request id
+    /// goes upstream in `x-request-id`, as brokers commonly do (and the tests' ground truth
+    /// relies on).
     pub async fn send(
         &self,
+        request_id: RequestId,
         api_key: &str,
         request: &ChatRequest,
     ) -> reqwest::Result<reqwest::Response> {
         self.client
             .post(&self.chat_url)
+            .header("x-request-id", request_id.get())
             .bearer_auth(api_key)
             .json(request)
             .send()

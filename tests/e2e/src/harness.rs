@@ -165,18 +165,24 @@ impl Drop for Proc {
 
 /// The demo broker with its in-process fake upstream; returns it and its base URL.
 pub fn start_demo_broker(extra_args: &[&str]) -> Result<(Proc, String)> {
-    let mut broker = Proc::spawn(
-        "demo-broker",
-        Command::new(bin("demo-broker"))
-            .args(["--fake", "--listen", "127.0.0.1:0"])
-            .args(extra_args),
-    )?;
-    let line = broker.wait_for_line("listening on", Duration::from_secs(30))?;
+    let mut command = Command::new(bin("demo-broker"));
+    command
+        .args(["--fake", "--listen", "127.0.0.1:0"])
+        .args(extra_args);
+    let (broker, addr) = start_listening("demo-broker", &mut command)?;
+    Ok((broker, format!("http://{addr}")))
+}
+
+/// Starts a server that prints `listening on ADDR` once bound; returns it and ADDR.
+pub fn start_listening(name: &str, command: &mut Command) -> Result<(Proc, String)> {
+    let mut server = Proc::spawn(name, command)?;
+    let line = server.wait_for_line("listening on", Duration::from_secs(30))?;
     let addr = line
         .rsplit(' ')
         .next()
-        .context("no address in the listening line")?;
-    Ok((broker, format!("http://{addr}")))
+        .context("no address in the listening line")?
+        .to_owned();
+    Ok((server, addr))
 }
 
 /// brokerprobe attached to `pid`; returns it and its /metrics URL once attached.

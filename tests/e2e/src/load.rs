@@ -150,7 +150,7 @@ pub async fn drive_paced(
             Some(done) = in_flight.next(), if !in_flight.is_empty() => outcomes.push(done?),
             () = next_tick(&mut ticker), if may_start => {
                 let request = planner.plan(planned);
-                in_flight.push(send(&client, &url, planned, request));
+                in_flight.push(send(&client, &url, seed, planned, request));
                 planned += 1;
             }
         }
@@ -233,9 +233,15 @@ fn random_traceparent(rng: &mut SplitMix64) -> String {
     format!("00-{trace_id:032x}-{parent_id:016x}-01")
 }
 
+/// Client-chosen request ids of one seed's run start here: distinct across runs.
+fn seed_base(seed: u64) -> u64 {
+    seed.wrapping_mul(1_000_000_000)
+}
+
 async fn send(
     client: &reqwest::Client,
     url: &str,
+    seed: u64,
     index: usize,
     planned: PlannedRequest,
 ) -> anyhow::Result<(usize, Outcome)> {
@@ -247,7 +253,13 @@ async fn send(
     } = planned;
     let context = || format!("request #{index} (model {model}, {kind:?})");
     let started = Instant::now();
-    let mut request = client.post(url).json(&body);
+    // Brokers that pass a client's id on (the test Python broker) echo it; the demo
+    // broker answers with its own.
+    let client_id = seed_base(seed) + index as u64;
+    let mut request = client
+        .post(url)
+        .header("x-request-id", client_id)
+        .json(&body);
     if let Some(traceparent) = &traceparent {
         request = request.header("traceparent", traceparent);
     }

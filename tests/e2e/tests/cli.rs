@@ -5,6 +5,10 @@ use std::process::{Command, Output};
 use e2e::harness::{bin, kernel_thread_pid, require_root};
 
 fn attach(pid: &str) -> Output {
+    attach_with(pid, &[])
+}
+
+fn attach_with(pid: &str, extra: &[&str]) -> Output {
     Command::new(bin("brokerprobe"))
         .args([
             "attach",
@@ -15,6 +19,7 @@ fn attach(pid: &str) -> Output {
             "--duration",
             "1s",
         ])
+        .args(extra)
         .output()
         .unwrap()
 }
@@ -54,10 +59,20 @@ fn binary_without_markers_names_them() {
     require_root();
     // Debian's binaries are stripped: the message must say so rather than "no markers".
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
-    let out = attach(&sleeper.id().to_string());
+    let pid = sleeper.id().to_string();
+    let required = attach_with(&pid, &["--mode", "markers"]);
+    // Left to choose, brokerprobe says why and follows the sockets instead.
+    let auto = attach(&pid);
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
-    assert_one_clear_line(&out, &["stripped", "sleep"]);
+    assert_one_clear_line(&required, &["stripped", "sleep"]);
+    let stdout = String::from_utf8_lossy(&auto.stdout);
+    assert!(auto.status.success(), "{auto:?}");
+    assert!(
+        stdout.contains("no usable markers") && stdout.contains("stripped"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("socket-only mode"), "{stdout}");
 }
 
 #[test]
@@ -72,7 +87,7 @@ fn unstripped_binary_without_markers_lists_the_missing_ones() {
     upstream
         .wait_for_line("listening on", std::time::Duration::from_secs(30))
         .unwrap();
-    let out = attach(&upstream.pid().to_string());
+    let out = attach_with(&upstream.pid().to_string(), &["--mode", "markers"]);
     assert_one_clear_line(
         &out,
         &[

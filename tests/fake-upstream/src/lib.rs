@@ -2,25 +2,36 @@
 //!
 //! Every answer is a deterministic function of the request and the model's
 //! [`ModelBehaviour`], so tests can predict token counts and timings. `GET /fake/stats`
-//! exposes what the fake served.
+//! exposes what the fake served, and `GET /fake/exchanges` what crossed its sockets per
+//! request ([`Exchange`]), the ground truth for brokerprobe's socket measurements.
+
+mod wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt as _;
+
+use wire::{ConnLedger, CountingStream, WireLedger};
+pub use wire::{Exchange, monotonic_ns};
 
 /// How the fake answers for one model.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -81,7 +92,6 @@ impl FakeConfig {
     }
 }
 
-/// Serves the fake API on `listener` until the task is dropped.
 /// Binds `addr` and prints `listening on ADDR` (the line tests and xtask wait for) once
 /// bound, so port 0 can be used and the caller learns the real port.
 pub async fn bind_announced(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
@@ -95,25 +105,78 @@ pub async fn bind_announced(addr: std::net::SocketAddr) -> anyhow::Result<TcpLis
     Ok(listener)
 }
 
+/// Serves the fake API on `listener` until the task is dropped.
+///
+/// Serves each connection like `axum::serve` does (hyper's HTTP/1.1 with keep-alive),
+/// but through a [`CountingStream`], so `/fake/exchanges` can tell what crossed the
+/// socket.
 pub async fn serve(listener: TcpListener, config: FakeConfig) -> anyhow::Result<()> {
     let state = Arc::new(Fake {
         config,
         stats: Stats::default(),
+        wire: Arc::default(),
     });
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
         .route("/fake/stats", get(stats))
-        .with_state(state);
-    // Without TCP_NODELAY, small SSE chunks wait on delayed ACKs (~40 ms on Linux).
-    let listener = listener.tap_io(|tcp| _ = tcp.set_nodelay(true));
-    axum::serve(listener, app).await?;
-    Ok(())
+        .route("/fake/exchanges", get(exchanges))
+        .with_state(state.clone());
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                wait_after_accept_error(err).await;
+                continue;
+            }
+        };
+        // Without TCP_NODELAY, small SSE chunks wait on delayed ACKs (~40 ms on Linux).
+        _ = tcp.set_nodelay(true);
+        serve_connection(tcp, peer, &state.wire, app.clone());
+    }
+}
+
+/// Like `axum::serve`: errors of one connection are skipped, others (e.g. out of file
+/// descriptors) paused on, so the fake outlives them.
+async fn wait_after_accept_error(err: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if !matches!(
+        err.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    ) {
+        eprintln!("fake-upstream: accept error: {err}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn serve_connection(tcp: TcpStream, peer: SocketAddr, wire: &Arc<WireLedger>, app: Router) {
+    let conn = Arc::new(ConnLedger::open(wire, peer));
+    let service = app.map_request({
+        let conn = conn.clone();
+        move |mut request: Request<Incoming>| {
+            let request_id = request
+                .headers()
+                .get("x-request-id")
+                .map(|id| String::from_utf8_lossy(id.as_bytes()).into_owned());
+            conn.dispatched(request.uri().path(), request_id);
+            request.extensions_mut().insert(conn.clone());
+            request
+        }
+    });
+    let io = TokioIo::new(CountingStream::new(tcp, conn));
+    tokio::spawn(async move {
+        let builder = auto::Builder::new(TokioExecutor::new());
+        // A connection's error (e.g. the peer going away) ends only that connection.
+        _ = builder
+            .serve_connection_with_upgrades(io, TowerToHyperService::new(service))
+            .await;
+    });
 }
 
 struct Fake {
     config: FakeConfig,
     stats: Stats,
+    wire: Arc<WireLedger>,
 }
 
 #[derive(Default)]
@@ -250,11 +313,15 @@ fn content_chars(content: &Value) -> usize {
 
 async fn chat_completions(
     State(fake): State<Arc<Fake>>,
+    Extension(conn): Extension<Arc<ConnLedger>>,
     Json(request): Json<ChatRequest>,
 ) -> Response {
+    // Stamped once the body is read, so `received_ns` is after the last request byte came.
+    conn.handler_started();
+    let received = tokio::time::Instant::now();
     let (nth_for_model, serial) = fake.stats.count_request(&request.model);
     let behaviour = fake.config.behaviour(&request.model);
-    tokio::time::sleep(Duration::from_millis(behaviour.ttfb_ms)).await;
+    sleep_precisely(received + Duration::from_millis(behaviour.ttfb_ms)).await;
     if let Some(status) = behaviour.failure(nth_for_model) {
         return error_response(&fake.stats, status);
     }
@@ -273,6 +340,20 @@ async fn chat_completions(
     let body = completion_body(&meta, &answer, usage);
     fake.stats.count_body(body.len());
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Sleeps until `deadline` to within tens of microseconds: tokio's timer rounds up to
+/// whole milliseconds, which would make the scripted first-byte delay up to 1 ms longer
+/// than configured, so the last milliseconds are slept on a blocking thread (nanosleep).
+async fn sleep_precisely(deadline: tokio::time::Instant) {
+    if let Some(coarse) = deadline.checked_sub(Duration::from_millis(2)) {
+        tokio::time::sleep_until(coarse).await;
+    }
+    let rest = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if !rest.is_zero() {
+        // A failed join only means the runtime is shutting down.
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+    }
 }
 
 fn error_response(stats: &Stats, status: u16) -> Response {
@@ -430,6 +511,8 @@ async fn list_models(State(fake): State<Arc<Fake>>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
+/// What the fake served. The `wire_*` totals count all connections' socket IO,
+/// including this stats request itself (its request bytes, not yet its response).
 async fn stats(State(fake): State<Arc<Fake>>) -> Json<Value> {
     let stats = &fake.stats;
     let by_model = stats
@@ -437,11 +520,26 @@ async fn stats(State(fake): State<Arc<Fake>>) -> Json<Value> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
+    let wire = fake.wire.totals();
     Json(json!({
         "requests": stats.requests.load(Ordering::Relaxed),
         "by_model": by_model,
         "response_bytes": stats.response_bytes.load(Ordering::Relaxed),
+        "wire_bytes_read": wire.bytes_read,
+        "wire_bytes_written": wire.bytes_written,
+        "wire_writes": wire.writes,
+        "exchanges_dropped": fake.wire.dropped(),
     }))
+}
+
+/// Every exchange so far: finished ones in the order they finished, then each open
+/// connection's current one. That includes the exchange answering this very request,
+/// with its request bytes but none of its response: query on a connection of its own
+/// and skip `path == "/fake/exchanges"`. Writes are booked just after their syscall
+/// returns: asked right after reading a response, the fake may not have booked its last
+/// write yet.
+async fn exchanges(State(fake): State<Arc<Fake>>) -> Json<Vec<Exchange>> {
+    Json(fake.wire.exchanges())
 }
 
 #[cfg(test)]

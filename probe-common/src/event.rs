@@ -1,0 +1,65 @@
+//! What every ring buffer record starts with. All probe families share one ring buffer, so
+//! records come out in the order the kernel reserved them: a marker hit that happened
+//! before a socket write is always read before it, which socket-to-request attribution
+//! relies on.
+
+/// Which probe family wrote a record. The discriminant is the wire value.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Marker = 1,
+    Socket = 2,
+}
+
+impl Source {
+    pub fn from_wire(value: u32) -> Option<Self> {
+        match value {
+            1 => Some(Source::Marker),
+            2 => Some(Source::Socket),
+            _ => None,
+        }
+    }
+}
+
+/// The first bytes of every record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventHeader {
+    /// A [`Source`] wire value.
+    pub source: u32,
+    /// The family's own kind (`MarkerKind`, `SocketKind`) wire value.
+    pub kind: u32,
+    /// Process (tgid) the event belongs to.
+    pub pid: u32,
+    /// Thread that caused it; 0 when it happened outside the process (softirq).
+    pub tid: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC.
+    pub ts_ns: u64,
+}
+
+impl EventHeader {
+    pub const ZERO: EventHeader = EventHeader {
+        source: 0,
+        kind: 0,
+        pid: 0,
+        tid: 0,
+        ts_ns: 0,
+    };
+}
+
+/// Kernel-side counters, one per-CPU slot each (index = discriminant).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Marker hits dropped because the ring buffer was full.
+    MarkerEventsLost = 0,
+    /// Socket events dropped because the ring buffer was full.
+    SocketEventsLost = 1,
+    /// Socket reads/writes of the traced process seen outside a read/write-family
+    /// syscall (io_uring, sendfile, splice): their file descriptor is unknown.
+    SocketIoWithoutSyscall = 2,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 3;
+}

@@ -1,0 +1,127 @@
+//! Socket events: TCP connects, accepts, reads, writes and closes of the traced process,
+//! from tracepoints (docs/sockets.md).
+
+use crate::event::EventHeader;
+
+/// Bytes copied from the start of each message (a request or a response: the data between
+/// two changes of direction), over as many reads or writes as they take: enough for an
+/// HTTP/1.1 request or status line.
+pub const PREFIX_CAP: usize = 128;
+
+/// What happened on the socket. The discriminant is the wire value.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketKind {
+    /// `accept`/`accept4` returned this fd: an inbound connection.
+    Accept = 1,
+    /// `connect` sent the SYN: an upstream connection; `remote` is set.
+    ConnectStart = 2,
+    /// The handshake completed (SYN_SENT → ESTABLISHED); `local` and `remote` are set.
+    ConnectDone = 3,
+    /// The handshake failed (SYN_SENT → CLOSE).
+    ConnectFailed = 4,
+    /// Bytes written (`bytes`), any write-family syscall; timestamped at its entry.
+    Send = 5,
+    /// Bytes read (`bytes` > 0), any read-family syscall; timestamped once they are read.
+    Recv = 6,
+    /// `close` on a socket fd brokerprobe follows.
+    Close = 7,
+}
+
+impl SocketKind {
+    pub const ALL: [SocketKind; 7] = [
+        SocketKind::Accept,
+        SocketKind::ConnectStart,
+        SocketKind::ConnectDone,
+        SocketKind::ConnectFailed,
+        SocketKind::Send,
+        SocketKind::Recv,
+        SocketKind::Close,
+    ];
+
+    pub fn from_wire(value: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| *kind as u32 == value)
+    }
+}
+
+/// Key of the kernel's map of followed sockets: (process, fd) in one u64.
+pub const fn socket_key(tgid: u32, fd: i32) -> u64 {
+    ((tgid as u64) << 32) | fd as u32 as u64
+}
+
+/// Direction of the last data event on a socket, as the kernel tracks it to know when a
+/// request or response starts.
+pub const DIRECTION_NONE: u32 = 0;
+pub const DIRECTION_SEND: u32 = 1;
+pub const DIRECTION_RECV: u32 = 2;
+
+/// An IPv4 or IPv6 endpoint as the kernel's tracepoints give it: address bytes in network
+/// order (IPv4 in the first 4 bytes), port in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WireEndpoint {
+    /// `AF_INET` (2) or `AF_INET6` (10); 0 when unknown.
+    pub family: u16,
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+impl WireEndpoint {
+    pub const ZERO: WireEndpoint = WireEndpoint {
+        family: 0,
+        port: 0,
+        addr: [0; 16],
+    };
+}
+
+/// One socket event, as written by the kernel into the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SocketEvent {
+    pub header: EventHeader,
+    pub fd: i32,
+    /// Send/Recv: bytes moved by this syscall.
+    pub bytes: u32,
+    pub local: WireEndpoint,
+    pub remote: WireEndpoint,
+    /// Bytes in `prefix`: the first bytes this syscall moved, while the message's first
+    /// [`PREFIX_CAP`] bytes are being copied (else 0, as when reading the buffer failed).
+    pub prefix_len: u32,
+    pub _reserved: u32,
+    pub prefix: [u8; PREFIX_CAP],
+}
+
+impl SocketEvent {
+    pub const ZERO: SocketEvent = SocketEvent {
+        header: EventHeader::ZERO,
+        fd: 0,
+        bytes: 0,
+        local: WireEndpoint::ZERO,
+        remote: WireEndpoint::ZERO,
+        prefix_len: 0,
+        _reserved: 0,
+        prefix: [0; PREFIX_CAP],
+    };
+
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix[..(self.prefix_len as usize).min(PREFIX_CAP)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_values_round_trip() {
+        for kind in SocketKind::ALL {
+            assert_eq!(SocketKind::from_wire(kind as u32), Some(kind));
+        }
+        assert_eq!(SocketKind::from_wire(0), None);
+        assert_eq!(
+            core::mem::size_of::<SocketEvent>(),
+            208,
+            "wire size changed: update docs/maps.md"
+        );
+    }
+}

@@ -1,0 +1,466 @@
+//! Tracepoints on the traced processes' TCP sockets (docs/sockets.md).
+//!
+//! `sock:sock_send_length`/`sock:sock_recv_length` see every socket read and write with
+//! its byte count, but not the file descriptor; the read/write-family syscall around them
+//! does. So the syscall entry stashes (fd, buffer) per thread, the sock tracepoint joins
+//! it, and the syscall exit clears it. Connects are timed by the TCP state changes
+//! (SYN_SENT in `connect()`, ESTABLISHED in softirq when the SYN-ACK arrives).
+
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_probe_read_user as read_raw},
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap},
+    programs::TracePointContext,
+};
+use aya_log_ebpf::warn;
+use probe_common::{
+    event::{Counter, Source},
+    maps::{MAX_CONNECTING, MAX_SOCKETS, MAX_TRACED_PROCESSES, MAX_TRACED_THREADS},
+    socket::{
+        DIRECTION_NONE, DIRECTION_RECV, DIRECTION_SEND, PREFIX_CAP, SocketEvent, SocketKind,
+        WireEndpoint,
+    },
+};
+
+use crate::events::{EVENTS, count, current_task};
+use probe_common::socket::socket_key;
+
+/// tgid → 1 for each process brokerprobe follows (written by user space).
+#[map]
+static TRACED_PROCESSES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TRACED_PROCESSES, 0);
+
+/// How a syscall passes its buffer: which memory to read a prefix from.
+const SHAPE_PLAIN: u32 = 0;
+const SHAPE_IOVEC: u32 = 1;
+const SHAPE_MSGHDR: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IoSyscall {
+    fd: i32,
+    shape: u32,
+    buffer: u64,
+    /// When the syscall began: a write's bytes may reach the peer (and be answered, on
+    /// loopback) before the sock tracepoint after it runs.
+    enter_ns: u64,
+}
+
+/// Thread → the read/write syscall it is in.
+#[map]
+static SYSCALL_IO: LruHashMap<u32, IoSyscall> = LruHashMap::with_max_entries(MAX_TRACED_THREADS, 0);
+
+/// Thread → the fd it is connecting.
+#[map]
+static CONNECT_FD: LruHashMap<u32, i32> = LruHashMap::with_max_entries(MAX_TRACED_THREADS, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Connecting {
+    tgid: u32,
+    fd: i32,
+}
+
+/// Kernel socket address → the connect in progress on it.
+#[map]
+static CONNECTING: LruHashMap<u64, Connecting> = LruHashMap::with_max_entries(MAX_CONNECTING, 0);
+
+/// Followed socket fds ([`socket_key`]) → direction of their last data event
+/// (`DIRECTION_*`, low bits) and how many of that message's first bytes were copied
+/// (from `CAPTURED_SHIFT`). User space adds the sockets it finds open at attach time.
+#[map]
+static SOCKETS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
+
+const DIRECTION_MASK: u32 = 0xff;
+const CAPTURED_SHIFT: u32 = 8;
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u16 = 6;
+const MSG_PEEK: i32 = 2;
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+
+/// Tracepoint field offsets (from /sys/kernel/tracing/events/*/format, stable ABI).
+const SYSCALL_ARG0: usize = 16;
+const SYSCALL_ARG1: usize = 24;
+const SYSCALL_RET: usize = 16;
+
+#[inline(always)]
+fn traced(tgid: u32) -> bool {
+    // SAFETY: the value is only tested for presence.
+    unsafe { TRACED_PROCESSES.get(&tgid).is_some() }
+}
+
+#[inline(always)]
+fn field<T>(ctx: &TracePointContext, offset: usize) -> Option<T> {
+    // SAFETY: offsets come from the tracepoint's format; the helper bounds-checks reads
+    // of the tracepoint record.
+    unsafe { ctx.read_at::<T>(offset) }.ok()
+}
+
+#[inline(always)]
+fn stash_io(ctx: &TracePointContext, shape: u32) -> u32 {
+    let (tgid, tid) = current_task();
+    if !traced(tgid) {
+        return 0;
+    }
+    let (Some(fd), Some(buffer)) = (
+        field::<u64>(ctx, SYSCALL_ARG0),
+        field::<u64>(ctx, SYSCALL_ARG1),
+    ) else {
+        return 0;
+    };
+    let io = IoSyscall {
+        fd: fd as i32,
+        shape,
+        buffer,
+        // SAFETY: reading the clock has no preconditions.
+        enter_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let _ = SYSCALL_IO.insert(&tid, &io, 0);
+    0
+}
+
+/// `read`, `write`, `recvfrom`, `sendto`: (fd, buffer, ...).
+#[tracepoint]
+pub fn io_enter_plain(ctx: TracePointContext) -> u32 {
+    stash_io(&ctx, SHAPE_PLAIN)
+}
+
+/// `readv`, `writev`: (fd, iovec array, ...).
+#[tracepoint]
+pub fn io_enter_iovec(ctx: TracePointContext) -> u32 {
+    stash_io(&ctx, SHAPE_IOVEC)
+}
+
+/// `recvmsg`, `sendmsg`: (fd, msghdr, ...).
+#[tracepoint]
+pub fn io_enter_msghdr(ctx: TracePointContext) -> u32 {
+    stash_io(&ctx, SHAPE_MSGHDR)
+}
+
+/// Exit of every syscall the three above enter.
+#[tracepoint]
+pub fn io_exit(_ctx: TracePointContext) -> u32 {
+    let (_, tid) = current_task();
+    let _ = SYSCALL_IO.remove(&tid);
+    0
+}
+
+#[tracepoint]
+pub fn sock_send(ctx: TracePointContext) -> u32 {
+    on_data(&ctx, DIRECTION_SEND)
+}
+
+#[tracepoint]
+pub fn sock_recv(ctx: TracePointContext) -> u32 {
+    on_data(&ctx, DIRECTION_RECV)
+}
+
+/// sock:sock_{send,recv}_length fields.
+const SOCK_FAMILY: usize = 16;
+const SOCK_PROTOCOL: usize = 18;
+const SOCK_RET: usize = 20;
+const SOCK_FLAGS: usize = 24;
+
+#[inline(always)]
+fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
+    let (tgid, tid) = current_task();
+    if !traced(tgid) {
+        return 0;
+    }
+    let family = field::<u16>(ctx, SOCK_FAMILY).unwrap_or(0);
+    let protocol = field::<u16>(ctx, SOCK_PROTOCOL).unwrap_or(0);
+    let bytes = field::<i32>(ctx, SOCK_RET).unwrap_or(0);
+    let flags = field::<i32>(ctx, SOCK_FLAGS).unwrap_or(0);
+    if (family != AF_INET && family != AF_INET6) || protocol != IPPROTO_TCP || bytes <= 0 {
+        return 0;
+    }
+    if direction == DIRECTION_RECV && flags & MSG_PEEK != 0 {
+        return 0;
+    }
+    // SAFETY: copied out at once; the entry may be replaced by another syscall of ours.
+    let Some(io) = (unsafe { SYSCALL_IO.get(&tid) }).copied() else {
+        if count(Counter::SocketIoWithoutSyscall) == 0 {
+            warn!(
+                ctx,
+                "socket I/O outside read/write syscalls (io_uring, sendfile?): not followed (counted)"
+            );
+        }
+        return 0;
+    };
+    let key = socket_key(tgid, io.fd);
+    // SAFETY: copied out at once.
+    let state = unsafe { SOCKETS.get(&key) }
+        .copied()
+        .unwrap_or(DIRECTION_NONE);
+    let captured = if state & DIRECTION_MASK == direction {
+        state >> CAPTURED_SHIFT
+    } else {
+        0
+    };
+    // The first PREFIX_CAP bytes of each message are copied, over as many reads or
+    // writes as they take (hyper's server first reads 24 bytes, for instance).
+    let capture = captured < PREFIX_CAP as u32;
+    if capture || state & DIRECTION_MASK != direction {
+        let total = (captured + bytes as u32).min(PREFIX_CAP as u32);
+        let _ = SOCKETS.insert(&key, &(direction | (total << CAPTURED_SHIFT)), 0);
+    }
+    let kind = if direction == DIRECTION_SEND {
+        SocketKind::Send
+    } else {
+        SocketKind::Recv
+    };
+    let Some(mut entry) = EVENTS.reserve::<SocketEvent>(0) else {
+        count_lost(ctx);
+        return 0;
+    };
+    // SAFETY: the reservation is sized and aligned for a SocketEvent; every field user
+    // space reads is written before submit.
+    let event = unsafe { &mut *entry.as_mut_ptr() };
+    fill(event, kind, tgid, tid, io.fd);
+    if direction == DIRECTION_SEND {
+        event.header.ts_ns = io.enter_ns;
+    }
+    event.bytes = bytes as u32;
+    if capture {
+        event.prefix_len = read_prefix(event, &io, bytes as u32);
+    }
+    entry.submit(0);
+    0
+}
+
+#[inline(always)]
+fn fill(event: &mut SocketEvent, kind: SocketKind, tgid: u32, tid: u32, fd: i32) {
+    event.header.source = Source::Socket as u32;
+    event.header.kind = kind as u32;
+    event.header.pid = tgid;
+    event.header.tid = tid;
+    // SAFETY: reading the clock has no preconditions.
+    event.header.ts_ns = unsafe { bpf_ktime_get_ns() };
+    event.fd = fd;
+    event.bytes = 0;
+    event.local = WireEndpoint::ZERO;
+    event.remote = WireEndpoint::ZERO;
+    event.prefix_len = 0;
+    event._reserved = 0;
+}
+
+/// Copies the first bytes moved by the syscall; returns how many (0 if unreadable).
+#[inline(always)]
+fn read_prefix(event: &mut SocketEvent, io: &IoSyscall, moved: u32) -> u32 {
+    let (start, available) = match io.shape {
+        SHAPE_PLAIN => (io.buffer, moved as u64),
+        SHAPE_IOVEC => match first_iovec(io.buffer) {
+            Some(iov) => iov,
+            None => return 0,
+        },
+        SHAPE_MSGHDR => {
+            // struct msghdr: msg_name, msg_namelen (+pad), msg_iov at 16.
+            // SAFETY: a user pointer read by the helper, which cannot fault.
+            match unsafe { bpf_probe_read_user((io.buffer + 16) as *const u64) } {
+                Ok(iov) => match first_iovec(iov) {
+                    Some(iov) => iov,
+                    None => return 0,
+                },
+                Err(_) => return 0,
+            }
+        }
+        _ => return 0,
+    };
+    let mut len = available.min(moved as u64) as u32;
+    if len > PREFIX_CAP as u32 {
+        len = PREFIX_CAP as u32;
+    }
+    // SAFETY: at most PREFIX_CAP bytes into the event's own buffer; a bad user pointer
+    // makes the helper fail, it cannot fault.
+    let rc = unsafe {
+        read_raw(
+            event.prefix.as_mut_ptr().cast(),
+            len,
+            start as *const core::ffi::c_void,
+        )
+    };
+    if rc == 0 { len } else { 0 }
+}
+
+/// (base, len) of the first `struct iovec` at `iov`.
+#[inline(always)]
+fn first_iovec(iov: u64) -> Option<(u64, u64)> {
+    // SAFETY: a user pointer read by the helper, which cannot fault.
+    unsafe { bpf_probe_read_user(iov as *const [u64; 2]) }
+        .ok()
+        .map(|[base, len]| (base, len))
+}
+
+#[inline(always)]
+fn count_lost(ctx: &TracePointContext) {
+    if count(Counter::SocketEventsLost) == 0 {
+        warn!(
+            ctx,
+            "ring buffer full: socket events are being dropped (counted)"
+        );
+    }
+}
+
+/// Emits an event without data; returns 0 (the tracepoint return value).
+#[inline(always)]
+fn emit(
+    ctx: &TracePointContext,
+    kind: SocketKind,
+    tgid: u32,
+    tid: u32,
+    fd: i32,
+    endpoints: Option<(WireEndpoint, WireEndpoint)>,
+) -> u32 {
+    let Some(mut entry) = EVENTS.reserve::<SocketEvent>(0) else {
+        count_lost(ctx);
+        return 0;
+    };
+    // SAFETY: as in on_data.
+    let event = unsafe { &mut *entry.as_mut_ptr() };
+    fill(event, kind, tgid, tid, fd);
+    if let Some((local, remote)) = endpoints {
+        event.local = local;
+        event.remote = remote;
+    }
+    entry.submit(0);
+    0
+}
+
+/// `accept` and `accept4` exits: the returned fd is an inbound connection.
+#[tracepoint]
+pub fn accept_exit(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = current_task();
+    if !traced(tgid) {
+        return 0;
+    }
+    let fd = field::<i64>(&ctx, SYSCALL_RET).unwrap_or(-1);
+    if fd < 0 {
+        return 0;
+    }
+    let key = socket_key(tgid, fd as i32);
+    let _ = SOCKETS.insert(&key, &DIRECTION_NONE, 0);
+    emit(&ctx, SocketKind::Accept, tgid, tid, fd as i32, None)
+}
+
+#[tracepoint]
+pub fn connect_enter(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = current_task();
+    if !traced(tgid) {
+        return 0;
+    }
+    if let Some(fd) = field::<u64>(&ctx, SYSCALL_ARG0) {
+        let _ = CONNECT_FD.insert(&tid, &(fd as i32), 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn connect_exit(_ctx: TracePointContext) -> u32 {
+    let (_, tid) = current_task();
+    let _ = CONNECT_FD.remove(&tid);
+    0
+}
+
+/// sock:inet_sock_set_state fields.
+const STATE_SKADDR: usize = 8;
+const STATE_OLD: usize = 16;
+const STATE_NEW: usize = 20;
+const STATE_SPORT: usize = 24;
+const STATE_DPORT: usize = 26;
+const STATE_FAMILY: usize = 28;
+const STATE_PROTOCOL: usize = 30;
+const STATE_SADDR: usize = 32;
+const STATE_DADDR: usize = 36;
+const STATE_SADDR_V6: usize = 40;
+const STATE_DADDR_V6: usize = 56;
+
+#[tracepoint]
+pub fn tcp_state(ctx: TracePointContext) -> u32 {
+    if field::<u16>(&ctx, STATE_PROTOCOL) != Some(IPPROTO_TCP) {
+        return 0;
+    }
+    let (Some(sk), Some(old), Some(new)) = (
+        field::<u64>(&ctx, STATE_SKADDR),
+        field::<i32>(&ctx, STATE_OLD),
+        field::<i32>(&ctx, STATE_NEW),
+    ) else {
+        return 0;
+    };
+    if new == TCP_SYN_SENT {
+        // Inside connect(), on the connecting thread.
+        let (tgid, tid) = current_task();
+        if !traced(tgid) {
+            return 0;
+        }
+        // SAFETY: copied out at once.
+        let Some(fd) = (unsafe { CONNECT_FD.get(&tid) }).copied() else {
+            return 0;
+        };
+        let _ = CONNECTING.insert(&sk, &Connecting { tgid, fd }, 0);
+        let _ = SOCKETS.insert(&socket_key(tgid, fd), &DIRECTION_NONE, 0);
+        let endpoints = endpoints(&ctx);
+        return emit(&ctx, SocketKind::ConnectStart, tgid, tid, fd, endpoints);
+    }
+    if old == TCP_SYN_SENT {
+        // Usually in softirq: the process comes from the map, not the current task.
+        // SAFETY: copied out at once.
+        let Some(connecting) = (unsafe { CONNECTING.get(&sk) }).copied() else {
+            return 0;
+        };
+        let _ = CONNECTING.remove(&sk);
+        let kind = if new == TCP_ESTABLISHED {
+            SocketKind::ConnectDone
+        } else {
+            SocketKind::ConnectFailed
+        };
+        let endpoints = endpoints(&ctx);
+        return emit(&ctx, kind, connecting.tgid, 0, connecting.fd, endpoints);
+    }
+    0
+}
+
+/// (local, remote) of an inet_sock_set_state record.
+#[inline(always)]
+fn endpoints(ctx: &TracePointContext) -> Option<(WireEndpoint, WireEndpoint)> {
+    let family = field::<u16>(ctx, STATE_FAMILY)?;
+    let mut local = WireEndpoint {
+        family,
+        port: field::<u16>(ctx, STATE_SPORT)?,
+        addr: [0; 16],
+    };
+    let mut remote = WireEndpoint {
+        family,
+        port: field::<u16>(ctx, STATE_DPORT)?,
+        addr: [0; 16],
+    };
+    if family == AF_INET6 {
+        local.addr = field::<[u8; 16]>(ctx, STATE_SADDR_V6)?;
+        remote.addr = field::<[u8; 16]>(ctx, STATE_DADDR_V6)?;
+    } else {
+        let saddr = field::<[u8; 4]>(ctx, STATE_SADDR)?;
+        let daddr = field::<[u8; 4]>(ctx, STATE_DADDR)?;
+        local.addr[..4].copy_from_slice(&saddr);
+        remote.addr[..4].copy_from_slice(&daddr);
+    }
+    Some((local, remote))
+}
+
+#[tracepoint]
+pub fn close_enter(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = current_task();
+    if !traced(tgid) {
+        return 0;
+    }
+    let Some(fd) = field::<u64>(&ctx, SYSCALL_ARG0) else {
+        return 0;
+    };
+    let key = socket_key(tgid, fd as i32);
+    // SAFETY: tested for presence only.
+    if unsafe { SOCKETS.get(&key) }.is_none() {
+        return 0;
+    }
+    let _ = SOCKETS.remove(&key);
+    emit(&ctx, SocketKind::Close, tgid, tid, fd as i32, None)
+}

@@ -1,0 +1,741 @@
+//! Socket events → exchanges: one request and its response on one TCP connection
+//! (docs/sockets.md).
+//!
+//! A connection's role says which direction carries requests: an upstream connection's
+//! requests are the broker's writes, an inbound connection's are its reads. An exchange
+//! starts with the first request byte, its response with the first byte the other way,
+//! and it ends when the next request starts on the same connection (keep-alive), when the
+//! connection closes, or when it has been quiet for the idle timeout. Nothing is guessed
+//! silently: bytes that fit no exchange are counted in [`ConnectionStats`].
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use probe_common::socket::PREFIX_CAP;
+
+use crate::{
+    decode::{SocketIo, SocketWhat},
+    http,
+    procnet::{OpenSocket, Role},
+};
+
+/// One request/response exchange on one connection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Exchange {
+    /// Unique within one run.
+    pub id: u64,
+    pub pid: u32,
+    pub fd: i32,
+    pub role: Role,
+    /// Upstream: the configured name of the peer, else `ip:port`. Inbound: `inbound`.
+    pub peer_name: String,
+    pub local: Option<SocketAddr>,
+    pub remote: Option<SocketAddr>,
+    /// Upstream, first exchange of a connection opened while attached: handshake time.
+    pub connect_ns: Option<u64>,
+    /// Inbound, first exchange of a connection accepted while attached: accept → first
+    /// request byte read (time the connection waited for the broker).
+    pub accept_wait_ns: Option<u64>,
+    /// First request byte (written upstream, read inbound).
+    pub start_ns: u64,
+    pub first_response_ns: Option<u64>,
+    pub last_response_ns: Option<u64>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// Syscalls that moved response bytes: for a stream read as it arrives, its chunks.
+    pub response_chunks: u32,
+    /// From the request line, when it was plaintext HTTP/1.x.
+    pub method: Option<&'static str>,
+    pub path: Option<String>,
+    /// From the status line, when it was plaintext HTTP/1.x.
+    pub status: Option<u16>,
+    pub end: ExchangeEnd,
+    /// Thread that sent the first request byte.
+    pub start_tid: u32,
+    /// The broker request this upstream exchange served (set by assembly, markers mode).
+    pub request_id: Option<u64>,
+    pub attribution: Option<Attribution>,
+    /// Socket-only relation: the inbound exchange that was the only one awaiting its
+    /// response when this upstream request was sent.
+    pub inbound_exchange: Option<u64>,
+}
+
+impl Exchange {
+    /// Network time to first byte: first request byte out → first response byte in.
+    pub fn ttfb_ns(&self) -> Option<u64> {
+        Some(self.first_response_ns?.saturating_sub(self.start_ns))
+    }
+
+    /// First request byte → last response byte.
+    pub fn duration_ns(&self) -> Option<u64> {
+        Some(self.last_response_ns?.saturating_sub(self.start_ns))
+    }
+}
+
+/// Why an exchange is over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExchangeEnd {
+    /// The next request started on the same connection.
+    NextRequest,
+    Closed,
+    /// Quiet for the idle timeout after response bytes.
+    Idle,
+    /// Still open when brokerprobe detached.
+    Detached,
+}
+
+impl ExchangeEnd {
+    pub fn name(self) -> &'static str {
+        match self {
+            ExchangeEnd::NextRequest => "next_request",
+            ExchangeEnd::Closed => "closed",
+            ExchangeEnd::Idle => "idle",
+            ExchangeEnd::Detached => "detached",
+        }
+    }
+}
+
+/// How an upstream exchange was related to a broker request (docs/sockets.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attribution {
+    /// The latest upstream stage begun on the sending thread, still without an exchange.
+    SameThread,
+    /// The only upstream stage waiting for an exchange, begun on another thread.
+    OnlyCandidate,
+    /// Of several upstream stages waiting for an exchange, all begun on other threads, the
+    /// latest begun.
+    LatestBegun,
+}
+
+impl Attribution {
+    pub fn name(self) -> &'static str {
+        match self {
+            Attribution::SameThread => "same_thread",
+            Attribution::OnlyCandidate => "only_candidate",
+            Attribution::LatestBegun => "latest_begun",
+        }
+    }
+}
+
+/// What the tracker tells assembly, in event order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Progress {
+    /// An upstream request's first byte went out.
+    Started {
+        id: u64,
+        pid: u32,
+        tid: u32,
+        ts_ns: u64,
+    },
+    /// An upstream response's first byte came in.
+    Responded { id: u64, ts_ns: u64 },
+    /// An upstream exchange ended without a response (not reported).
+    Unanswered { id: u64 },
+    /// An exchange (either role) is over.
+    Finished(Box<Exchange>),
+}
+
+/// Socket events and bytes that fit no exchange, and other counts, since attach.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ConnectionStats {
+    pub socket_events: u64,
+    /// Connections open at attach time, learned from /proc.
+    pub learned_at_attach: u64,
+    /// Sockets first seen by their I/O, learned from /proc then.
+    pub learned_later: u64,
+    /// Sockets whose role could not be learned (closed before /proc was read): their I/O
+    /// is not followed.
+    pub unresolved: u64,
+    pub connects: u64,
+    pub connect_failures: u64,
+    pub exchanges: u64,
+    /// Exchanges whose request got no response before close or detach: not reported.
+    pub unanswered: u64,
+    /// Response bytes with no request seen: a response already under way at attach, or
+    /// one resumed after the idle timeout ended its exchange.
+    pub stray_response_bytes: u64,
+    /// Socket events before every probe was attached, or after detaching began.
+    pub outside_window: u64,
+    /// Socket events of sockets not followed (role unknown).
+    pub unfollowed_events: u64,
+}
+
+/// Names upstream peers: configured names, else `ip:port`.
+#[derive(Clone, Debug, Default)]
+pub struct UpstreamNames(HashMap<SocketAddr, String>);
+
+impl UpstreamNames {
+    pub fn new(names: impl IntoIterator<Item = (SocketAddr, String)>) -> Self {
+        Self(names.into_iter().collect())
+    }
+
+    pub fn name(&self, peer: Option<SocketAddr>) -> String {
+        match peer {
+            Some(addr) => self
+                .0
+                .get(&addr)
+                .cloned()
+                .unwrap_or_else(|| addr.to_string()),
+            None => "unknown".to_owned(),
+        }
+    }
+}
+
+/// Looks up a socket the tracker first sees by its I/O: (pid, fd) → what /proc says.
+pub type Resolver = Box<dyn FnMut(u32, i32) -> Option<OpenSocket>>;
+
+struct Connection {
+    /// None: the role is unknown, the socket's I/O is not followed.
+    role: Option<Role>,
+    local: Option<SocketAddr>,
+    remote: Option<SocketAddr>,
+    connect_start_ns: Option<u64>,
+    /// Handed to the connection's first exchange.
+    pending_connect_ns: Option<u64>,
+    pending_accept_ns: Option<u64>,
+    exchange: Option<Exchange>,
+    /// The current request's and response's first bytes, gathered over several reads or
+    /// writes until their first line is complete.
+    request_head: Head,
+    response_head: Head,
+}
+
+impl Connection {
+    fn new(role: Option<Role>) -> Self {
+        Self {
+            role,
+            local: None,
+            remote: None,
+            connect_start_ns: None,
+            pending_connect_ns: None,
+            pending_accept_ns: None,
+            exchange: None,
+            request_head: Head::default(),
+            response_head: Head::default(),
+        }
+    }
+}
+
+/// The first bytes of a message, kept until its first line is complete.
+#[derive(Default)]
+struct Head(Vec<u8>);
+
+impl Head {
+    /// Adds bytes; returns the first line's bytes once it is complete (or the head full).
+    fn push(&mut self, prefix: &[u8]) -> Option<&[u8]> {
+        let room = PREFIX_CAP.saturating_sub(self.0.len());
+        self.0.extend_from_slice(&prefix[..prefix.len().min(room)]);
+        let complete = self.0.len() >= PREFIX_CAP || self.0.contains(&b'\n');
+        (complete && !prefix.is_empty()).then_some(&self.0[..])
+    }
+}
+
+pub struct Connections {
+    connections: HashMap<(u32, i32), Connection>,
+    names: UpstreamNames,
+    resolve: Resolver,
+    idle_ns: u64,
+    next_id: u64,
+    stats: ConnectionStats,
+    window_start_ns: u64,
+    window_end_ns: u64,
+}
+
+impl Connections {
+    /// `idle_ns`: an exchange whose response has been quiet this long is over.
+    pub fn new(names: UpstreamNames, idle_ns: u64, resolve: Resolver) -> Self {
+        Self {
+            connections: HashMap::new(),
+            names,
+            resolve,
+            idle_ns,
+            next_id: 1,
+            stats: ConnectionStats::default(),
+            window_start_ns: 0,
+            window_end_ns: u64::MAX,
+        }
+    }
+
+    pub fn stats(&self) -> ConnectionStats {
+        self.stats
+    }
+
+    /// Every probe is in place from `ns` on.
+    pub fn open_window(&mut self, ns: u64) {
+        self.window_start_ns = ns;
+    }
+
+    /// Probes start going away at `ns`.
+    pub fn close_window(&mut self, ns: u64) {
+        self.window_end_ns = ns;
+    }
+
+    /// A connection that was open before the attach. Its first exchange starts with its
+    /// next request byte; response bytes before that are counted as stray.
+    pub fn learn(&mut self, pid: u32, socket: OpenSocket) {
+        self.stats.learned_at_attach += 1;
+        self.connections
+            .insert((pid, socket.fd), Self::known(socket));
+    }
+
+    fn known(socket: OpenSocket) -> Connection {
+        Connection {
+            local: Some(socket.local),
+            remote: Some(socket.remote),
+            ..Connection::new(Some(socket.role))
+        }
+    }
+
+    pub fn on_io(&mut self, io: SocketIo, out: &mut Vec<Progress>) {
+        self.stats.socket_events += 1;
+        if io.ts_ns < self.window_start_ns || io.ts_ns > self.window_end_ns {
+            self.stats.outside_window += 1;
+            return;
+        }
+        let key = (io.pid, io.fd);
+        match io.what {
+            SocketWhat::Accept => {
+                self.close(key, out);
+                let mut connection = Connection::new(Some(Role::Inbound));
+                connection.pending_accept_ns = Some(io.ts_ns);
+                self.connections.insert(key, connection);
+            }
+            SocketWhat::ConnectStart { remote } => {
+                self.close(key, out);
+                let mut connection = Connection::new(Some(Role::Upstream));
+                connection.remote = remote;
+                connection.connect_start_ns = Some(io.ts_ns);
+                self.connections.insert(key, connection);
+            }
+            SocketWhat::ConnectDone { local, remote } => {
+                if let Some(connection) = self.connections.get_mut(&key) {
+                    self.stats.connects += 1;
+                    connection.local = local;
+                    connection.remote = remote.or(connection.remote);
+                    connection.pending_connect_ns = connection
+                        .connect_start_ns
+                        .take()
+                        .map(|start| io.ts_ns.saturating_sub(start));
+                }
+            }
+            SocketWhat::ConnectFailed => {
+                self.stats.connect_failures += 1;
+            }
+            SocketWhat::Close => self.close(key, out),
+            SocketWhat::Send { bytes, ref prefix } => {
+                self.on_data(&io, Direction::Send, bytes, prefix, out)
+            }
+            SocketWhat::Recv { bytes, ref prefix } => {
+                self.on_data(&io, Direction::Recv, bytes, prefix, out)
+            }
+        }
+    }
+
+    /// Ends the connection at `key` (closed, or its fd reused without a close seen).
+    fn close(&mut self, key: (u32, i32), out: &mut Vec<Progress>) {
+        if let Some(mut connection) = self.connections.remove(&key) {
+            self.finish(&mut connection, ExchangeEnd::Closed, out);
+        }
+    }
+
+    fn on_data(
+        &mut self,
+        io: &SocketIo,
+        direction: Direction,
+        bytes: u32,
+        prefix: &[u8],
+        out: &mut Vec<Progress>,
+    ) {
+        let key = (io.pid, io.fd);
+        // Out of the map while it changes, so the other connections stay readable.
+        let mut connection = match self.connections.remove(&key) {
+            Some(connection) => connection,
+            None => match (self.resolve)(io.pid, io.fd) {
+                Some(socket) => {
+                    self.stats.learned_later += 1;
+                    Self::known(socket)
+                }
+                None => {
+                    self.stats.unresolved += 1;
+                    Connection::new(None)
+                }
+            },
+        };
+        match connection.role {
+            Some(role) => {
+                let is_request = matches!(
+                    (role, direction),
+                    (Role::Upstream, Direction::Send) | (Role::Inbound, Direction::Recv)
+                );
+                if is_request {
+                    self.on_request_bytes(&mut connection, role, io, bytes, prefix, out);
+                } else {
+                    self.on_response_bytes(&mut connection, role, io, bytes, prefix, out);
+                }
+            }
+            None => self.stats.unfollowed_events += 1,
+        }
+        self.connections.insert(key, connection);
+    }
+
+    fn on_request_bytes(
+        &mut self,
+        connection: &mut Connection,
+        role: Role,
+        io: &SocketIo,
+        bytes: u32,
+        prefix: &[u8],
+        out: &mut Vec<Progress>,
+    ) {
+        let responded = connection
+            .exchange
+            .as_ref()
+            .is_some_and(|e| e.first_response_ns.is_some());
+        if responded {
+            self.finish(connection, ExchangeEnd::NextRequest, out);
+        }
+        if let Some(exchange) = &mut connection.exchange {
+            exchange.request_bytes += u64::from(bytes);
+            if exchange.method.is_none() {
+                if let Some(head) = connection.request_head.push(prefix) {
+                    set_request_line(exchange, head);
+                }
+            }
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut exchange = start_exchange(id, io, role, connection, &self.names, bytes);
+        connection.request_head = Head::default();
+        if let Some(head) = connection.request_head.push(prefix) {
+            set_request_line(&mut exchange, head);
+        }
+        if role == Role::Upstream {
+            exchange.inbound_exchange = self.only_inbound_awaiting(io.pid);
+            out.push(Progress::Started {
+                id,
+                pid: io.pid,
+                tid: io.tid,
+                ts_ns: io.ts_ns,
+            });
+        }
+        connection.exchange = Some(exchange);
+    }
+
+    fn on_response_bytes(
+        &mut self,
+        connection: &mut Connection,
+        role: Role,
+        io: &SocketIo,
+        bytes: u32,
+        prefix: &[u8],
+        out: &mut Vec<Progress>,
+    ) {
+        let Some(exchange) = &mut connection.exchange else {
+            self.stats.stray_response_bytes += u64::from(bytes);
+            return;
+        };
+        if exchange.first_response_ns.is_none() {
+            exchange.first_response_ns = Some(io.ts_ns);
+            connection.response_head = Head::default();
+            if role == Role::Upstream {
+                out.push(Progress::Responded {
+                    id: exchange.id,
+                    ts_ns: io.ts_ns,
+                });
+            }
+        }
+        if exchange.status.is_none() {
+            if let Some(head) = connection.response_head.push(prefix) {
+                exchange.status = http::status_line(head);
+            }
+        }
+        exchange.last_response_ns = Some(io.ts_ns);
+        exchange.response_bytes += u64::from(bytes);
+        exchange.response_chunks = exchange.response_chunks.saturating_add(1);
+    }
+
+    /// The id of the pid's only inbound exchange whose request is in and whose response
+    /// has not started, if exactly one is.
+    fn only_inbound_awaiting(&self, pid: u32) -> Option<u64> {
+        let mut awaiting = self
+            .connections
+            .iter()
+            .filter(|((p, _), c)| *p == pid && c.role == Some(Role::Inbound))
+            .filter_map(|(_, c)| c.exchange.as_ref())
+            .filter(|e| e.first_response_ns.is_none());
+        let only = awaiting.next()?;
+        awaiting.next().is_none().then_some(only.id)
+    }
+
+    /// Reports the connection's exchange, if it got a response (else counts it).
+    fn finish(&mut self, connection: &mut Connection, end: ExchangeEnd, out: &mut Vec<Progress>) {
+        let Some(mut exchange) = connection.exchange.take() else {
+            return;
+        };
+        if exchange.first_response_ns.is_none() {
+            self.stats.unanswered += 1;
+            if exchange.role == Role::Upstream {
+                out.push(Progress::Unanswered { id: exchange.id });
+            }
+            return;
+        }
+        exchange.end = end;
+        self.stats.exchanges += 1;
+        out.push(Progress::Finished(Box::new(exchange)));
+    }
+
+    /// Ends exchanges whose response has been quiet for the idle timeout.
+    pub fn expire_idle(&mut self, now_ns: u64, out: &mut Vec<Progress>) {
+        let idle_ns = self.idle_ns;
+        let quiet: Vec<(u32, i32)> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| {
+                c.exchange
+                    .as_ref()
+                    .and_then(|e| e.last_response_ns)
+                    .is_some_and(|last| now_ns.saturating_sub(last) >= idle_ns)
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in quiet {
+            if let Some(mut connection) = self.connections.remove(&key) {
+                self.finish(&mut connection, ExchangeEnd::Idle, out);
+                self.connections.insert(key, connection);
+            }
+        }
+    }
+
+    /// Ends every exchange still open (at detach).
+    pub fn finish_all(&mut self, out: &mut Vec<Progress>) {
+        let keys: Vec<(u32, i32)> = self.connections.keys().copied().collect();
+        for key in keys {
+            if let Some(mut connection) = self.connections.remove(&key) {
+                self.finish(&mut connection, ExchangeEnd::Detached, out);
+                self.connections.insert(key, connection);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Send,
+    Recv,
+}
+
+fn start_exchange(
+    id: u64,
+    io: &SocketIo,
+    role: Role,
+    connection: &mut Connection,
+    names: &UpstreamNames,
+    bytes: u32,
+) -> Exchange {
+    Exchange {
+        id,
+        pid: io.pid,
+        fd: io.fd,
+        role,
+        peer_name: match role {
+            Role::Upstream => names.name(connection.remote),
+            Role::Inbound => Role::Inbound.name().to_owned(),
+        },
+        local: connection.local,
+        remote: connection.remote,
+        connect_ns: connection.pending_connect_ns.take(),
+        accept_wait_ns: connection
+            .pending_accept_ns
+            .take()
+            .map(|accepted| io.ts_ns.saturating_sub(accepted)),
+        start_ns: io.ts_ns,
+        first_response_ns: None,
+        last_response_ns: None,
+        request_bytes: u64::from(bytes),
+        response_bytes: 0,
+        response_chunks: 0,
+        method: None,
+        path: None,
+        status: None,
+        end: ExchangeEnd::Detached,
+        start_tid: io.tid,
+        request_id: None,
+        attribution: None,
+        inbound_exchange: None,
+    }
+}
+
+fn set_request_line(exchange: &mut Exchange, head: &[u8]) {
+    if let Some((method, path)) = http::request_line(head) {
+        exchange.method = Some(method);
+        exchange.path = Some(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PID: u32 = 7;
+
+    fn io(ts_ns: u64, fd: i32, what: SocketWhat) -> SocketIo {
+        SocketIo {
+            ts_ns,
+            pid: PID,
+            tid: 70,
+            fd,
+            what,
+        }
+    }
+
+    fn send(ts: u64, fd: i32, bytes: u32, prefix: &[u8]) -> SocketIo {
+        io(
+            ts,
+            fd,
+            SocketWhat::Send {
+                bytes,
+                prefix: prefix.to_vec(),
+            },
+        )
+    }
+
+    fn recv(ts: u64, fd: i32, bytes: u32, prefix: &[u8]) -> SocketIo {
+        io(
+            ts,
+            fd,
+            SocketWhat::Recv {
+                bytes,
+                prefix: prefix.to_vec(),
+            },
+        )
+    }
+
+    fn tracker() -> Connections {
+        let names = UpstreamNames::new([("10.0.0.5:443".parse().unwrap(), "openai".into())]);
+        Connections::new(names, 1_000, Box::new(|_, _| None))
+    }
+
+    fn finished(out: &[Progress]) -> Vec<&Exchange> {
+        out.iter()
+            .filter_map(|p| match p {
+                Progress::Finished(e) => Some(&**e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn keep_alive_upstream_exchanges_with_connect_ttfb_chunks_and_bytes() {
+        let mut c = tracker();
+        let mut out = Vec::new();
+        let remote = Some("10.0.0.5:443".parse().unwrap());
+        c.on_io(io(10, 5, SocketWhat::ConnectStart { remote }), &mut out);
+        let local = Some("10.0.0.1:40000".parse().unwrap());
+        c.on_io(
+            io(30, 5, SocketWhat::ConnectDone { local, remote }),
+            &mut out,
+        );
+        // The request line arrives in two writes; the status line in two reads.
+        c.on_io(send(100, 5, 4, b"POST"), &mut out);
+        c.on_io(
+            send(101, 5, 96, b" /v1/chat/completions?key=x HTTP/1.1\r\n"),
+            &mut out,
+        );
+        c.on_io(recv(300, 5, 10, b"HTTP/1.1 2"), &mut out);
+        c.on_io(recv(350, 5, 20, b"00 OK\r\n"), &mut out);
+        c.on_io(recv(400, 5, 30, b""), &mut out);
+        // Keep-alive: the next request ends the first exchange.
+        c.on_io(
+            send(500, 5, 50, b"POST /v1/chat/completions HTTP/1.1\r\n"),
+            &mut out,
+        );
+        c.on_io(recv(600, 5, 5, b"HTTP/1.1 500 Oops\r\n"), &mut out);
+        c.on_io(io(700, 5, SocketWhat::Close), &mut out);
+
+        let done = finished(&out);
+        assert_eq!(done.len(), 2);
+        let first = done[0];
+        assert_eq!(first.peer_name, "openai");
+        assert_eq!(first.connect_ns, Some(20));
+        assert_eq!(
+            (first.ttfb_ns(), first.duration_ns()),
+            (Some(200), Some(300))
+        );
+        assert_eq!((first.request_bytes, first.response_bytes), (100, 60));
+        assert_eq!(first.response_chunks, 3);
+        assert_eq!(first.method, Some("POST"));
+        assert_eq!(first.path.as_deref(), Some("/v1/chat/completions"));
+        assert_eq!(
+            (first.status, first.end),
+            (Some(200), ExchangeEnd::NextRequest)
+        );
+        let second = done[1];
+        assert_eq!(
+            second.connect_ns, None,
+            "a reused connection has no connect time"
+        );
+        assert_eq!(
+            (second.status, second.end),
+            (Some(500), ExchangeEnd::Closed)
+        );
+        let started = out
+            .iter()
+            .filter(|p| matches!(p, Progress::Started { .. }))
+            .count();
+        assert_eq!(started, 2);
+    }
+
+    #[test]
+    fn inbound_roles_reverse_and_idle_ends_exchanges() {
+        let mut c = tracker();
+        let mut out = Vec::new();
+        c.on_io(io(10, 9, SocketWhat::Accept), &mut out);
+        c.on_io(recv(15, 9, 200, b"GET /health HTTP/1.1\r\n"), &mut out);
+        c.on_io(send(20, 9, 40, b"HTTP/1.1 200 OK\r\n"), &mut out);
+        c.expire_idle(500, &mut out);
+        assert!(finished(&out).is_empty(), "not idle yet");
+        c.expire_idle(2_000, &mut out);
+        let done = finished(&out);
+        assert_eq!(done.len(), 1);
+        let e = done[0];
+        assert_eq!((e.role, e.end), (Role::Inbound, ExchangeEnd::Idle));
+        assert_eq!(e.accept_wait_ns, Some(5));
+        assert_eq!((e.method, e.status), (Some("GET"), Some(200)));
+        assert!(
+            !out.iter().any(|p| matches!(p, Progress::Started { .. })),
+            "only upstream exchanges go to attribution"
+        );
+    }
+
+    #[test]
+    fn warm_socket_mid_response_and_unknown_sockets_are_counted_not_guessed() {
+        let mut c = tracker();
+        let mut out = Vec::new();
+        c.learn(
+            PID,
+            OpenSocket {
+                fd: 4,
+                local: "10.0.0.1:40001".parse().unwrap(),
+                remote: "10.0.0.5:443".parse().unwrap(),
+                role: Role::Upstream,
+            },
+        );
+        c.on_io(recv(10, 4, 77, b""), &mut out); // a response under way at attach
+        c.on_io(recv(11, 8, 5, b""), &mut out); // a socket /proc does not know
+        c.on_io(send(20, 4, 10, b""), &mut out);
+        c.on_io(io(30, 4, SocketWhat::Close), &mut out);
+        let stats = c.stats();
+        assert_eq!(stats.stray_response_bytes, 77);
+        assert_eq!((stats.unresolved, stats.unfollowed_events), (1, 1));
+        assert_eq!(
+            stats.unanswered, 1,
+            "a request without response is not reported"
+        );
+        assert!(finished(&out).is_empty());
+        assert_eq!(
+            out.last(),
+            Some(&Progress::Unanswered { id: 1 }),
+            "assembly learns it will not end"
+        );
+    }
+}

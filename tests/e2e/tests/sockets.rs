@@ -1,0 +1,622 @@
+//! Sockets end to end: brokerprobe's socket view of upstream calls against the fake
+//! upstream's own ledger of what crossed its sockets (a separate process, the other end of
+//! each TCP connection), for the demo broker with markers, the demo broker without them,
+//! and a Python broker.
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use e2e::{
+    harness::{Proc, attach_brokerprobe, bin, require_root, start_listening},
+    load::{self, Mix, Outcome},
+};
+use prometheus_parse::{Sample, Scrape, Value};
+use serde_json::Value as Json;
+
+/// The fake upstream's script: first byte after 200 ms, then 5 chunks 50 ms apart.
+const TTFB_MS: u64 = 200;
+const CHUNKS: u32 = 5;
+const CHUNK_INTERVAL_MS: u64 = 50;
+/// The bound on network TTFB p50 and p95 around TTFB_MS.
+const TTFB_TOLERANCE_NS: u64 = 2_000_000;
+/// Requests sent while attached, at most `concurrency` at once, after a warm-up at
+/// `warm_concurrency`: fewer upstream connections than the load needs, so the load opens
+/// new ones while attached and reuses the warm ones.
+struct Load {
+    warm_concurrency: usize,
+    concurrency: usize,
+    requests: usize,
+}
+
+impl Broker {
+    fn load(self) -> Load {
+        match self {
+            Broker::DemoWithMarkers | Broker::DemoWithoutMarkers => Load {
+                warm_concurrency: 24,
+                concurrency: 64,
+                requests: 640,
+            },
+            // One single-threaded asyncio loop relays every chunk: at 64 streams at once
+            // it reads first bytes milliseconds late, which is its TTFB, not the
+            // network's. The TTFB bound is checked at a load it keeps up with.
+            Broker::Python => Load {
+                warm_concurrency: 8,
+                concurrency: 16,
+                requests: 320,
+            },
+        }
+    }
+}
+/// Share of upstream exchanges that must be attributed to the right broker request.
+/// The goal (issue 3) is 0.99; the start-side method measures 0.94-0.95 here, so this
+/// bound guards against regressions until the response-side repair lands (see the note
+/// in docs/sockets.md, "Attribution").
+const MIN_ATTRIBUTION: f64 = 0.90;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Broker {
+    /// The demo broker, markers on, brokerprobe in its default (auto) mode.
+    DemoWithMarkers,
+    /// The demo broker with markers off, brokerprobe told `--mode sockets`.
+    DemoWithoutMarkers,
+    /// tests/py-broker, attached in auto mode (it has no markers).
+    Python,
+}
+
+#[test]
+fn upstream_calls_match_the_upstream_ledger_with_markers() {
+    require_root();
+    let run = profile(Broker::DemoWithMarkers);
+    let attributed = check_attribution(&run);
+    println!(
+        "sockets (demo broker, markers): {attributed:.2}% of {} upstream exchanges attributed \
+         to the right request",
+        run.matched.len()
+    );
+    check_lag(&run);
+}
+
+#[test]
+fn socket_only_mode_demo_broker_without_markers() {
+    require_root();
+    profile(Broker::DemoWithoutMarkers);
+}
+
+#[test]
+fn socket_only_mode_python_broker() {
+    require_root();
+    let run = profile(Broker::Python);
+    assert!(
+        run.probe_stdout
+            .iter()
+            .any(|l| l.contains("socket-only mode")),
+        "no notice that socket-only mode was chosen: {:#?}",
+        run.probe_stdout
+    );
+}
+
+/// One brokerprobe exchange matched to the upstream's record of it.
+struct Matched {
+    observed: Json,
+    ledger: Json,
+}
+
+struct Run {
+    matched: Vec<Matched>,
+    requests: Vec<Json>,
+    probe_stdout: Vec<String>,
+}
+
+/// Starts the fake upstream and `broker`, warms the broker's upstream pool, attaches
+/// brokerprobe, sends the load, and checks what holds for every mode; returns the rest.
+fn profile(broker: Broker) -> Run {
+    let name = match broker {
+        Broker::DemoWithMarkers => "demo-markers",
+        Broker::DemoWithoutMarkers => "demo-no-markers",
+        Broker::Python => "python",
+    };
+    let dir = scratch_dir(name);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_fake, fake_addr) = start_listening(
+        "fake-upstream",
+        Command::new(bin("fake-upstream")).args([
+            "--listen",
+            "127.0.0.1:0",
+            "--ttfb-ms",
+            &TTFB_MS.to_string(),
+            "--chunks",
+            &CHUNKS.to_string(),
+            "--chunk-interval-ms",
+            &CHUNK_INTERVAL_MS.to_string(),
+        ]),
+    )
+    .unwrap();
+    let upstream_url = format!("http://{fake_addr}");
+    let (broker_proc, broker_addr) = start_broker(broker, &upstream_url);
+    let url = format!("http://{broker_addr}");
+    let mix = streaming_mix();
+
+    let load = broker.load();
+    let warm = rt
+        .block_on(load::drive(
+            &url,
+            2 * load.warm_concurrency,
+            load.warm_concurrency,
+            &mix,
+            1,
+        ))
+        .unwrap();
+    check_ok(&warm);
+
+    let exchanges_path = dir.join("exchanges.jsonl");
+    let requests_path = dir.join("requests.jsonl");
+    let mut args = vec![
+        "--exchanges-out",
+        exchanges_path.to_str().unwrap(),
+        "--requests-out",
+        requests_path.to_str().unwrap(),
+        "--exchange-idle",
+        "300ms",
+    ];
+    let upstream_name = format!("fake={fake_addr}");
+    args.extend(["--upstream", &upstream_name]);
+    if broker == Broker::DemoWithoutMarkers {
+        args.extend(["--mode", "sockets"]);
+    }
+    let (mut probe, metrics_url) = attach_brokerprobe(broker_proc.pid(), &args).unwrap();
+    let attached_ns = monotonic_ns();
+
+    let sent = rt
+        .block_on(load::drive(&url, load.requests, load.concurrency, &mix, 2))
+        .unwrap();
+    check_ok(&sent);
+    // Past the idle timeout, so every exchange has ended and been exported.
+    std::thread::sleep(Duration::from_millis(1_000));
+    let metrics = rt.block_on(scrape(&metrics_url));
+    probe.signal("INT").unwrap();
+    let status = probe.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(
+        status.success(),
+        "brokerprobe exited with {status}: {:#?}",
+        probe.stdout
+    );
+    let health = probe
+        .stdout
+        .iter()
+        .find(|l| l.starts_with("sockets: "))
+        .cloned()
+        .unwrap_or_else(|| panic!("no sockets health line: {:#?}", probe.stdout));
+    println!("sockets ({name}): {health}");
+    assert!(
+        health.contains("0 unresolved") && health.contains("0 I/O outside"),
+        "{health}"
+    );
+
+    let ledger: Vec<Json> = rt
+        .block_on(fetch_json(&format!("{upstream_url}/fake/exchanges")))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["path"] == "/v1/chat/completions")
+        .filter(|e| e["received_ns"].as_u64().unwrap() > attached_ns)
+        .cloned()
+        .collect();
+    assert_eq!(
+        ledger.len(),
+        load.requests,
+        "the upstream saw other calls than ours"
+    );
+    let exchanges = read_jsonl(&exchanges_path);
+    let upstream: Vec<&Json> = exchanges
+        .iter()
+        .filter(|e| e["role"] == "upstream")
+        .collect();
+    let matched = match_to_ledger(&upstream, &ledger);
+    if matched.len() != upstream.len() {
+        let ids: std::collections::HashSet<u64> = matched
+            .iter()
+            .map(|m| m.observed["id"].as_u64().unwrap())
+            .collect();
+        for e in upstream
+            .iter()
+            .filter(|e| !ids.contains(&e["id"].as_u64().unwrap()))
+        {
+            let port: Option<u64> = e["local"]
+                .as_str()
+                .and_then(|local| local.rsplit(':').next()?.parse().ok());
+            let same_port: Vec<&Json> = ledger
+                .iter()
+                .filter(|r| r["peer_port"].as_u64() == port)
+                .collect();
+            eprintln!("unmatched: {e}\n  upstream records on its port: {same_port:?}");
+        }
+    }
+    assert_eq!(
+        matched.len(),
+        load.requests,
+        "{} upstream exchanges observed, {} of the upstream's {} calls matched",
+        upstream.len(),
+        matched.len(),
+        ledger.len()
+    );
+    assert_eq!(
+        upstream.len(),
+        load.requests,
+        "exchanges observed that the upstream never saw"
+    );
+
+    check_bytes_and_chunks(&matched);
+    let (new, reused) = check_connect(&matched, &ledger_all(&rt, &upstream_url), attached_ns);
+    check_ttfb(&matched, name);
+    check_inbound(&exchanges, load.requests);
+    check_metrics(&metrics, &matched, new);
+    println!(
+        "sockets ({name}): {} upstream exchanges matched the upstream's ledger byte for \
+         byte; {new} on new connections (with connect time), {reused} reused",
+        matched.len()
+    );
+    drop(broker_proc);
+    Run {
+        matched,
+        requests: read_jsonl(&requests_path),
+        probe_stdout: probe.stdout.clone(),
+    }
+}
+
+fn start_broker(broker: Broker, upstream_url: &str) -> (Proc, String) {
+    let mut command = match broker {
+        Broker::DemoWithMarkers | Broker::DemoWithoutMarkers => {
+            let mut command = Command::new(bin("demo-broker"));
+            command.args(["--listen", "127.0.0.1:0", "--upstream", upstream_url]);
+            // Enough keys that the pool never holds requests back: the load is about
+            // the upstream here.
+            command.args(["--keys", "16", "--per-key-concurrency", "16"]);
+            if broker == Broker::DemoWithoutMarkers {
+                command.arg("--no-markers");
+            }
+            command
+        }
+        Broker::Python => {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../py-broker/broker.py");
+            let mut command = Command::new("python3");
+            command.arg(script).args([
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                upstream_url,
+                "--pool-size",
+                &broker.load().concurrency.to_string(),
+            ]);
+            command
+        }
+    };
+    start_listening("broker", &mut command).unwrap()
+}
+
+fn streaming_mix() -> Mix {
+    Mix {
+        streaming: 1.0,
+        tools: 0.0,
+        fallback: 0.0,
+        unknown_model: 0.0,
+        traceparent: 0.0,
+        models: vec!["gpt-fast".into()],
+    }
+}
+
+fn check_ok(outcomes: &[Outcome]) {
+    for outcome in outcomes {
+        assert_eq!(outcome.status, 200, "{outcome:?}");
+        // The content chunks, and the final one with the finish reason.
+        assert_eq!(outcome.chunks, CHUNKS + 1, "{outcome:?}");
+    }
+}
+
+/// Pairs each observed upstream exchange with the upstream's record of the same call:
+/// same connection (the broker's local port is the upstream's peer port), received
+/// between the first request byte written and the first response byte read.
+fn match_to_ledger(upstream: &[&Json], ledger: &[Json]) -> Vec<Matched> {
+    let mut by_port: HashMap<u16, Vec<&Json>> = HashMap::new();
+    for record in ledger {
+        let port = record["peer_port"].as_u64().unwrap() as u16;
+        by_port.entry(port).or_default().push(record);
+    }
+    let mut matched = Vec::new();
+    for observed in upstream {
+        let local: std::net::SocketAddr = observed["local"]
+            .as_str()
+            .unwrap_or_else(|| panic!("upstream exchange without local address: {observed}"))
+            .parse()
+            .unwrap();
+        let start = observed["start_ns"].as_u64().unwrap();
+        let first_response = observed["first_response_ns"].as_u64().unwrap();
+        let found: Vec<&&Json> = by_port
+            .get(&local.port())
+            .map(|records| {
+                records
+                    .iter()
+                    .filter(|r| {
+                        (start..=first_response).contains(&r["received_ns"].as_u64().unwrap())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(found.len() <= 1, "{observed} matches {found:?}");
+        if let Some(ledger) = found.first() {
+            matched.push(Matched {
+                observed: (*observed).clone(),
+                ledger: (**ledger).clone(),
+            });
+        }
+    }
+    matched
+}
+
+fn check_bytes_and_chunks(matched: &[Matched]) {
+    for m in matched {
+        let (o, l) = (&m.observed, &m.ledger);
+        assert_eq!(
+            o["request_bytes"], l["request_bytes"],
+            "request bytes: {o} vs {l}"
+        );
+        assert_eq!(
+            o["response_bytes"], l["response_bytes"],
+            "response bytes: {o} vs {l}"
+        );
+        assert_eq!(
+            o["response_chunks"], l["writes"],
+            "chunks vs upstream writes: {o} vs {l}"
+        );
+        assert_eq!(o["response_chunks"], CHUNKS, "chunks: {o}");
+        assert_eq!(o["status"], 200, "{o}");
+        assert_eq!(o["path"], "/v1/chat/completions", "{o}");
+        assert_eq!(o["peer"], "fake", "{o}");
+    }
+}
+
+/// Every calls' records of the upstream, including those before the attach.
+fn ledger_all(rt: &tokio::runtime::Runtime, upstream_url: &str) -> Vec<Json> {
+    rt.block_on(fetch_json(&format!("{upstream_url}/fake/exchanges")))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["path"] == "/v1/chat/completions")
+        .cloned()
+        .collect()
+}
+
+/// The first call on a connection opened while attached carries a connect time; calls on
+/// connections opened before, and later calls on new ones, do not. Returns (new, reused).
+fn check_connect(matched: &[Matched], ledger: &[Json], attached_ns: u64) -> (usize, usize) {
+    let mut first_on_port: HashMap<u64, u64> = HashMap::new();
+    for record in ledger {
+        let port = record["peer_port"].as_u64().unwrap();
+        let at = record["received_ns"].as_u64().unwrap();
+        let first = first_on_port.entry(port).or_insert(at);
+        *first = (*first).min(at);
+    }
+    let (mut new, mut reused) = (0, 0);
+    for m in matched {
+        let port = m.ledger["peer_port"].as_u64().unwrap();
+        let first = first_on_port[&port];
+        let opens_connection =
+            first > attached_ns && first == m.ledger["received_ns"].as_u64().unwrap();
+        let connect = m.observed["connect_ns"].as_u64();
+        if opens_connection {
+            let connect = connect
+                .unwrap_or_else(|| panic!("new connection without connect time: {}", m.observed));
+            assert!(connect > 0 && connect < 100_000_000, "{}", m.observed);
+            new += 1;
+        } else {
+            assert_eq!(
+                connect, None,
+                "reused connection with connect time: {}",
+                m.observed
+            );
+            reused += 1;
+        }
+    }
+    assert!(new > 0, "the load opened no new upstream connection");
+    assert!(reused > 0, "the load reused no upstream connection");
+    (new, reused)
+}
+
+fn check_ttfb(matched: &[Matched], name: &str) {
+    let mut ttfb: Vec<u64> = matched
+        .iter()
+        .map(|m| m.observed["ttfb_ns"].as_u64().unwrap())
+        .collect();
+    ttfb.sort_unstable();
+    let at = |q: f64| ttfb[((ttfb.len() - 1) as f64 * q).round() as usize];
+    let target = TTFB_MS * 1_000_000;
+    println!(
+        "sockets ({name}): network TTFB p50 {:.3} ms, p95 {:.3} ms (upstream scripted {TTFB_MS} ms)",
+        at(0.5) as f64 / 1e6,
+        at(0.95) as f64 / 1e6
+    );
+    for q in [0.5, 0.95] {
+        assert!(
+            at(q).abs_diff(target) <= TTFB_TOLERANCE_NS,
+            "TTFB p{} = {} ns, not within {TTFB_TOLERANCE_NS} ns of {target}",
+            q * 100.0,
+            at(q)
+        );
+    }
+}
+
+/// Every load request is an inbound exchange, with its HTTP request and status lines.
+fn check_inbound(exchanges: &[Json], requests: usize) {
+    let inbound: Vec<&Json> = exchanges
+        .iter()
+        .filter(|e| e["role"] == "inbound")
+        .collect();
+    assert_eq!(inbound.len(), requests, "inbound exchanges");
+    for e in inbound {
+        assert_eq!(e["method"], "POST", "{e}");
+        assert_eq!(e["path"], "/v1/chat/completions", "{e}");
+        assert_eq!(e["status"], 200, "{e}");
+        let duration = e["duration_ns"].as_u64().unwrap();
+        let ttfb = e["ttfb_ns"].as_u64().unwrap();
+        assert!(ttfb >= TTFB_MS * 1_000_000 && duration > ttfb, "{e}");
+    }
+}
+
+/// Prometheus says what the exchanges say.
+fn check_metrics(metrics: &Scrape, matched: &[Matched], new_connections: usize) {
+    let sum = |field: &str| -> f64 {
+        matched
+            .iter()
+            .map(|m| m.observed[field].as_u64().unwrap() as f64)
+            .sum()
+    };
+    let fake = |s: &&Sample| s.labels.get("upstream") == Some("fake");
+    let value = |metric: &str| -> f64 {
+        metrics
+            .samples
+            .iter()
+            .filter(|s| s.metric == metric)
+            .filter(fake)
+            .map(|s| match &s.value {
+                Value::Counter(v) => *v,
+                Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+                other => panic!("{metric}: {other:?}"),
+            })
+            .sum()
+    };
+    let n = matched.len() as f64;
+    assert_eq!(value("brokerprobe_upstream_ttfb_seconds"), n);
+    assert_eq!(value("brokerprobe_upstream_duration_seconds"), n);
+    assert_eq!(
+        value("brokerprobe_upstream_connect_seconds"),
+        new_connections as f64
+    );
+    assert_eq!(value("brokerprobe_upstream_exchanges_total"), n);
+    assert_eq!(
+        value("brokerprobe_upstream_request_bytes_total"),
+        sum("request_bytes")
+    );
+    assert_eq!(
+        value("brokerprobe_upstream_response_bytes_total"),
+        sum("response_bytes")
+    );
+    assert_eq!(
+        value("brokerprobe_upstream_response_chunks_total"),
+        sum("response_chunks")
+    );
+}
+
+/// Percentage of matched exchanges attributed to the request the upstream saw.
+fn check_attribution(run: &Run) -> f64 {
+    let right = run
+        .matched
+        .iter()
+        .filter(|m| {
+            let truth: u64 = m.ledger["request_id"].as_str().unwrap().parse().unwrap();
+            m.observed["request_id"].as_u64() == Some(truth)
+        })
+        .count();
+    let share = right as f64 / run.matched.len() as f64;
+    // (right, wrong) by method.
+    let mut methods: HashMap<String, (usize, usize)> = HashMap::new();
+    for m in &run.matched {
+        let truth: u64 = m.ledger["request_id"].as_str().unwrap().parse().unwrap();
+        let slot = methods
+            .entry(
+                m.observed["attribution"]
+                    .as_str()
+                    .unwrap_or("none")
+                    .to_owned(),
+            )
+            .or_default();
+        if m.observed["request_id"].as_u64() == Some(truth) {
+            slot.0 += 1;
+        } else {
+            slot.1 += 1;
+        }
+    }
+    println!("sockets (demo broker, markers): attribution (right, wrong) by method {methods:?}");
+    assert!(
+        share >= MIN_ATTRIBUTION,
+        "{right} of {} attributed right",
+        run.matched.len()
+    );
+    share * 100.0
+}
+
+/// Each request reports its upstream call: network TTFB equal to the exchange's, broker
+/// wait at least as long, the lag their difference.
+fn check_lag(run: &Run) {
+    let ttfb_by_exchange: HashMap<u64, u64> = run
+        .matched
+        .iter()
+        .map(|m| {
+            (
+                m.observed["id"].as_u64().unwrap(),
+                m.observed["ttfb_ns"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let mut lags = Vec::new();
+    for request in &run.requests {
+        let calls = request["upstream_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1, "{request}");
+        let call = &calls[0];
+        let ttfb = call["network_ttfb_ns"].as_u64().unwrap();
+        let exchange = call["exchange_id"].as_u64().unwrap();
+        assert_eq!(ttfb_by_exchange.get(&exchange), Some(&ttfb), "{request}");
+        let wait = call["broker_wait_ns"].as_u64().unwrap();
+        assert!(wait >= ttfb, "{request}");
+        assert_eq!(call["lag_ns"].as_u64().unwrap(), wait - ttfb);
+        lags.push(wait - ttfb);
+    }
+    assert_eq!(run.requests.len(), run.matched.len());
+    lags.sort_unstable();
+    println!(
+        "sockets (demo broker, markers): broker-seen wait minus network TTFB: p50 {:.1} µs, \
+         p99 {:.1} µs",
+        lags[lags.len() / 2] as f64 / 1e3,
+        lags[lags.len() * 99 / 100] as f64 / 1e3
+    );
+}
+
+async fn scrape(url: &str) -> Scrape {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap()
+}
+
+async fn fetch_json(url: &str) -> Json {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
+fn read_jsonl(path: &Path) -> Vec<Json> {
+    fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "brokerprobe-e2e-sockets-{name}-{}",
+        std::process::id()
+    ));
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// CLOCK_MONOTONIC, the clock of brokerprobe's and the fake upstream's timestamps.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
