@@ -201,8 +201,9 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     };
     // The first PREFIX_CAP bytes of each message are copied, over as many reads or
     // writes as they take (hyper's server first reads 24 bytes, for instance).
+    // A new message starts at 0 copied, so it always updates the state.
     let capture = captured < PREFIX_CAP as u32;
-    if capture || state & DIRECTION_MASK != direction {
+    if capture {
         let total = (captured + bytes as u32).min(PREFIX_CAP as u32);
         let _ = SOCKETS.insert(&key, &(direction | (total << CAPTURED_SHIFT)), 0);
     }

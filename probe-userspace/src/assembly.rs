@@ -154,6 +154,16 @@ struct OpenStage {
     exchange: Option<u64>,
 }
 
+/// An upstream stage without an exchange yet: a candidate for the next one.
+struct WaitingStage {
+    begin_ns: u64,
+    /// Begun on the thread that writes the exchange's request.
+    same_thread: bool,
+    request: (u32, u64),
+    /// Index in the request's `stages`.
+    index: usize,
+}
+
 impl OpenStage {
     fn is_upstream_call(&self) -> bool {
         self.end_ns.is_none()
@@ -384,45 +394,52 @@ impl Assembler {
     /// stage, right after it; threads alone are not enough under work stealing, so the
     /// timeline decides among candidates (docs/sockets.md, "Attribution").
     fn attribute(&mut self, id: u64, pid: u32, tid: u32, ts_ns: u64) {
-        // (begin, same thread, request) of each waiting upstream stage of the process.
-        let waiting: Vec<(u64, bool, (u32, u64))> = self
+        let waiting: Vec<WaitingStage> = self
             .open
             .iter()
             .filter(|(key, _)| key.0 == pid)
             .flat_map(|(key, open)| {
                 open.stages
                     .iter()
-                    .filter(|s| s.is_upstream_call() && s.exchange.is_none())
-                    .filter(|s| s.begin_ns <= ts_ns)
-                    .map(|s| (s.begin_ns, s.begin_tid == tid, *key))
+                    .enumerate()
+                    .filter(|(_, s)| s.is_upstream_call() && s.exchange.is_none())
+                    .filter(|(_, s)| s.begin_ns <= ts_ns)
+                    .map(|(index, s)| WaitingStage {
+                        begin_ns: s.begin_ns,
+                        same_thread: s.begin_tid == tid,
+                        request: *key,
+                        index,
+                    })
             })
             .collect();
         let latest = |same_thread: bool| {
             waiting
                 .iter()
-                .filter(|w| w.1 == same_thread)
-                .max_by_key(|w| w.0)
-                .map(|w| w.2)
+                .filter(|w| w.same_thread == same_thread)
+                .max_by_key(|w| w.begin_ns)
         };
         let choice = match latest(true) {
-            Some(key) => Some((key, Attribution::SameThread)),
-            None if waiting.len() == 1 => Some((waiting[0].2, Attribution::OnlyCandidate)),
-            None => latest(false).map(|key| (key, Attribution::LatestBegun)),
+            Some(stage) => Some((stage, Attribution::SameThread)),
+            None if waiting.len() == 1 => Some((&waiting[0], Attribution::OnlyCandidate)),
+            None => latest(false).map(|stage| (stage, Attribution::LatestBegun)),
         };
-        let Some((key, how)) = choice else {
+        let Some((
+            &WaitingStage {
+                request: key,
+                index,
+                ..
+            },
+            how,
+        )) = choice
+        else {
             self.stats.unattributed_exchanges += 1;
             return;
         };
-        let Some(open) = self.open.get_mut(&key) else {
-            return;
-        };
-        let stages = &mut open.stages;
-        let index = stages
-            .iter()
-            .rposition(|s| s.is_upstream_call() && s.exchange.is_none() && s.begin_ns <= ts_ns);
-        let Some(stage) = index.map(|i| &mut stages[i]) else {
-            return;
-        };
+        let open = self
+            .open
+            .get_mut(&key)
+            .expect("a candidate is an open request");
+        let stage = &mut open.stages[index];
         stage.exchange = Some(id);
         let call = UpstreamCall {
             exchange_id: id,

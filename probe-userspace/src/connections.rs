@@ -137,7 +137,6 @@ pub enum Progress {
 /// Socket events and bytes that fit no exchange, and other counts, since attach.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ConnectionStats {
-    pub socket_events: u64,
     /// Connections open at attach time, learned from /proc.
     pub learned_at_attach: u64,
     /// Sockets first seen by their I/O, learned from /proc then.
@@ -286,7 +285,6 @@ impl Connections {
     }
 
     pub fn on_io(&mut self, io: SocketIo, out: &mut Vec<Progress>) {
-        self.stats.socket_events += 1;
         if io.ts_ns < self.window_start_ns || io.ts_ns > self.window_end_ns {
             self.stats.outside_window += 1;
             return;
@@ -333,7 +331,7 @@ impl Connections {
     /// Ends the connection at `key` (closed, or its fd reused without a close seen).
     fn close(&mut self, key: (u32, i32), out: &mut Vec<Progress>) {
         if let Some(mut connection) = self.connections.remove(&key) {
-            self.finish(&mut connection, ExchangeEnd::Closed, out);
+            end_exchange(&mut self.stats, &mut connection, ExchangeEnd::Closed, out);
         }
     }
 
@@ -391,7 +389,7 @@ impl Connections {
             .as_ref()
             .is_some_and(|e| e.first_response_ns.is_some());
         if responded {
-            self.finish(connection, ExchangeEnd::NextRequest, out);
+            end_exchange(&mut self.stats, connection, ExchangeEnd::NextRequest, out);
         }
         if let Some(exchange) = &mut connection.exchange {
             exchange.request_bytes += u64::from(bytes);
@@ -467,55 +465,49 @@ impl Connections {
         awaiting.next().is_none().then_some(only.id)
     }
 
-    /// Reports the connection's exchange, if it got a response (else counts it).
-    fn finish(&mut self, connection: &mut Connection, end: ExchangeEnd, out: &mut Vec<Progress>) {
-        let Some(mut exchange) = connection.exchange.take() else {
-            return;
-        };
-        if exchange.first_response_ns.is_none() {
-            self.stats.unanswered += 1;
-            if exchange.role == Role::Upstream {
-                out.push(Progress::Unanswered { id: exchange.id });
-            }
-            return;
-        }
-        exchange.end = end;
-        self.stats.exchanges += 1;
-        out.push(Progress::Finished(Box::new(exchange)));
-    }
-
     /// Ends exchanges whose response has been quiet for the idle timeout.
     pub fn expire_idle(&mut self, now_ns: u64, out: &mut Vec<Progress>) {
         let idle_ns = self.idle_ns;
-        let quiet: Vec<(u32, i32)> = self
-            .connections
-            .iter()
-            .filter(|(_, c)| {
-                c.exchange
-                    .as_ref()
-                    .and_then(|e| e.last_response_ns)
-                    .is_some_and(|last| now_ns.saturating_sub(last) >= idle_ns)
-            })
-            .map(|(key, _)| *key)
-            .collect();
-        for key in quiet {
-            if let Some(mut connection) = self.connections.remove(&key) {
-                self.finish(&mut connection, ExchangeEnd::Idle, out);
-                self.connections.insert(key, connection);
+        for connection in self.connections.values_mut() {
+            let quiet = connection
+                .exchange
+                .as_ref()
+                .and_then(|e| e.last_response_ns)
+                .is_some_and(|last| now_ns.saturating_sub(last) >= idle_ns);
+            if quiet {
+                end_exchange(&mut self.stats, connection, ExchangeEnd::Idle, out);
             }
         }
     }
 
     /// Ends every exchange still open (at detach).
     pub fn finish_all(&mut self, out: &mut Vec<Progress>) {
-        let keys: Vec<(u32, i32)> = self.connections.keys().copied().collect();
-        for key in keys {
-            if let Some(mut connection) = self.connections.remove(&key) {
-                self.finish(&mut connection, ExchangeEnd::Detached, out);
-                self.connections.insert(key, connection);
-            }
+        for connection in self.connections.values_mut() {
+            end_exchange(&mut self.stats, connection, ExchangeEnd::Detached, out);
         }
     }
+}
+
+/// Reports the connection's exchange, if it got a response (else counts it).
+fn end_exchange(
+    stats: &mut ConnectionStats,
+    connection: &mut Connection,
+    end: ExchangeEnd,
+    out: &mut Vec<Progress>,
+) {
+    let Some(mut exchange) = connection.exchange.take() else {
+        return;
+    };
+    if exchange.first_response_ns.is_none() {
+        stats.unanswered += 1;
+        if exchange.role == Role::Upstream {
+            out.push(Progress::Unanswered { id: exchange.id });
+        }
+        return;
+    }
+    exchange.end = end;
+    stats.exchanges += 1;
+    out.push(Progress::Finished(Box::new(exchange)));
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

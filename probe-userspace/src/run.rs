@@ -21,7 +21,7 @@ use probe_common::event::Counter;
 
 use crate::{
     assembly::Assembler,
-    attach::{Attached, Families, check_privileges},
+    attach::{Attached, Families, KernelCounters, check_privileges},
     connections::{Connections, Exchange, Progress, UpstreamNames},
     decode::{Record, decode},
     export::{
@@ -136,7 +136,7 @@ impl Pipeline {
         self.forward_progress();
     }
 
-    fn health(&self, attached: &AttachedCounts, counters: &mut KernelTotals) -> ProbeHealth {
+    fn health(&self, attached: &AttachedCounts, counters: &mut KernelCounters) -> ProbeHealth {
         ProbeHealth {
             attached_markers: attached.markers,
             attached_socket_tracepoints: attached.socket_tracepoints,
@@ -156,8 +156,6 @@ struct AttachedCounts {
     markers: u32,
     socket_tracepoints: u32,
 }
-
-type KernelTotals = crate::attach::KernelCounters;
 
 /// The probe families for this target, or why it cannot be profiled.
 fn families(options: &AttachOptions, target: &Target) -> Result<Families> {

@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use fake_upstream::monotonic_ns;
 use probe_markers::{RequestId, Stage};
 use serde::Serialize;
 
@@ -70,16 +71,6 @@ pub fn disable_markers() {
 
 fn markers_enabled() -> bool {
     MARKERS_ENABLED.load(Ordering::Relaxed)
-}
-
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a valid timespec to write to; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 impl Recorder {

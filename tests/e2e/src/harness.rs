@@ -133,6 +133,16 @@ impl Proc {
         Ok(())
     }
 
+    /// Interrupts it (SIGINT) and waits for a clean exit; fails with its output otherwise.
+    pub fn interrupt(&mut self) -> Result<()> {
+        self.signal("INT")?;
+        let status = self.wait_exit(Duration::from_secs(30))?;
+        if !status.success() {
+            bail!("{} exited with {status}: {:#?}", self.name, self.stdout);
+        }
+        Ok(())
+    }
+
     /// Waits for exit, collecting the rest of stdout.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;

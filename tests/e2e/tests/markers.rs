@@ -72,13 +72,7 @@ fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
         .unwrap();
     promtool_check(&metrics);
 
-    probe.signal("INT").unwrap();
-    let status = probe.wait_exit(Duration::from_secs(30)).unwrap();
-    assert!(
-        status.success(),
-        "brokerprobe exited with {status}: {:#?}",
-        probe.stdout
-    );
+    probe.interrupt().unwrap();
     assert!(
         probe
             .stdout
@@ -421,8 +415,7 @@ fn attach_and_detach_under_load_report_only_whole_requests() {
     )
     .unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    probe.signal("INT").unwrap();
-    assert!(probe.wait_exit(Duration::from_secs(30)).unwrap().success());
+    probe.interrupt().unwrap();
     let sent = rt.block_on(load).unwrap().unwrap();
     check_statuses(&sent);
     broker.signal("TERM").unwrap();

@@ -15,6 +15,7 @@ use e2e::{
     harness::{Proc, attach_brokerprobe, bin, require_root, start_listening},
     load::{self, Mix, Outcome},
 };
+use fake_upstream::monotonic_ns;
 use prometheus_parse::{Sample, Scrape, Value};
 use serde_json::Value as Json;
 
@@ -178,13 +179,7 @@ fn profile(broker: Broker) -> Run {
     // Past the idle timeout, so every exchange has ended and been exported.
     std::thread::sleep(Duration::from_millis(1_000));
     let metrics = rt.block_on(scrape(&metrics_url));
-    probe.signal("INT").unwrap();
-    let status = probe.wait_exit(Duration::from_secs(30)).unwrap();
-    assert!(
-        status.success(),
-        "brokerprobe exited with {status}: {:#?}",
-        probe.stdout
-    );
+    probe.interrupt().unwrap();
     let health = probe
         .stdout
         .iter()
@@ -197,12 +192,17 @@ fn profile(broker: Broker) -> Run {
         "{health}"
     );
 
-    let ledger: Vec<Json> = rt
+    // Every chat call the upstream saw, and those of them made while attached.
+    let all_calls: Vec<Json> = rt
         .block_on(fetch_json(&format!("{upstream_url}/fake/exchanges")))
         .as_array()
         .unwrap()
         .iter()
         .filter(|e| e["path"] == "/v1/chat/completions")
+        .cloned()
+        .collect();
+    let ledger: Vec<Json> = all_calls
+        .iter()
         .filter(|e| e["received_ns"].as_u64().unwrap() > attached_ns)
         .cloned()
         .collect();
@@ -251,7 +251,7 @@ fn profile(broker: Broker) -> Run {
     );
 
     check_bytes_and_chunks(&matched);
-    let (new, reused) = check_connect(&matched, &ledger_all(&rt, &upstream_url), attached_ns);
+    let (new, reused) = check_connect(&matched, &all_calls, attached_ns);
     check_ttfb(&matched, name);
     check_inbound(&exchanges, load.requests);
     check_metrics(&metrics, &matched, new);
@@ -377,17 +377,6 @@ fn check_bytes_and_chunks(matched: &[Matched]) {
         assert_eq!(o["path"], "/v1/chat/completions", "{o}");
         assert_eq!(o["peer"], "fake", "{o}");
     }
-}
-
-/// Every calls' records of the upstream, including those before the attach.
-fn ledger_all(rt: &tokio::runtime::Runtime, upstream_url: &str) -> Vec<Json> {
-    rt.block_on(fetch_json(&format!("{upstream_url}/fake/exchanges")))
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["path"] == "/v1/chat/completions")
-        .cloned()
-        .collect()
 }
 
 /// The first call on a connection opened while attached carries a connect time; calls on
@@ -608,15 +597,4 @@ fn scratch_dir(name: &str) -> PathBuf {
     ));
     fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// CLOCK_MONOTONIC, the clock of brokerprobe's and the fake upstream's timestamps.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec through a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
