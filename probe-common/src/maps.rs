@@ -16,3 +16,6 @@ pub const MAX_SOCKETS: u32 = 65536;
 
 /// Outbound TCP handshakes in progress at once (LRU).
 pub const MAX_CONNECTING: u32 = 4096;
+
+/// Kernel sockets (`struct sock *`) of followed fds, so softirq events can find them (LRU).
+pub const MAX_SOCKET_ADDRESSES: u32 = MAX_SOCKETS;

@@ -55,6 +55,35 @@ pub const DIRECTION_NONE: u32 = 0;
 pub const DIRECTION_SEND: u32 = 1;
 pub const DIRECTION_RECV: u32 = 2;
 
+/// What the kernel keeps per followed socket (value of the `SOCKETS` map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketState {
+    /// `DIRECTION_*` of the last data event.
+    pub direction: u32,
+    /// Bytes of the current message's start copied so far (up to [`PREFIX_CAP`]).
+    pub captured: u32,
+    /// The kernel socket (`struct sock *`), once a data event or the connect named it:
+    /// softirq events know only this, so they check it before touching the state.
+    pub sk: u64,
+    /// When unread data first became ready on the socket since the process last read
+    /// from it (`sock:sk_data_ready`, softirq); 0 if none since.
+    pub ready_ns: u64,
+}
+
+impl SocketState {
+    pub const NEW: SocketState = SocketState {
+        direction: DIRECTION_NONE,
+        captured: 0,
+        sk: 0,
+        ready_ns: 0,
+    };
+}
+
+// SAFETY: repr(C) plain old data without padding; any bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SocketState {}
+
 /// An IPv4 or IPv6 endpoint as the kernel's tracepoints give it: address bytes in network
 /// order (IPv4 in the first 4 bytes), port in host order.
 #[repr(C)]
@@ -79,6 +108,10 @@ impl WireEndpoint {
 #[derive(Clone, Copy, Debug)]
 pub struct SocketEvent {
     pub header: EventHeader,
+    /// Recv: when the first of the bytes read became ready on the socket (the kernel
+    /// queued them and woke readers), CLOCK_MONOTONIC; 0 if unknown. Unlike
+    /// `header.ts_ns` (when the process read them) this excludes the process's own delay.
+    pub ready_ns: u64,
     pub fd: i32,
     /// Send/Recv: bytes moved by this syscall.
     pub bytes: u32,
@@ -94,6 +127,7 @@ pub struct SocketEvent {
 impl SocketEvent {
     pub const ZERO: SocketEvent = SocketEvent {
         header: EventHeader::ZERO,
+        ready_ns: 0,
         fd: 0,
         bytes: 0,
         local: WireEndpoint::ZERO,
@@ -120,7 +154,7 @@ mod tests {
         assert_eq!(SocketKind::from_wire(0), None);
         assert_eq!(
             core::mem::size_of::<SocketEvent>(),
-            208,
+            216,
             "wire size changed: update docs/maps.md"
         );
     }

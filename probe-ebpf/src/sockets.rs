@@ -4,8 +4,9 @@
 //! its byte count, but not the file descriptor; the read/write-family syscall around them
 //! does. So the syscall entry stashes (fd, buffer) per thread, the sock tracepoint joins
 //! it, and the syscall exit clears it. Connects are timed by the TCP state changes
-//! (SYN_SENT in `connect()`, ESTABLISHED in softirq when the SYN-ACK arrives).
-
+//! (SYN_SENT in `connect()`, ESTABLISHED in softirq when the SYN-ACK arrives), and
+//! arrivals by `sock:sk_data_ready` (softirq, when received bytes are queued), so a
+//! response's first byte is timed when it came, not when the broker got round to reading it.
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_probe_read_user as read_raw},
     macros::{map, tracepoint},
@@ -15,9 +16,11 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use probe_common::{
     event::{Counter, Source},
-    maps::{MAX_CONNECTING, MAX_SOCKETS, MAX_TRACED_PROCESSES, MAX_TRACED_THREADS},
+    maps::{
+        MAX_CONNECTING, MAX_SOCKET_ADDRESSES, MAX_SOCKETS, MAX_TRACED_PROCESSES, MAX_TRACED_THREADS,
+    },
     socket::{
-        DIRECTION_NONE, DIRECTION_RECV, DIRECTION_SEND, PREFIX_CAP, SocketEvent, SocketKind,
+        DIRECTION_RECV, DIRECTION_SEND, PREFIX_CAP, SocketEvent, SocketKind, SocketState,
         WireEndpoint,
     },
 };
@@ -64,14 +67,18 @@ struct Connecting {
 #[map]
 static CONNECTING: LruHashMap<u64, Connecting> = LruHashMap::with_max_entries(MAX_CONNECTING, 0);
 
-/// Followed socket fds ([`socket_key`]) → direction of their last data event
-/// (`DIRECTION_*`, low bits) and how many of that message's first bytes were copied
-/// (from `CAPTURED_SHIFT`). User space adds the sockets it finds open at attach time.
+/// Followed socket fds ([`socket_key`]) → their [`SocketState`]. User space adds the
+/// sockets it finds open at attach time.
 #[map]
-static SOCKETS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
+static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
 
-const DIRECTION_MASK: u32 = 0xff;
-const CAPTURED_SHIFT: u32 = 8;
+/// Kernel socket address → its [`socket_key`], for events that know only the socket.
+#[map]
+static SOCKET_ADDRESSES: LruHashMap<u64, u64> =
+    LruHashMap::with_max_entries(MAX_SOCKET_ADDRESSES, 0);
+
+/// `BPF_NOEXIST`: insert only if absent (a concurrent insert must not be overwritten).
+const BPF_NOEXIST: u64 = 1;
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -158,10 +165,21 @@ pub fn sock_recv(ctx: TracePointContext) -> u32 {
 }
 
 /// sock:sock_{send,recv}_length fields.
+const SOCK_SK: usize = 8;
 const SOCK_FAMILY: usize = 16;
 const SOCK_PROTOCOL: usize = 18;
 const SOCK_RET: usize = 20;
 const SOCK_FLAGS: usize = 24;
+
+/// The state of followed socket `key`, added if new.
+#[inline(always)]
+fn socket_state(key: u64) -> Option<*mut SocketState> {
+    if let Some(state) = SOCKETS.get_ptr_mut(&key) {
+        return Some(state);
+    }
+    let _ = SOCKETS.insert(&key, &SocketState::NEW, BPF_NOEXIST);
+    SOCKETS.get_ptr_mut(&key)
+}
 
 #[inline(always)]
 fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
@@ -190,23 +208,40 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
         return 0;
     };
     let key = socket_key(tgid, io.fd);
-    // SAFETY: copied out at once.
-    let state = unsafe { SOCKETS.get(&key) }
-        .copied()
-        .unwrap_or(DIRECTION_NONE);
-    let captured = if state & DIRECTION_MASK == direction {
-        state >> CAPTURED_SHIFT
+    let Some(state) = socket_state(key) else {
+        return 0;
+    };
+    // SAFETY: a map value stays valid while this program runs; softirq may update
+    // `ready_ns` meanwhile, and a torn read of it only costs one arrival time.
+    let state = unsafe { &mut *state };
+    let sk = field::<u64>(ctx, SOCK_SK).unwrap_or(0);
+    if sk != 0 && state.sk != sk {
+        state.sk = sk;
+        let _ = SOCKET_ADDRESSES.insert(&sk, &key, 0);
+    }
+    let captured = if state.direction == direction {
+        state.captured
     } else {
         0
     };
+    state.direction = direction;
     // The first PREFIX_CAP bytes of each message are copied, over as many reads or
     // writes as they take (hyper's server first reads 24 bytes, for instance).
-    // A new message starts at 0 copied, so it always updates the state.
     let capture = captured < PREFIX_CAP as u32;
     if capture {
-        let total = (captured + bytes as u32).min(PREFIX_CAP as u32);
-        let _ = SOCKETS.insert(&key, &(direction | (total << CAPTURED_SHIFT)), 0);
+        state.captured = (captured + bytes as u32).min(PREFIX_CAP as u32);
     }
+    let ready_ns = if direction == DIRECTION_RECV {
+        let ready_ns = state.ready_ns;
+        state.ready_ns = 0;
+        ready_ns
+    } else {
+        // Bytes ready before this write began cannot answer it.
+        if state.ready_ns != 0 && state.ready_ns < io.enter_ns {
+            state.ready_ns = 0;
+        }
+        0
+    };
     let kind = if direction == DIRECTION_SEND {
         SocketKind::Send
     } else {
@@ -223,11 +258,43 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     if direction == DIRECTION_SEND {
         event.header.ts_ns = io.enter_ns;
     }
+    event.ready_ns = ready_ns;
     event.bytes = bytes as u32;
     if capture {
         event.prefix_len = read_prefix(event, &io, bytes as u32);
     }
     entry.submit(0);
+    0
+}
+
+/// sock:sk_data_ready fields.
+const READY_SKADDR: usize = 8;
+const READY_PROTOCOL: usize = 18;
+
+/// Received bytes were queued on a socket (softirq, any process): the first time since
+/// the socket's last read, remember when.
+#[tracepoint]
+pub fn sk_ready(ctx: TracePointContext) -> u32 {
+    if field::<u16>(&ctx, READY_PROTOCOL) != Some(IPPROTO_TCP) {
+        return 0;
+    }
+    let Some(sk) = field::<u64>(&ctx, READY_SKADDR) else {
+        return 0;
+    };
+    // SAFETY: copied out at once.
+    let Some(key) = (unsafe { SOCKET_ADDRESSES.get(&sk) }).copied() else {
+        return 0;
+    };
+    let Some(state) = SOCKETS.get_ptr_mut(&key) else {
+        return 0;
+    };
+    // SAFETY: a map value stays valid while this program runs; see on_data.
+    let state = unsafe { &mut *state };
+    // A stale address (the fd was closed and reused) names another socket: skip it.
+    if state.sk == sk && state.ready_ns == 0 {
+        // SAFETY: reading the clock has no preconditions.
+        state.ready_ns = unsafe { bpf_ktime_get_ns() };
+    }
     0
 }
 
@@ -239,6 +306,7 @@ fn fill(event: &mut SocketEvent, kind: SocketKind, tgid: u32, tid: u32, fd: i32)
     event.header.tid = tid;
     // SAFETY: reading the clock has no preconditions.
     event.header.ts_ns = unsafe { bpf_ktime_get_ns() };
+    event.ready_ns = 0;
     event.fd = fd;
     event.bytes = 0;
     event.local = WireEndpoint::ZERO;
@@ -341,7 +409,7 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let key = socket_key(tgid, fd as i32);
-    let _ = SOCKETS.insert(&key, &DIRECTION_NONE, 0);
+    let _ = SOCKETS.insert(&key, &SocketState::NEW, 0);
     emit(&ctx, SocketKind::Accept, tgid, tid, fd as i32, None)
 }
 
@@ -400,7 +468,13 @@ pub fn tcp_state(ctx: TracePointContext) -> u32 {
             return 0;
         };
         let _ = CONNECTING.insert(&sk, &Connecting { tgid, fd }, 0);
-        let _ = SOCKETS.insert(&socket_key(tgid, fd), &DIRECTION_NONE, 0);
+        let key = socket_key(tgid, fd);
+        let state = SocketState {
+            sk,
+            ..SocketState::NEW
+        };
+        let _ = SOCKETS.insert(&key, &state, 0);
+        let _ = SOCKET_ADDRESSES.insert(&sk, &key, 0);
         let endpoints = endpoints(&ctx);
         return emit(&ctx, SocketKind::ConnectStart, tgid, tid, fd, endpoints);
     }
@@ -458,10 +532,13 @@ pub fn close_enter(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let key = socket_key(tgid, fd as i32);
-    // SAFETY: tested for presence only.
-    if unsafe { SOCKETS.get(&key) }.is_none() {
+    // SAFETY: copied out at once.
+    let Some(state) = (unsafe { SOCKETS.get(&key) }).copied() else {
         return 0;
-    }
+    };
     let _ = SOCKETS.remove(&key);
+    if state.sk != 0 {
+        let _ = SOCKET_ADDRESSES.remove(&state.sk);
+    }
     emit(&ctx, SocketKind::Close, tgid, tid, fd as i32, None)
 }

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use probe_common::marker::Stage;
 
 use crate::{
+    attribution::Evidence,
     connections::{Attribution, Exchange, Progress},
     decode::{Event, StageId, What},
 };
@@ -49,7 +50,7 @@ pub struct UpstreamCall {
     pub stage_begin_ns: u64,
     /// First request byte written.
     pub sent_ns: u64,
-    /// First response byte read.
+    /// First response byte arrived.
     pub first_response_ns: Option<u64>,
     /// The broker's first-byte marker for this call.
     pub broker_first_byte_ns: Option<u64>,
@@ -64,7 +65,7 @@ impl UpstreamCall {
         )
     }
 
-    /// What the network took: first request byte out → first response byte in.
+    /// What the network took: first request byte out → first response byte arrived.
     pub fn network_ttfb_ns(&self) -> Option<u64> {
         Some(self.first_response_ns?.saturating_sub(self.sent_ns))
     }
@@ -123,12 +124,13 @@ pub struct AssemblyStats {
     /// Events after the window closed (detaching had begun): ignored.
     pub after_window: u64,
     /// Upstream exchanges attributed to a request, by method.
-    pub attributed_same_thread: u64,
+    pub attributed_adjacent: u64,
     pub attributed_only_candidate: u64,
-    pub attributed_latest_begun: u64,
-    /// Upstream exchanges that started while no request of the process was in an
-    /// upstream stage.
+    /// Upstream exchanges related to no request: no adjacency evidence for a request that
+    /// could take them, and not a single candidate either.
     pub unattributed_exchanges: u64,
+    /// Adjacency votes not kept (an exchange with votes for too many requests).
+    pub attribution_votes_dropped: u64,
 }
 
 /// Bounds on what one request keeps, so a broker that never ends a stage loop cannot grow
@@ -148,30 +150,36 @@ struct OpenStage {
     id: StageId,
     begin_ns: u64,
     end_ns: Option<u64>,
-    /// Thread of the begin marker.
-    begin_tid: u32,
     /// The upstream exchange attributed to this stage instance.
     exchange: Option<u64>,
 }
 
-/// An upstream stage without an exchange yet: a candidate for the next one.
-struct WaitingStage {
-    begin_ns: u64,
-    /// Begun on the thread that writes the exchange's request.
-    same_thread: bool,
-    request: (u32, u64),
-    /// Index in the request's `stages`.
-    index: usize,
+impl OpenStage {
+    /// An upstream stage that can take an exchange started at `start_ns`.
+    fn can_take(&self, start_ns: u64) -> bool {
+        matches!(
+            self.id,
+            StageId::Known(Stage::UpstreamChat | Stage::UpstreamChatStream)
+        ) && self.exchange.is_none()
+            && self.begin_ns <= start_ns
+            && self.end_ns.is_none_or(|end| end >= start_ns)
+    }
 }
 
-impl OpenStage {
-    fn is_upstream_call(&self) -> bool {
-        self.end_ns.is_none()
-            && matches!(
-                self.id,
-                StageId::Known(Stage::UpstreamChat | Stage::UpstreamChatStream)
-            )
-    }
+/// Where an exchange goes: request, index of the stage in it, and why.
+struct Choice {
+    key: (u32, u64),
+    stage: usize,
+    how: Attribution,
+}
+
+/// An upstream exchange that started and is not attributed yet.
+struct Unattributed {
+    pid: u32,
+    start_ns: u64,
+    first_response_ns: Option<u64>,
+    /// The one request that could take it when it started, if there was exactly one.
+    only_candidate: Option<u64>,
 }
 
 struct OpenRequest {
@@ -190,6 +198,9 @@ pub struct Assembler {
     window_end_ns: u64,
     /// Upstream exchange id → the request it was attributed to, until the exchange ends.
     exchange_owners: HashMap<u64, ((u32, u64), Attribution)>,
+    /// Upstream exchanges still to attribute, and the evidence for them.
+    unattributed: HashMap<u64, Unattributed>,
+    evidence: Evidence,
 }
 
 impl Assembler {
@@ -202,6 +213,8 @@ impl Assembler {
             window_start_ns: 0,
             window_end_ns: u64::MAX,
             exchange_owners: HashMap::new(),
+            unattributed: HashMap::new(),
+            evidence: Evidence::default(),
         }
     }
 
@@ -216,7 +229,10 @@ impl Assembler {
     }
 
     pub fn stats(&self) -> AssemblyStats {
-        self.stats
+        AssemblyStats {
+            attribution_votes_dropped: self.evidence.lost_votes,
+            ..self.stats
+        }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -230,6 +246,8 @@ impl Assembler {
             self.stats.after_window += 1;
             return None;
         }
+        self.evidence
+            .on_marker(event.pid, event.tid, event.request_id, event.ts_ns);
         if let What::RequestBegin { model, traceparent } = event.what {
             if event.ts_ns < self.window_start_ns {
                 return None; // its end will count as untracked
@@ -275,6 +293,9 @@ impl Assembler {
                 request.status = status;
                 request.error_type = error_type;
                 request.end_ns = event.ts_ns;
+                // Its upstream exchanges have all been read by now: decide them while
+                // the request can still take them.
+                self.attribute_ending(key);
                 let open = self.open.remove(&key)?;
                 return Some(self.close(open));
             }
@@ -284,7 +305,6 @@ impl Assembler {
                         id,
                         begin_ns: event.ts_ns,
                         end_ns: None,
-                        begin_tid: event.tid,
                         exchange: None,
                     };
                     open.stages.push(stage);
@@ -353,16 +373,38 @@ impl Assembler {
     /// request it served when it was attributed to one.
     pub fn on_progress(&mut self, progress: Progress) -> Option<Exchange> {
         match progress {
+            Progress::Connecting {
+                pid,
+                tid,
+                fd,
+                ts_ns,
+            } => {
+                self.evidence.on_connect(pid, tid, fd, ts_ns);
+                None
+            }
             Progress::Started {
                 id,
                 pid,
                 tid,
+                fd,
                 ts_ns,
             } => {
-                self.attribute(id, pid, tid, ts_ns);
+                self.evidence.on_start(id, pid, tid, fd, ts_ns);
+                let only_candidate = self.only_candidate(pid, ts_ns);
+                let exchange = Unattributed {
+                    pid,
+                    start_ns: ts_ns,
+                    first_response_ns: None,
+                    only_candidate,
+                };
+                self.unattributed.insert(id, exchange);
                 None
             }
             Progress::Responded { id, ts_ns } => {
+                if let Some(exchange) = self.unattributed.get_mut(&id) {
+                    exchange.first_response_ns = Some(ts_ns);
+                    return None;
+                }
                 let (owner, _) = self.exchange_owners.get(&id)?;
                 let open = self.open.get_mut(owner)?;
                 let call = open
@@ -373,12 +415,31 @@ impl Assembler {
                 call.first_response_ns = Some(ts_ns);
                 None
             }
+            Progress::Read {
+                exchange,
+                pid,
+                tid,
+                ts_ns,
+            } => {
+                self.evidence.on_read(exchange, pid, tid, ts_ns);
+                None
+            }
             Progress::Unanswered { id } => {
+                self.forget_exchange(id);
                 self.exchange_owners.remove(&id);
                 None
             }
             Progress::Finished(exchange) => {
                 let mut exchange = *exchange;
+                if self.unattributed.contains_key(&exchange.id) {
+                    match self.decide(exchange.id) {
+                        Some(choice) => self.assign(exchange.id, choice),
+                        None => {
+                            self.stats.unattributed_exchanges += 1;
+                            self.forget_exchange(exchange.id);
+                        }
+                    }
+                }
                 if let Some(((_, request_id), how)) = self.exchange_owners.remove(&exchange.id) {
                     exchange.request_id = Some(request_id);
                     exchange.attribution = Some(how);
@@ -388,73 +449,97 @@ impl Assembler {
         }
     }
 
-    /// Relates an upstream exchange that starts now, on thread `tid`, to the request it
-    /// serves: one whose upstream stage is open and still without an exchange. An async
-    /// runtime usually runs the task that writes the request on the thread that began the
-    /// stage, right after it; threads alone are not enough under work stealing, so the
-    /// timeline decides among candidates (docs/sockets.md, "Attribution").
-    fn attribute(&mut self, id: u64, pid: u32, tid: u32, ts_ns: u64) {
-        let waiting: Vec<WaitingStage> = self
+    /// The one request of `pid` with an upstream stage that could take an exchange
+    /// starting at `start_ns`, if exactly one has.
+    fn only_candidate(&self, pid: u32, start_ns: u64) -> Option<u64> {
+        let mut candidates = self
             .open
             .iter()
-            .filter(|(key, _)| key.0 == pid)
-            .flat_map(|(key, open)| {
-                open.stages
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| s.is_upstream_call() && s.exchange.is_none())
-                    .filter(|(_, s)| s.begin_ns <= ts_ns)
-                    .map(|(index, s)| WaitingStage {
-                        begin_ns: s.begin_ns,
-                        same_thread: s.begin_tid == tid,
-                        request: *key,
-                        index,
-                    })
-            })
+            .filter(|(key, open)| key.0 == pid && open.stages.iter().any(|s| s.can_take(start_ns)))
+            .map(|(key, _)| key.1);
+        let only = candidates.next()?;
+        candidates.next().is_none().then_some(only)
+    }
+
+    /// Which stage of request `key` can take an exchange started at `start_ns`: the
+    /// latest begun upstream stage that contains the start and has no exchange yet.
+    fn free_upstream_stage(&self, key: (u32, u64), start_ns: u64) -> Option<usize> {
+        let open = self.open.get(&key)?;
+        open.stages.iter().rposition(|s| s.can_take(start_ns))
+    }
+
+    /// Where exchange `id` belongs as things stand: the request with the most adjacency
+    /// votes that can still take it; without any, the only candidate it had when it
+    /// started, if that one still can.
+    fn decide(&self, id: u64) -> Option<Choice> {
+        let exchange = self.unattributed.get(&id)?;
+        let pid = exchange.pid;
+        for vote in self.evidence.ranked(id) {
+            let key = (pid, vote.request_id);
+            if let Some(stage) = self.free_upstream_stage(key, exchange.start_ns) {
+                return Some(Choice {
+                    key,
+                    stage,
+                    how: Attribution::Adjacent,
+                });
+            }
+        }
+        let key = (pid, exchange.only_candidate?);
+        let stage = self.free_upstream_stage(key, exchange.start_ns)?;
+        Some(Choice {
+            key,
+            stage,
+            how: Attribution::OnlyCandidate,
+        })
+    }
+
+    /// Request `key` is ending: gives it the exchanges that are best attributed to it,
+    /// strongest evidence first (a stage takes one exchange).
+    fn attribute_ending(&mut self, key: (u32, u64)) {
+        // (votes for this request, start, id)
+        let mut mine: Vec<(u32, u64, u64)> = self
+            .unattributed
+            .iter()
+            .filter(|(id, e)| e.pid == key.0 && self.decide(**id).is_some_and(|c| c.key == key))
+            .map(|(&id, e)| (self.evidence.votes_for(id, key.1), e.start_ns, id))
             .collect();
-        let latest = |same_thread: bool| {
-            waiting
-                .iter()
-                .filter(|w| w.same_thread == same_thread)
-                .max_by_key(|w| w.begin_ns)
-        };
-        let choice = match latest(true) {
-            Some(stage) => Some((stage, Attribution::SameThread)),
-            None if waiting.len() == 1 => Some((&waiting[0], Attribution::OnlyCandidate)),
-            None => latest(false).map(|stage| (stage, Attribution::LatestBegun)),
-        };
-        let Some((
-            &WaitingStage {
-                request: key,
-                index,
-                ..
-            },
-            how,
-        )) = choice
-        else {
-            self.stats.unattributed_exchanges += 1;
+        mine.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (_, _, id) in mine {
+            if let Some(choice) = self.decide(id).filter(|c| c.key == key) {
+                self.assign(id, choice);
+            }
+        }
+    }
+
+    fn assign(&mut self, id: u64, choice: Choice) {
+        let Some(exchange) = self.unattributed.remove(&id) else {
             return;
         };
-        let open = self
-            .open
-            .get_mut(&key)
-            .expect("a candidate is an open request");
-        let stage = &mut open.stages[index];
+        self.evidence.close(id);
+        let Some(open) = self.open.get_mut(&choice.key) else {
+            return;
+        };
+        let stage = &mut open.stages[choice.stage];
         stage.exchange = Some(id);
         let call = UpstreamCall {
             exchange_id: id,
-            attribution: Some(how),
+            attribution: Some(choice.how),
             stage_begin_ns: stage.begin_ns,
-            sent_ns: ts_ns,
+            sent_ns: exchange.start_ns,
+            first_response_ns: exchange.first_response_ns,
             ..UpstreamCall::default()
         };
         push_bounded(&mut open.request.upstream_calls, call, &mut self.stats);
-        self.exchange_owners.insert(id, (key, how));
-        match how {
-            Attribution::SameThread => self.stats.attributed_same_thread += 1,
+        self.exchange_owners.insert(id, (choice.key, choice.how));
+        match choice.how {
+            Attribution::Adjacent => self.stats.attributed_adjacent += 1,
             Attribution::OnlyCandidate => self.stats.attributed_only_candidate += 1,
-            Attribution::LatestBegun => self.stats.attributed_latest_begun += 1,
         }
+    }
+
+    fn forget_exchange(&mut self, id: u64) {
+        self.unattributed.remove(&id);
+        self.evidence.close(id);
     }
 
     /// Forgets requests open since before `now_ns - timeout_ns`; returns how many.
@@ -464,6 +549,7 @@ impl Assembler {
             .retain(|_, open| now_ns.saturating_sub(open.request.begin_ns) < timeout_ns);
         let expired = before - self.open.len();
         self.stats.expired += expired as u64;
+        self.evidence.forget_quiet_threads(now_ns, timeout_ns);
         expired
     }
 }
@@ -690,43 +776,9 @@ mod tests {
 
     const UPSTREAM: StageId = StageId::Known(Stage::UpstreamChat);
 
-    /// Two requests wait upstream, begun on threads 1 and 2; each exchange goes to the
-    /// stage begun on its writing thread, and the request reports network TTFB, broker
-    /// wait and their difference.
-    #[test]
-    fn upstream_exchanges_go_to_the_waiting_stage_on_the_writing_thread() {
-        let mut asm = Assembler::new(10);
-        for event in [
-            on_thread(begin(0, 1), 1),
-            on_thread(begin(1, 2), 2),
-            on_thread(stage(10, 1, true, UPSTREAM), 1),
-            on_thread(stage(11, 2, true, UPSTREAM), 2),
-        ] {
-            assert!(asm.on_event(event).is_none());
-        }
-        let started = |id, tid, ts_ns| Progress::Started {
+    fn exchange(id: u64, start_ns: u64) -> Exchange {
+        Exchange {
             id,
-            pid: 1,
-            tid,
-            ts_ns,
-        };
-        asm.on_progress(started(100, 2, 20));
-        asm.on_progress(started(200, 1, 21));
-        asm.on_progress(Progress::Responded { id: 200, ts_ns: 60 });
-        asm.on_event(on_thread(ev(70, 1, What::FirstByte), 1));
-        asm.on_event(stage(80, 1, false, UPSTREAM));
-        let request = asm.on_event(end(90, 1)).expect("request 1 ends");
-        assert_eq!(request.upstream_calls.len(), 1);
-        let call = &request.upstream_calls[0];
-        assert_eq!(call.exchange_id, 200);
-        assert_eq!(call.attribution, Some(Attribution::SameThread));
-        assert_eq!(call.network_ttfb_ns(), Some(39));
-        assert_eq!(call.broker_wait_ns(), Some(60));
-        assert_eq!(call.lag_ns(), Some(21));
-
-        // The exchange itself, when it ends, names its request.
-        let exchange = Exchange {
-            id: 100,
             pid: 1,
             fd: 3,
             role: crate::procnet::Role::Upstream,
@@ -735,9 +787,10 @@ mod tests {
             remote: None,
             connect_ns: None,
             accept_wait_ns: None,
-            start_ns: 20,
-            first_response_ns: Some(50),
-            last_response_ns: Some(55),
+            start_ns,
+            first_response_ns: Some(start_ns + 1),
+            first_read_ns: Some(start_ns + 1),
+            last_response_ns: Some(start_ns + 2),
             request_bytes: 1,
             response_bytes: 1,
             response_chunks: 1,
@@ -749,14 +802,113 @@ mod tests {
             request_id: None,
             attribution: None,
             inbound_exchange: None,
-        };
-        let reported = asm
-            .on_progress(Progress::Finished(Box::new(exchange)))
-            .unwrap();
-        assert_eq!(reported.request_id, Some(2));
-        // No request waits upstream any more: a third exchange is counted, not guessed.
-        asm.on_progress(started(300, 1, 100));
-        assert_eq!(asm.stats().unattributed_exchanges, 1);
-        assert_eq!(asm.stats().attributed_same_thread, 2);
+        }
+    }
+
+    fn started(id: u64, tid: u32, ts_ns: u64) -> Progress {
+        Progress::Started {
+            id,
+            pid: 1,
+            tid,
+            fd: id as i32,
+            ts_ns,
+        }
+    }
+
+    fn read(exchange: u64, tid: u32, ts_ns: u64) -> Progress {
+        Progress::Read {
+            exchange: Some(exchange),
+            pid: 1,
+            tid,
+            ts_ns,
+        }
+    }
+
+    /// Work stealing breaks one adjacency: exchange 100 is written on the thread where
+    /// request 2 began last, but its response reads wake request 1. The majority wins,
+    /// and the request reports network TTFB, broker wait and their difference.
+    #[test]
+    fn upstream_exchanges_go_to_the_request_most_adjacent_to_their_io() {
+        let mut asm = Assembler::new(10);
+        for event in [
+            on_thread(begin(0, 1), 1),
+            on_thread(begin(1, 2), 1),
+            on_thread(stage(10, 1, true, UPSTREAM), 1),
+            on_thread(stage(11, 2, true, UPSTREAM), 1),
+        ] {
+            assert!(asm.on_event(event).is_none());
+        }
+        asm.on_progress(started(100, 1, 20)); // votes for request 2 (wrongly)
+        asm.on_progress(started(200, 2, 21)); // no marker on thread 2: no vote
+        asm.on_progress(Progress::Responded { id: 100, ts_ns: 45 });
+        asm.on_progress(read(100, 2, 50));
+        asm.on_event(on_thread(ev(51, 1, What::FirstByte), 2));
+        asm.on_progress(read(100, 2, 55));
+        asm.on_event(on_thread(ev(56, 1, What::Chunk), 2));
+        asm.on_progress(read(200, 1, 60));
+        asm.on_event(on_thread(ev(61, 2, What::FirstByte), 1));
+        asm.on_event(on_thread(stage(80, 1, false, UPSTREAM), 2));
+        let one = asm
+            .on_event(on_thread(end(90, 1), 2))
+            .expect("request 1 ends");
+        assert_eq!(one.upstream_calls.len(), 1);
+        let call = &one.upstream_calls[0];
+        assert_eq!(
+            (call.exchange_id, call.attribution),
+            (100, Some(Attribution::Adjacent))
+        );
+        assert_eq!(call.network_ttfb_ns(), Some(25));
+        assert_eq!(call.broker_wait_ns(), Some(41));
+        assert_eq!(call.lag_ns(), Some(16));
+
+        let two = asm
+            .on_event(on_thread(end(95, 2), 1))
+            .expect("request 2 ends");
+        assert_eq!(two.upstream_calls[0].exchange_id, 200);
+        // The exchanges, when they end, name their requests.
+        for (id, request) in [(100, 1), (200, 2)] {
+            let reported = asm
+                .on_progress(Progress::Finished(Box::new(exchange(id, 20))))
+                .unwrap();
+            assert_eq!(reported.request_id, Some(request));
+        }
+        assert_eq!(asm.stats().attributed_adjacent, 2);
+    }
+
+    /// Without adjacency evidence an exchange goes to the only request that could take
+    /// it when it started; with several, or none, it is counted, not guessed.
+    #[test]
+    fn without_evidence_only_a_single_candidate_is_taken() {
+        let mut asm = Assembler::new(10);
+        asm.on_event(begin(0, 1));
+        asm.on_event(stage(10, 1, true, UPSTREAM));
+        asm.on_progress(started(100, 9, 20)); // thread 9 hit no marker
+        let one = asm.on_event(on_thread(end(90, 1), 5)).unwrap();
+        assert_eq!(
+            one.upstream_calls[0].attribution,
+            Some(Attribution::OnlyCandidate)
+        );
+
+        asm.on_event(begin(100, 2));
+        asm.on_event(begin(101, 3));
+        asm.on_event(stage(110, 2, true, UPSTREAM));
+        asm.on_event(stage(111, 3, true, UPSTREAM));
+        asm.on_progress(started(200, 9, 120)); // two candidates
+        asm.on_progress(started(300, 9, 121));
+        assert!(asm.on_event(end(130, 2)).unwrap().upstream_calls.is_empty());
+        for id in [200, 300] {
+            let reported = asm
+                .on_progress(Progress::Finished(Box::new(exchange(id, 120))))
+                .unwrap();
+            assert_eq!(reported.request_id, None);
+        }
+        let stats = asm.stats();
+        assert_eq!(
+            (
+                stats.attributed_only_candidate,
+                stats.unattributed_exchanges
+            ),
+            (1, 2)
+        );
     }
 }

@@ -13,7 +13,7 @@ use aya::{
 use aya_log::EbpfLogger;
 use probe_common::{
     event::Counter,
-    socket::{DIRECTION_NONE, socket_key},
+    socket::{SocketState, socket_key},
 };
 
 use crate::{
@@ -71,6 +71,7 @@ const SOCKET_TRACEPOINTS: &[(&str, &str, &[&str])] = &[
     ("tcp_state", "sock", &["inet_sock_set_state"]),
     ("sock_send", "sock", &["sock_send_length"]),
     ("sock_recv", "sock", &["sock_recv_length"]),
+    ("sk_ready", "sock", &["sk_data_ready"]),
 ];
 
 /// What to attach.
@@ -91,7 +92,7 @@ pub struct Attached {
     pub kernel_log: Option<EbpfLogger<&'static dyn log::Log>>,
     pub markers: u32,
     pub socket_tracepoints: u32,
-    sockets: HashMap<MapData, u64, u32>,
+    sockets: HashMap<MapData, u64, SocketState>,
 }
 
 /// Owns the programs and their links: the probes stay attached until this is dropped.
@@ -157,7 +158,7 @@ impl Attached {
         for socket in sockets {
             if let Err(e) = self
                 .sockets
-                .insert(socket_key(pid, socket.fd), DIRECTION_NONE, 0)
+                .insert(socket_key(pid, socket.fd), SocketState::NEW, 0)
             {
                 log::warn!("following open socket fd {}: {e}", socket.fd);
             }

@@ -37,7 +37,13 @@ pub struct Exchange {
     pub accept_wait_ns: Option<u64>,
     /// First request byte (written upstream, read inbound).
     pub start_ns: u64,
+    /// First response byte: upstream, when it arrived (queued on the broker's socket);
+    /// inbound, when the broker wrote it.
     pub first_response_ns: Option<u64>,
+    /// Upstream: when the broker read the first response byte (`first_response_ns` plus
+    /// however long the bytes waited for the broker).
+    pub first_read_ns: Option<u64>,
+    /// Last response byte, timed like the first.
     pub last_response_ns: Option<u64>,
     pub request_bytes: u64,
     pub response_bytes: u64,
@@ -63,6 +69,11 @@ impl Exchange {
     /// Network time to first byte: first request byte out → first response byte in.
     pub fn ttfb_ns(&self) -> Option<u64> {
         Some(self.first_response_ns?.saturating_sub(self.start_ns))
+    }
+
+    /// Upstream: how long the first response bytes waited on the socket for the broker.
+    pub fn read_delay_ns(&self) -> Option<u64> {
+        Some(self.first_read_ns?.saturating_sub(self.first_response_ns?))
     }
 
     /// First request byte → last response byte.
@@ -97,21 +108,18 @@ impl ExchangeEnd {
 /// How an upstream exchange was related to a broker request (docs/sockets.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attribution {
-    /// The latest upstream stage begun on the sending thread, still without an exchange.
-    SameThread,
-    /// The only upstream stage waiting for an exchange, begun on another thread.
+    /// The request with the most thread-adjacency votes (crate::attribution).
+    Adjacent,
+    /// No adjacency evidence, but only one request was in an upstream stage without an
+    /// exchange when this one started.
     OnlyCandidate,
-    /// Of several upstream stages waiting for an exchange, all begun on other threads, the
-    /// latest begun.
-    LatestBegun,
 }
 
 impl Attribution {
     pub fn name(self) -> &'static str {
         match self {
-            Attribution::SameThread => "same_thread",
+            Attribution::Adjacent => "adjacent",
             Attribution::OnlyCandidate => "only_candidate",
-            Attribution::LatestBegun => "latest_begun",
         }
     }
 }
@@ -119,15 +127,31 @@ impl Attribution {
 /// What the tracker tells assembly, in event order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Progress {
+    /// Thread `tid` began connecting upstream connection `fd`. Attribution's evidence.
+    Connecting {
+        pid: u32,
+        tid: u32,
+        fd: i32,
+        ts_ns: u64,
+    },
     /// An upstream request's first byte went out.
     Started {
         id: u64,
         pid: u32,
         tid: u32,
+        fd: i32,
         ts_ns: u64,
     },
-    /// An upstream response's first byte came in.
+    /// An upstream response's first byte came in (`ts_ns`: when it arrived).
     Responded { id: u64, ts_ns: u64 },
+    /// Thread `tid` read bytes: a response of upstream exchange `exchange`, or (None)
+    /// anything else. Attribution's evidence.
+    Read {
+        exchange: Option<u64>,
+        pid: u32,
+        tid: u32,
+        ts_ns: u64,
+    },
     /// An upstream exchange ended without a response (not reported).
     Unanswered { id: u64 },
     /// An exchange (either role) is over.
@@ -156,6 +180,9 @@ pub struct ConnectionStats {
     pub outside_window: u64,
     /// Socket events of sockets not followed (role unknown).
     pub unfollowed_events: u64,
+    /// Upstream response reads whose arrival time the kernel did not see (timed by the
+    /// read instead).
+    pub arrivals_unknown: u64,
 }
 
 /// Names upstream peers: configured names, else `ip:port`.
@@ -303,6 +330,12 @@ impl Connections {
                 connection.remote = remote;
                 connection.connect_start_ns = Some(io.ts_ns);
                 self.connections.insert(key, connection);
+                out.push(Progress::Connecting {
+                    pid: io.pid,
+                    tid: io.tid,
+                    fd: io.fd,
+                    ts_ns: io.ts_ns,
+                });
             }
             SocketWhat::ConnectDone { local, remote } => {
                 if let Some(connection) = self.connections.get_mut(&key) {
@@ -320,10 +353,24 @@ impl Connections {
             }
             SocketWhat::Close => self.close(key, out),
             SocketWhat::Send { bytes, ref prefix } => {
-                self.on_data(&io, Direction::Send, bytes, prefix, out)
+                let data = Data {
+                    direction: Direction::Send,
+                    bytes,
+                    prefix,
+                };
+                self.on_data(&io, &data, out)
             }
-            SocketWhat::Recv { bytes, ref prefix } => {
-                self.on_data(&io, Direction::Recv, bytes, prefix, out)
+            SocketWhat::Recv {
+                bytes,
+                ref prefix,
+                ready_ns,
+            } => {
+                let data = Data {
+                    direction: Direction::Recv(ready_ns),
+                    bytes,
+                    prefix,
+                };
+                self.on_data(&io, &data, out)
             }
         }
     }
@@ -335,14 +382,7 @@ impl Connections {
         }
     }
 
-    fn on_data(
-        &mut self,
-        io: &SocketIo,
-        direction: Direction,
-        bytes: u32,
-        prefix: &[u8],
-        out: &mut Vec<Progress>,
-    ) {
+    fn on_data(&mut self, io: &SocketIo, data: &Data, out: &mut Vec<Progress>) {
         let key = (io.pid, io.fd);
         // Out of the map while it changes, so the other connections stay readable.
         let mut connection = match self.connections.remove(&key) {
@@ -361,16 +401,28 @@ impl Connections {
         match connection.role {
             Some(role) => {
                 let is_request = matches!(
-                    (role, direction),
-                    (Role::Upstream, Direction::Send) | (Role::Inbound, Direction::Recv)
+                    (role, data.direction),
+                    (Role::Upstream, Direction::Send) | (Role::Inbound, Direction::Recv(_))
                 );
                 if is_request {
-                    self.on_request_bytes(&mut connection, role, io, bytes, prefix, out);
+                    self.on_request_bytes(&mut connection, role, io, data, out);
                 } else {
-                    self.on_response_bytes(&mut connection, role, io, bytes, prefix, out);
+                    self.on_response_bytes(&mut connection, role, io, data, out);
                 }
             }
             None => self.stats.unfollowed_events += 1,
+        }
+        if let Direction::Recv(_) = data.direction {
+            let exchange = match (connection.role, &connection.exchange) {
+                (Some(Role::Upstream), Some(exchange)) => Some(exchange.id),
+                _ => None,
+            };
+            out.push(Progress::Read {
+                exchange,
+                pid: io.pid,
+                tid: io.tid,
+                ts_ns: io.ts_ns,
+            });
         }
         self.connections.insert(key, connection);
     }
@@ -380,10 +432,10 @@ impl Connections {
         connection: &mut Connection,
         role: Role,
         io: &SocketIo,
-        bytes: u32,
-        prefix: &[u8],
+        data: &Data,
         out: &mut Vec<Progress>,
     ) {
+        let Data { bytes, prefix, .. } = *data;
         let responded = connection
             .exchange
             .as_ref()
@@ -413,6 +465,7 @@ impl Connections {
                 id,
                 pid: io.pid,
                 tid: io.tid,
+                fd: io.fd,
                 ts_ns: io.ts_ns,
             });
         }
@@ -424,21 +477,37 @@ impl Connections {
         connection: &mut Connection,
         role: Role,
         io: &SocketIo,
-        bytes: u32,
-        prefix: &[u8],
+        data: &Data,
         out: &mut Vec<Progress>,
     ) {
+        let Data { bytes, prefix, .. } = *data;
+        let ready_ns = match data.direction {
+            Direction::Recv(ready_ns) => ready_ns,
+            Direction::Send => None,
+        };
         let Some(exchange) = &mut connection.exchange else {
             self.stats.stray_response_bytes += u64::from(bytes);
             return;
         };
+        // Upstream responses are timed when they arrived; the broker's own delay in
+        // reading them is its lag, not the network's. Without an arrival time (the
+        // kernel missed it), the read time stands in, and is counted.
+        let arrived_ns = match (role, ready_ns) {
+            (Role::Upstream, Some(ready_ns)) => ready_ns,
+            (Role::Upstream, None) => {
+                self.stats.arrivals_unknown += 1;
+                io.ts_ns
+            }
+            (Role::Inbound, _) => io.ts_ns,
+        };
         if exchange.first_response_ns.is_none() {
-            exchange.first_response_ns = Some(io.ts_ns);
+            exchange.first_response_ns = Some(arrived_ns);
             connection.response_head = Head::default();
             if role == Role::Upstream {
+                exchange.first_read_ns = Some(io.ts_ns);
                 out.push(Progress::Responded {
                     id: exchange.id,
-                    ts_ns: io.ts_ns,
+                    ts_ns: arrived_ns,
                 });
             }
         }
@@ -447,7 +516,7 @@ impl Connections {
                 exchange.status = http::status_line(head);
             }
         }
-        exchange.last_response_ns = Some(io.ts_ns);
+        exchange.last_response_ns = Some(arrived_ns);
         exchange.response_bytes += u64::from(bytes);
         exchange.response_chunks = exchange.response_chunks.saturating_add(1);
     }
@@ -513,7 +582,16 @@ fn end_exchange(
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Direction {
     Send,
-    Recv,
+    /// With when the bytes read had arrived, if the kernel saw it.
+    Recv(Option<u64>),
+}
+
+/// Bytes moved by one read or write.
+struct Data<'a> {
+    direction: Direction,
+    bytes: u32,
+    /// The first bytes, while a message's start is being copied.
+    prefix: &'a [u8],
 }
 
 fn start_exchange(
@@ -542,6 +620,7 @@ fn start_exchange(
             .map(|accepted| io.ts_ns.saturating_sub(accepted)),
         start_ns: io.ts_ns,
         first_response_ns: None,
+        first_read_ns: None,
         last_response_ns: None,
         request_bytes: u64::from(bytes),
         response_bytes: 0,
@@ -591,6 +670,9 @@ mod tests {
         )
     }
 
+    /// How long before its read each received byte arrived, in these tests.
+    const WAITED: u64 = 5;
+
     fn recv(ts: u64, fd: i32, bytes: u32, prefix: &[u8]) -> SocketIo {
         io(
             ts,
@@ -598,6 +680,7 @@ mod tests {
             SocketWhat::Recv {
                 bytes,
                 prefix: prefix.to_vec(),
+                ready_ns: Some(ts - WAITED),
             },
         )
     }
@@ -649,10 +732,12 @@ mod tests {
         let first = done[0];
         assert_eq!(first.peer_name, "openai");
         assert_eq!(first.connect_ns, Some(20));
+        // Timed by arrival, not by read.
         assert_eq!(
             (first.ttfb_ns(), first.duration_ns()),
-            (Some(200), Some(300))
+            (Some(200 - WAITED), Some(300 - WAITED))
         );
+        assert_eq!(first.read_delay_ns(), Some(WAITED));
         assert_eq!((first.request_bytes, first.response_bytes), (100, 60));
         assert_eq!(first.response_chunks, 3);
         assert_eq!(first.method, Some("POST"));
@@ -718,6 +803,7 @@ mod tests {
         c.on_io(io(30, 4, SocketWhat::Close), &mut out);
         let stats = c.stats();
         assert_eq!(stats.stray_response_bytes, 77);
+        assert_eq!(stats.arrivals_unknown, 0);
         assert_eq!((stats.unresolved, stats.unfollowed_events), (1, 1));
         assert_eq!(
             stats.unanswered, 1,
@@ -728,6 +814,42 @@ mod tests {
             out.last(),
             Some(&Progress::Unanswered { id: 1 }),
             "assembly learns it will not end"
+        );
+    }
+
+    #[test]
+    fn a_response_without_arrival_time_is_timed_by_its_read_and_counted() {
+        let mut c = tracker();
+        let mut out = Vec::new();
+        let remote = Some("10.0.0.5:443".parse().unwrap());
+        c.on_io(io(10, 5, SocketWhat::ConnectStart { remote }), &mut out);
+        c.on_io(send(100, 5, 10, b"GET / HTTP/1.1\r\n"), &mut out);
+        let unknown = SocketWhat::Recv {
+            bytes: 20,
+            prefix: b"HTTP/1.1 200 OK\r\n".to_vec(),
+            ready_ns: None,
+        };
+        c.on_io(io(300, 5, unknown), &mut out);
+        c.on_io(io(400, 5, SocketWhat::Close), &mut out);
+        let done = finished(&out);
+        assert_eq!(
+            (done[0].ttfb_ns(), done[0].read_delay_ns()),
+            (Some(200), Some(0))
+        );
+        assert_eq!(c.stats().arrivals_unknown, 1);
+        let reads: Vec<&Progress> = out
+            .iter()
+            .filter(|p| matches!(p, Progress::Read { .. }))
+            .collect();
+        assert_eq!(
+            reads,
+            [&Progress::Read {
+                exchange: Some(done[0].id),
+                pid: PID,
+                tid: 70,
+                ts_ns: 300
+            }],
+            "every read is evidence for attribution"
         );
     }
 }

@@ -49,9 +49,12 @@ pub enum SocketWhat {
         bytes: u32,
         prefix: Vec<u8>,
     },
+    /// `ready_ns`: when the first of these bytes had arrived (queued by the kernel),
+    /// if the kernel saw it.
     Recv {
         bytes: u32,
         prefix: Vec<u8>,
+        ready_ns: Option<u64>,
     },
     Close,
 }
@@ -210,6 +213,8 @@ fn decode_socket(raw: SocketEvent) -> Result<SocketIo, DecodeError> {
         SocketKind::Recv => SocketWhat::Recv {
             bytes: raw.bytes,
             prefix: raw.prefix().to_vec(),
+            // An arrival is never after its read; one that is came from a torn update.
+            ready_ns: Some(raw.ready_ns).filter(|&ready| ready != 0 && ready <= raw.header.ts_ns),
         },
         SocketKind::Close => SocketWhat::Close,
     };
@@ -482,19 +487,31 @@ mod tests {
             header: header(Source::Socket, SocketKind::Recv as u32),
             bytes: 1000,
             prefix_len: 1000, // never trusted past the buffer
+            ready_ns: 90,
             ..SocketEvent::ZERO
         };
         raw.prefix[..4].copy_from_slice(b"HTTP");
         let Ok(Record::Socket(io)) = decode(&socket_bytes(&raw)) else {
             panic!()
         };
-        let SocketWhat::Recv { bytes, prefix } = io.what else {
+        let SocketWhat::Recv {
+            bytes,
+            prefix,
+            ready_ns,
+        } = io.what
+        else {
             panic!()
         };
         assert_eq!(
-            (bytes, prefix.len(), &prefix[..4]),
-            (1000, PREFIX_CAP, &b"HTTP"[..])
+            (bytes, prefix.len(), &prefix[..4], ready_ns),
+            (1000, PREFIX_CAP, &b"HTTP"[..], Some(90))
         );
+        // An arrival after its own read (header ts 100) is not believed.
+        raw.ready_ns = 101;
+        let Ok(Record::Socket(io)) = decode(&socket_bytes(&raw)) else {
+            panic!()
+        };
+        assert!(matches!(io.what, SocketWhat::Recv { ready_ns: None, .. }));
     }
 
     fn socket_bytes(event: &SocketEvent) -> Vec<u8> {

@@ -1,11 +1,13 @@
 //! brokerprobe: attaches to a running LLM broker by PID and times its stages from outside.
 //!
 //! Data flows one way: [`attach`] (kernel) → [`decode`] → [`connections`] (socket events
-//! → exchanges) → [`assembly`] (marker events and exchanges → requests) → [`export`].
+//! → exchanges) → [`assembly`] (marker events and exchanges → requests, with
+//! [`attribution`]'s evidence of which request each upstream exchange served) → [`export`].
 //! [`target`] and [`procnet`] find what to attach to; [`run`] wires the pipeline together.
 
 pub mod assembly;
 pub mod attach;
+pub mod attribution;
 pub mod connections;
 pub mod decode;
 pub mod export;

@@ -458,8 +458,8 @@ fn health_line(health: &ProbeHealth) -> String {
             "\nsockets: {} exchanges, {} unanswered; {} connects ({} failed); {} connections \
              open at attach, {} learned later, {} unresolved ({} events not followed); {} stray \
              response bytes; {} I/O outside read/write syscalls; {} events outside the window; \
-             upstream exchanges attributed: {} same thread, {} only candidate, {} latest begun, \
-             {} not attributed",
+             {} response reads without arrival time; upstream exchanges attributed: {} by \
+             adjacency, {} only candidate, {} not attributed ({} votes dropped)",
             c.exchanges,
             c.unanswered,
             c.connects,
@@ -471,10 +471,11 @@ fn health_line(health: &ProbeHealth) -> String {
             c.stray_response_bytes,
             health.socket_io_without_syscall,
             c.outside_window,
-            a.attributed_same_thread,
+            c.arrivals_unknown,
+            a.attributed_adjacent,
             a.attributed_only_candidate,
-            a.attributed_latest_begun,
             a.unattributed_exchanges,
+            a.attribution_votes_dropped,
         );
     }
     line

@@ -53,6 +53,7 @@ struct ExchangeMetrics {
     upstream_ttfb: HistogramVec,
     upstream_duration: HistogramVec,
     upstream_connect: HistogramVec,
+    upstream_read_delay: HistogramVec,
     upstream_exchanges: IntCounterVec,
     upstream_request_bytes: IntCounterVec,
     upstream_response_bytes: IntCounterVec,
@@ -86,17 +87,23 @@ impl PrometheusExporter {
             upstream_ttfb: histogram(
                 "brokerprobe_upstream_ttfb_seconds",
                 "Network time to first byte of an upstream call: first request byte written to \
-                 first response byte read, on the broker's socket.",
+                 first response byte arrived on the broker's socket.",
                 &["upstream"],
             )?,
             upstream_duration: histogram(
                 "brokerprobe_upstream_duration_seconds",
-                "Upstream call, first request byte written to last response byte read.",
+                "Upstream call, first request byte written to last response byte arrived.",
                 &["upstream"],
             )?,
             upstream_connect: histogram(
                 "brokerprobe_upstream_connect_seconds",
                 "TCP handshake of a new upstream connection (SYN sent to established).",
+                &["upstream"],
+            )?,
+            upstream_read_delay: histogram(
+                "brokerprobe_upstream_read_delay_seconds",
+                "How long an upstream response's first bytes waited on the broker's socket \
+                 before the broker read them.",
                 &["upstream"],
             )?,
             upstream_exchanges: counter(
@@ -272,6 +279,11 @@ impl ExchangeSink for PrometheusExporter {
                         .with_label_values(&labels)
                         .observe(seconds(connect));
                 }
+                if let Some(delay) = exchange.read_delay_ns() {
+                    m.upstream_read_delay
+                        .with_label_values(&labels)
+                        .observe(seconds(delay));
+                }
                 m.upstream_exchanges
                     .with_label_values(&[upstream, &status])
                     .inc();
@@ -434,8 +446,8 @@ const HEALTH_COUNTERS: &[HealthCounter] = &[
     (
         "brokerprobe_upstream_attributions_total",
         "Upstream exchanges related to a broker request, by method (docs/sockets.md).",
-        Some(("method", "same_thread")),
-        |h| h.assembly.attributed_same_thread,
+        Some(("method", "adjacent")),
+        |h| h.assembly.attributed_adjacent,
     ),
     (
         "brokerprobe_upstream_attributions_total",
@@ -446,14 +458,20 @@ const HEALTH_COUNTERS: &[HealthCounter] = &[
     (
         "brokerprobe_upstream_attributions_total",
         "Upstream exchanges related to a broker request, by method (docs/sockets.md).",
-        Some(("method", "latest_begun")),
-        |h| h.assembly.attributed_latest_begun,
-    ),
-    (
-        "brokerprobe_upstream_attributions_total",
-        "Upstream exchanges related to a broker request, by method (docs/sockets.md).",
         Some(("method", "none")),
         |h| h.assembly.unattributed_exchanges,
+    ),
+    (
+        "brokerprobe_attribution_votes_dropped_total",
+        "Thread-adjacency votes not kept: an exchange had votes for too many requests.",
+        None,
+        |h| h.assembly.attribution_votes_dropped,
+    ),
+    (
+        "brokerprobe_upstream_arrivals_untimed_total",
+        "Upstream response reads whose arrival the kernel did not time: timed by the read.",
+        None,
+        |h| h.connections.arrivals_unknown,
     ),
 ];
 
