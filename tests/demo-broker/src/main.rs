@@ -11,7 +11,6 @@ mod streaming;
 mod tools;
 mod upstream;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -26,7 +25,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use clap::Parser;
-use fake_upstream::{FakeConfig, ModelBehaviour};
+use fake_upstream::FakeConfig;
 use probe_markers::RequestId;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -174,34 +173,11 @@ async fn start_fake_upstream() -> anyhow::Result<String> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move {
-        if let Err(err) = fake_upstream::serve(listener, fake_config()).await {
+        if let Err(err) = fake_upstream::serve(listener, FakeConfig::demo()).await {
             log::error!("fake upstream stopped: {err:#}");
         }
     });
     Ok(url)
-}
-
-/// Gives each built-in model a recognisable latency profile; `flaky` always fails.
-fn fake_config() -> FakeConfig {
-    let streams = |ttfb_ms, chunks, chunk_interval_ms| ModelBehaviour {
-        ttfb_ms,
-        chunks,
-        chunk_interval_ms,
-        ..ModelBehaviour::default()
-    };
-    let failing = ModelBehaviour {
-        ttfb_ms: 2,
-        fail_status: Some(500),
-        ..ModelBehaviour::default()
-    };
-    FakeConfig {
-        default: ModelBehaviour::default(),
-        models: HashMap::from([
-            ("gpt-fast".to_owned(), streams(5, 5, 2)),
-            ("claude-slow".to_owned(), streams(30, 8, 5)),
-            ("flaky".to_owned(), failing),
-        ]),
-    }
 }
 
 /// Gives every request an id (also used by its markers) and answers it in `x-request-id`.

@@ -37,8 +37,9 @@ pub use wire::{Exchange, monotonic_ns};
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelBehaviour {
-    /// Delay before the response head. Non-streaming answers also wait out the whole
-    /// generation (`chunks × chunk_interval_ms`) before the head, like a real provider.
+    /// Delay from the first request byte read to the response head. Non-streaming answers
+    /// also wait out the whole generation (`chunks × chunk_interval_ms`) before the head,
+    /// like a real provider.
     pub ttfb_ms: u64,
     /// Content chunks of a streamed answer (and completion tokens of any answer).
     pub chunks: u32,
@@ -87,6 +88,30 @@ pub struct FakeConfig {
 }
 
 impl FakeConfig {
+    /// The demo broker's models, each with a recognisable latency profile; `flaky`
+    /// always fails (the demo falls back from it).
+    pub fn demo() -> Self {
+        let streams = |ttfb_ms, chunks, chunk_interval_ms| ModelBehaviour {
+            ttfb_ms,
+            chunks,
+            chunk_interval_ms,
+            ..ModelBehaviour::default()
+        };
+        let failing = ModelBehaviour {
+            ttfb_ms: 2,
+            fail_status: Some(500),
+            ..ModelBehaviour::default()
+        };
+        FakeConfig {
+            default: ModelBehaviour::default(),
+            models: HashMap::from([
+                ("gpt-fast".to_owned(), streams(5, 5, 2)),
+                ("claude-slow".to_owned(), streams(30, 8, 5)),
+                ("flaky".to_owned(), failing),
+            ]),
+        }
+    }
+
     fn behaviour(&self, model: &str) -> &ModelBehaviour {
         self.models.get(model).unwrap_or(&self.default)
     }
@@ -316,9 +341,10 @@ async fn chat_completions(
     Extension(conn): Extension<Arc<ConnLedger>>,
     Json(request): Json<ChatRequest>,
 ) -> Response {
-    // Stamped once the body is read, so `received_ns` is after the last request byte came.
-    conn.handler_started();
-    let received = tokio::time::Instant::now();
+    // Stamped once the body is read, so `received_ns` is after the last request byte came;
+    // the delays count from the first request byte read.
+    let since_first_read = conn.handler_started();
+    let received = tokio::time::Instant::now() - since_first_read;
     let (nth_for_model, serial) = fake.stats.count_request(&request.model);
     let behaviour = fake.config.behaviour(&request.model);
     sleep_precisely(received + Duration::from_millis(behaviour.ttfb_ms)).await;

@@ -18,8 +18,12 @@ struct Cli {
     listen: SocketAddr,
     /// JSON file: {"default": BEHAVIOUR, "models": {"NAME": BEHAVIOUR}}, where BEHAVIOUR has
     /// ttfb_ms, chunks, chunk_interval_ms, fail_status, fail_every (all optional).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "demo_models")]
     config: Option<PathBuf>,
+    /// Serve the demo broker's models (gpt-fast, claude-slow, flaky), as its built-in
+    /// fake does.
+    #[arg(long)]
+    demo_models: bool,
     /// Overrides the default behaviour's delay before the response head.
     #[arg(long)]
     ttfb_ms: Option<u64>,
@@ -29,6 +33,11 @@ struct Cli {
     /// Overrides the default behaviour's pause between streamed chunks.
     #[arg(long)]
     chunk_interval_ms: Option<u64>,
+    /// Run at this SCHED_FIFO real-time priority (1-99; needs root): a provider has
+    /// machines of its own, and a fake sharing a busy test machine with the broker would
+    /// otherwise answer late and make its scripted delays loose.
+    #[arg(long, value_name = "PRIORITY", value_parser = clap::value_parser!(i32).range(1..=99))]
+    realtime: Option<i32>,
 }
 
 impl Cli {
@@ -40,6 +49,7 @@ impl Cli {
                 serde_json::from_str(&text)
                     .with_context(|| format!("parsing {}", path.display()))?
             }
+            None if self.demo_models => FakeConfig::demo(),
             None => FakeConfig::default(),
         };
         let default = &mut config.default;
@@ -50,10 +60,30 @@ impl Cli {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.fake_config()?;
-    let listener = fake_upstream::bind_announced(cli.listen).await?;
-    fake_upstream::serve(listener, config).await
+    if let Some(priority) = cli.realtime {
+        // Before the runtime starts: its threads inherit the policy.
+        set_realtime(priority)?;
+    }
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let listener = fake_upstream::bind_announced(cli.listen).await?;
+        fake_upstream::serve(listener, config).await
+    })
+}
+
+fn set_realtime(priority: i32) -> anyhow::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: sets this thread's policy from a valid sched_param; no memory is shared.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc != 0 {
+        anyhow::bail!(
+            "--realtime {priority}: {} (needs root or CAP_SYS_NICE)",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }

@@ -16,6 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -40,6 +41,15 @@ pub struct Exchange {
     /// when the chat handler started (its body parsed), for other routes when the
     /// request was dispatched. 0 if no request reached the router.
     pub received_ns: u64,
+    /// When the read that got the first request bytes returned.
+    pub first_read_ns: u64,
+    /// Around the write syscall that sent the first response bytes: the bytes reached
+    /// the peer's socket in between (on loopback, within the syscall). 0 if none.
+    pub first_write_began_ns: u64,
+    pub first_write_ended_ns: u64,
+    /// The same for the last response bytes.
+    pub last_write_began_ns: u64,
+    pub last_write_ended_ns: u64,
     /// Request bytes read from the socket, head included.
     pub request_bytes: u64,
     /// Response bytes written to the socket, head and chunked framing included.
@@ -56,6 +66,11 @@ impl Exchange {
             peer_ip: peer.ip(),
             peer_port: peer.port(),
             received_ns: 0,
+            first_read_ns: 0,
+            first_write_began_ns: 0,
+            first_write_ended_ns: 0,
+            last_write_began_ns: 0,
+            last_write_ended_ns: 0,
             request_bytes: 0,
             response_bytes: 0,
             writes: 0,
@@ -172,12 +187,20 @@ impl ConnLedger {
     }
 
     /// Re-stamps `received_ns` when a handler starts after reading the request body.
-    pub(crate) fn handler_started(&self) {
+    /// Returns how long ago the request's first bytes were read (the scripted delays
+    /// count from then, the closest a provider gets to the request's arrival).
+    pub(crate) fn handler_started(&self) -> Duration {
         let now = monotonic_ns();
-        self.with_current(|exchange| exchange.received_ns = now);
+        let mut first_read_ns = now;
+        self.with_current(|exchange| {
+            exchange.received_ns = now;
+            first_read_ns = exchange.first_read_ns;
+        });
+        Duration::from_nanos(now.saturating_sub(first_read_ns))
     }
 
-    fn read(&self, bytes: usize) {
+    /// `at`: when the read returned.
+    fn read(&self, bytes: usize, at: u64) {
         let mut book = self.wire.book();
         book.totals.bytes_read += bytes as u64;
         let Some(conn) = book.open.get_mut(&self.id) else {
@@ -190,13 +213,17 @@ impl ConnLedger {
             None
         };
         let exchange = conn.current.get_or_insert_with(|| Exchange::new(conn.peer));
+        if exchange.first_read_ns == 0 {
+            exchange.first_read_ns = at;
+        }
         exchange.request_bytes += bytes as u64;
         if let Some(done) = done {
             book.finish(done);
         }
     }
 
-    fn wrote(&self, bytes: usize) {
+    /// `began`, `ended`: around the write syscall.
+    fn wrote(&self, bytes: usize, began: u64, ended: u64) {
         let mut book = self.wire.book();
         book.totals.bytes_written += bytes as u64;
         book.totals.writes += 1;
@@ -205,6 +232,10 @@ impl ConnLedger {
         };
         conn.wrote_last = true;
         let exchange = conn.current.get_or_insert_with(|| Exchange::new(conn.peer));
+        if exchange.first_write_began_ns == 0 {
+            (exchange.first_write_began_ns, exchange.first_write_ended_ns) = (began, ended);
+        }
+        (exchange.last_write_began_ns, exchange.last_write_ended_ns) = (began, ended);
         exchange.response_bytes += bytes as u64;
         exchange.writes += 1;
     }
@@ -241,9 +272,10 @@ impl CountingStream {
         Self { tcp, conn }
     }
 
-    fn count_write(&self, poll: &Poll<io::Result<usize>>) {
+    /// Books a write that `began` before its syscall.
+    fn count_write(&self, poll: &Poll<io::Result<usize>>, began: u64) {
         match poll {
-            Poll::Ready(Ok(n)) if *n > 0 => self.conn.wrote(*n),
+            Poll::Ready(Ok(n)) if *n > 0 => self.conn.wrote(*n, began, monotonic_ns()),
             _ => {}
         }
     }
@@ -266,7 +298,7 @@ impl AsyncRead for CountingStream {
         let poll = Pin::new(&mut this.tcp).poll_read(cx, buf);
         let read = buf.filled().len() - before;
         if read > 0 {
-            this.conn.read(read);
+            this.conn.read(read, monotonic_ns());
         }
         poll
     }
@@ -279,8 +311,9 @@ impl AsyncWrite for CountingStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        let began = monotonic_ns();
         let poll = Pin::new(&mut this.tcp).poll_write(cx, buf);
-        this.count_write(&poll);
+        this.count_write(&poll, began);
         poll
     }
 
@@ -292,8 +325,9 @@ impl AsyncWrite for CountingStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        let began = monotonic_ns();
         let poll = Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
-        this.count_write(&poll);
+        this.count_write(&poll, began);
         poll
     }
 
@@ -319,16 +353,16 @@ mod tests {
         let wire = Arc::new(WireLedger::default());
         let peer: SocketAddr = "10.0.0.1:4242".parse().unwrap();
         let conn = ConnLedger::open(&wire, peer);
-        conn.read(10);
+        conn.read(10, 1);
         conn.dispatched("/a", Some("one".into()));
-        conn.read(5);
-        conn.wrote(100);
-        conn.wrote(20);
-        conn.read(7);
+        conn.read(5, 2);
+        conn.wrote(100, 3, 4);
+        conn.wrote(20, 5, 6);
+        conn.read(7, 7);
         conn.dispatched("/b", None);
         let open = wire.exchanges();
         conn.close();
-        conn.wrote(1); // after close: counted in the totals only
+        conn.wrote(1, 8, 9); // after close: counted in the totals only
         let finished = wire.exchanges();
         assert_eq!(open, finished);
 
@@ -336,9 +370,13 @@ mod tests {
         first.request_id = Some("one".into());
         first.path = "/a".into();
         (first.request_bytes, first.response_bytes, first.writes) = (15, 120, 2);
+        first.first_read_ns = 1;
+        (first.first_write_began_ns, first.first_write_ended_ns) = (3, 4);
+        (first.last_write_began_ns, first.last_write_ended_ns) = (5, 6);
         let mut second = Exchange::new(peer);
         second.path = "/b".into();
         second.request_bytes = 7;
+        second.first_read_ns = 7;
         let received: Vec<u64> = finished.iter().map(|e| e.received_ns).collect();
         assert!(received.iter().all(|&ns| ns > 0), "{received:?}");
         (first.received_ns, second.received_ns) = (received[0], received[1]);

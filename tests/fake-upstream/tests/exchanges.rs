@@ -116,6 +116,11 @@ fn expected(seen: &Seen, peer: SocketAddr, path: &str, id: Option<&str>, writes:
         peer_ip: peer.ip(),
         peer_port: peer.port(),
         received_ns: 0,
+        first_read_ns: 0,
+        first_write_began_ns: 0,
+        first_write_ended_ns: 0,
+        last_write_began_ns: 0,
+        last_write_ended_ns: 0,
         request_bytes: seen.sent as u64,
         response_bytes: seen.received.len() as u64,
         writes,
@@ -165,10 +170,10 @@ fn client(addr: SocketAddr) {
             .collect();
         let answering = own_expected.last_mut().unwrap();
         (answering.response_bytes, answering.writes) = (0, 0);
-        check_received(&mut own, &listings.iter().collect::<Vec<_>>())?;
+        check_times(&mut own, &listings.iter().collect::<Vec<_>>())?;
         same(&own, &own_expected)?;
 
-        check_received(&mut ours, &[&models, &plain, &stream])?;
+        check_times(&mut ours, &[&models, &plain, &stream])?;
         same(
             ours.as_slice(),
             &[
@@ -202,16 +207,39 @@ fn client(addr: SocketAddr) {
     });
 }
 
-/// Checks each exchange's `received_ns` lies between its request's sending and its
-/// response's arrival, and zeroes it for comparing the rest.
-fn check_received(exchanges: &mut [Exchange], seen: &[&Seen]) -> Result<(), String> {
-    for (exchange, seen) in exchanges.iter_mut().zip(seen) {
-        let received = std::mem::take(&mut exchange.received_ns);
-        if !(seen.before_send_ns..=seen.after_response_ns).contains(&received) {
-            return Err(format!(
-                "received_ns {received} outside {}..={}",
-                seen.before_send_ns, seen.after_response_ns
-            ));
+/// Checks each exchange's times follow each other between its request's sending and its
+/// response's arrival — first request byte read, handled, first response write, last
+/// response write — and zeroes them for comparing the rest.
+fn check_times(exchanges: &mut [Exchange], seen: &[&Seen]) -> Result<(), String> {
+    use std::mem::take;
+    for (e, seen) in exchanges.iter_mut().zip(seen) {
+        let mut steps = vec![
+            ("sent", seen.before_send_ns),
+            ("first read", take(&mut e.first_read_ns)),
+            ("received", take(&mut e.received_ns)),
+        ];
+        let writes = [
+            ("first write began", take(&mut e.first_write_began_ns)),
+            ("first write ended", take(&mut e.first_write_ended_ns)),
+            ("last write began", take(&mut e.last_write_began_ns)),
+            ("last write ended", take(&mut e.last_write_ended_ns)),
+        ];
+        if e.writes > 0 {
+            // A write's end is booked after the syscall returns, maybe after the client
+            // has read its bytes: only its beginning is bounded by the response's arrival.
+            steps.extend([
+                writes[0],
+                writes[2],
+                ("response read", seen.after_response_ns),
+            ]);
+            if !(writes[0].1 <= writes[1].1 && writes[2].1 <= writes[3].1) {
+                return Err(format!("write times out of order: {writes:?}"));
+            }
+        } else if writes.iter().any(|(_, ns)| *ns != 0) {
+            return Err(format!("write times without writes: {writes:?}"));
+        }
+        if !steps.windows(2).all(|pair| pair[0].1 <= pair[1].1) {
+            return Err(format!("times out of order: {steps:?}"));
         }
     }
     Ok(())
