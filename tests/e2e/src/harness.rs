@@ -221,6 +221,16 @@ pub fn attach_brokerprobe(pid: u32, extra_args: &[&str]) -> Result<(Proc, String
 /// returns the last exposition text.
 pub async fn wait_for_requests(metrics_url: &str, expected: usize) -> anyhow::Result<String> {
     // request_end fires as the body ends, a moment after the client has read it all.
+    wait_for_counter(metrics_url, "brokerprobe_requests_total", expected).await
+}
+
+/// Polls brokerprobe's /metrics until counter `metric` (summed over its labels) reaches
+/// `expected` (or 15 s pass); returns the last exposition text.
+pub async fn wait_for_counter(
+    metrics_url: &str,
+    metric: &str,
+    expected: usize,
+) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let text = reqwest::get(metrics_url)
@@ -229,7 +239,7 @@ pub async fn wait_for_requests(metrics_url: &str, expected: usize) -> anyhow::Re
             .text()
             .await?;
         let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
-        let seen = counter_sum(&scrape, "brokerprobe_requests_total");
+        let seen = counter_sum(&scrape, metric);
         if seen >= expected as f64 || Instant::now() > deadline {
             return Ok(text);
         }
