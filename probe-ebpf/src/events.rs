@@ -4,12 +4,25 @@
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
 };
 use probe_common::{event::Counter, maps::EVENTS_BYTES};
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Slot 0 is 1 while user space wants events. Probes are attached and detached one by one;
+/// events are switched on only once all are in place and off before any goes, so no
+/// event reports half a picture (a read whose syscall entry was not seen, for instance).
+#[map]
+static ARMED: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether to emit events and count what cannot be followed (maps are kept up to date
+/// either way).
+#[inline(always)]
+pub fn armed() -> bool {
+    ARMED.get(0).is_some_and(|on| *on == 1)
+}
 
 /// Indexed by [`Counter`]; user space sums the CPUs.
 #[map]

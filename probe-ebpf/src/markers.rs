@@ -15,7 +15,7 @@ use probe_common::{
     marker::{MarkerEvent, MarkerKind, TEXT_CAP},
 };
 
-use crate::events::{EVENTS, count, current_task};
+use crate::events::{EVENTS, armed, count, current_task};
 
 /// A string argument: registers holding (pointer, length).
 type TextArgs = Option<(usize, usize)>;
@@ -41,6 +41,9 @@ fn emit_value_and_text(ctx: &ProbeContext, kind: MarkerKind) -> u32 {
 
 #[inline(always)]
 fn emit(ctx: &ProbeContext, kind: MarkerKind, values: [u64; 2], texts: [TextArgs; 2]) -> u32 {
+    if !armed() {
+        return 0;
+    }
     // SAFETY: reading the clock has no preconditions.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
     let (pid, tid) = current_task();

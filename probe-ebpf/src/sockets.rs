@@ -25,7 +25,7 @@ use probe_common::{
     },
 };
 
-use crate::events::{EVENTS, count, current_task};
+use crate::events::{EVENTS, armed, count, current_task};
 use probe_common::socket::socket_key;
 
 /// tgid → 1 for each process brokerprobe follows (written by user space).
@@ -199,7 +199,7 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     }
     // SAFETY: copied out at once; the entry may be replaced by another syscall of ours.
     let Some(io) = (unsafe { SYSCALL_IO.get(&tid) }).copied() else {
-        if count(Counter::SocketIoWithoutSyscall) == 0 {
+        if armed() && count(Counter::SocketIoWithoutSyscall) == 0 {
             warn!(
                 ctx,
                 "socket I/O outside read/write syscalls (io_uring, sendfile?): not followed (counted)"
@@ -242,6 +242,9 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
         }
         0
     };
+    if !armed() {
+        return 0;
+    }
     let kind = if direction == DIRECTION_SEND {
         SocketKind::Send
     } else {
@@ -382,6 +385,9 @@ fn emit(
     fd: i32,
     endpoints: Option<(WireEndpoint, WireEndpoint)>,
 ) -> u32 {
+    if !armed() {
+        return 0;
+    }
     let Some(mut entry) = EVENTS.reserve::<SocketEvent>(0) else {
         count_lost(ctx);
         return 0;

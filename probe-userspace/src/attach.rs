@@ -7,7 +7,7 @@ use std::{fs, num::NonZeroU32};
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, UProbe, uprobe::UProbeScope},
 };
 use aya_log::EbpfLogger;
@@ -96,7 +96,29 @@ pub struct Attached {
 }
 
 /// Owns the programs and their links: the probes stay attached until this is dropped.
-pub struct Probes(#[allow(dead_code, reason = "held for its Drop")] Ebpf);
+/// They report nothing until [`Probes::arm`], and nothing after [`Probes::disarm`].
+pub struct Probes {
+    #[allow(dead_code, reason = "held for its Drop")]
+    ebpf: Ebpf,
+    armed: Array<MapData, u32>,
+}
+
+impl Probes {
+    /// Every probe is in place: events from now on.
+    pub fn arm(&mut self) -> Result<()> {
+        self.armed
+            .set(0, 1, 0)
+            .context("switching the probes' events on")
+    }
+
+    /// No events from now on, before the probes go one by one. A failure only means
+    /// the last events come while detaching, where they are counted and ignored.
+    pub fn disarm(&mut self) {
+        if let Err(e) = self.armed.set(0, 0, 0) {
+            log::warn!("switching the probes' events off: {e}");
+        }
+    }
+}
 
 /// The kernel's per-CPU counters ([`Counter`]), summed.
 pub struct KernelCounters {
@@ -122,6 +144,7 @@ impl Attached {
         let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?)?;
         let sockets = HashMap::try_from(take_map(&mut ebpf, "SOCKETS")?)?;
+        let armed = Array::try_from(take_map(&mut ebpf, "ARMED")?)?;
         let mut traced: HashMap<_, u32, u8> =
             HashMap::try_from(take_map(&mut ebpf, "TRACED_PROCESSES")?)?;
         traced
@@ -139,7 +162,7 @@ impl Attached {
             0
         };
         Ok(Self {
-            probes: Probes(ebpf),
+            probes: Probes { ebpf, armed },
             events,
             counters: KernelCounters {
                 map: counters,

@@ -229,7 +229,6 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
     let exchanges_out = create(&options.exchanges_out)?;
 
     let mut attached = Attached::attach(&target, families)?;
-    let all_attached_ns = monotonic_ns();
     let pid = target.pid;
     let mut connections = Connections::new(
         UpstreamNames::new(options.upstream_names.iter().cloned()),
@@ -239,10 +238,9 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
             sockets.into_iter().find(|s| s.fd == fd)
         }),
     );
-    connections.open_window(all_attached_ns);
     if families.sockets {
-        // After attaching: a connection opened meanwhile is seen by the probes as well,
-        // and its accept or connect event replaces what is learned here.
+        // After attaching, before events are on: a connection opened meanwhile is listed
+        // here or, if its handshake was not done yet, learned from /proc at its first I/O.
         let open = procnet::established_sockets(pid)
             .with_context(|| format!("listing the open sockets of PID {pid}"))?;
         attached.follow_open_sockets(pid, &open);
@@ -251,6 +249,9 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
             connections.learn(pid, socket);
         }
     }
+    let all_attached_ns = monotonic_ns();
+    connections.open_window(all_attached_ns);
+    attached.probes.arm()?;
     let what = match (families.markers, families.sockets) {
         (true, true) => format!(
             "{} markers and {} socket tracepoints",
@@ -313,7 +314,7 @@ async fn event_loop(
         socket_tracepoints: attached.socket_tracepoints,
     };
     let Attached {
-        probes,
+        mut probes,
         events,
         mut counters,
         kernel_log,
@@ -360,8 +361,10 @@ async fn event_loop(
             () = &mut deadline => break Stop::Duration,
         }
     };
-    // Detach first, so no hit lands after the final drain; programs already running on
-    // other CPUs finish within microseconds, the grace period lets their records commit.
+    // Events off, then detach, so no hit lands after the final drain; programs already
+    // running on other CPUs finish within microseconds, the grace period lets their
+    // records commit.
+    probes.disarm();
     let detach_ns = monotonic_ns();
     pipeline.assembler.close_window(detach_ns);
     pipeline.connections.close_window(detach_ns);
