@@ -66,18 +66,7 @@ fn attribution_under_mixed_load() {
     require_root();
     let dir = scratch_dir("mixed");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (_fake, fake_addr) = start_listening(
-        "fake-upstream",
-        Command::new(bin("fake-upstream")).args([
-            "--listen",
-            "127.0.0.1:0",
-            "--demo-models",
-            "--realtime",
-            "10",
-        ]),
-    )
-    .unwrap();
-    let upstream_url = format!("http://{fake_addr}");
+    let (_fake, upstream_url) = start_fake_upstream(&["--demo-models"]);
     let (broker, broker_addr) = start_broker(Broker::DemoWithMarkers, &upstream_url);
     let url = format!("http://{broker_addr}");
     let mix = Mix::default();
@@ -102,15 +91,7 @@ fn attribution_under_mixed_load() {
         .block_on(load::drive(&url, REQUESTS, CONCURRENCY, &mix, 2))
         .unwrap();
     let kinds = |f: fn(&Outcome) -> bool| sent.iter().filter(|o| f(o)).count();
-    let ledger: Vec<Json> = rt
-        .block_on(fetch_json(&format!("{upstream_url}/fake/exchanges")))
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["path"] == "/v1/chat/completions")
-        .filter(|e| e["received_ns"].as_u64().unwrap() > attached_ns)
-        .cloned()
-        .collect();
+    let ledger = chat_calls_since(&rt.block_on(chat_calls(&upstream_url)), attached_ns);
     rt.block_on(wait_for_counter(
         &metrics_url,
         "brokerprobe_upstream_exchanges_total",
@@ -119,10 +100,7 @@ fn attribution_under_mixed_load() {
     .unwrap();
     probe.interrupt().unwrap();
     let exchanges = read_jsonl(&exchanges_path);
-    let upstream: Vec<&Json> = exchanges
-        .iter()
-        .filter(|e| e["role"] == "upstream")
-        .collect();
+    let upstream = upstream_exchanges(&exchanges);
     let matched = match_to_ledger(&upstream, &ledger);
     assert_eq!(matched.len(), ledger.len(), "upstream calls not observed");
     println!(
@@ -178,25 +156,14 @@ fn profile(broker: Broker) -> Run {
     };
     let dir = scratch_dir(name);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (_fake, fake_addr) = start_listening(
-        "fake-upstream",
-        Command::new(bin("fake-upstream")).args([
-            "--listen",
-            "127.0.0.1:0",
-            "--ttfb-ms",
-            &TTFB_MS.to_string(),
-            "--chunks",
-            &CHUNKS.to_string(),
-            "--chunk-interval-ms",
-            &CHUNK_INTERVAL_MS.to_string(),
-            // A provider runs on machines of its own; sharing this one with the broker
-            // under load, the fake would answer up to milliseconds late otherwise.
-            "--realtime",
-            "10",
-        ]),
-    )
-    .unwrap();
-    let upstream_url = format!("http://{fake_addr}");
+    let (_fake, upstream_url) = start_fake_upstream(&[
+        "--ttfb-ms",
+        &TTFB_MS.to_string(),
+        "--chunks",
+        &CHUNKS.to_string(),
+        "--chunk-interval-ms",
+        &CHUNK_INTERVAL_MS.to_string(),
+    ]);
     let (broker_proc, broker_addr) = start_broker(broker, &upstream_url);
     let url = format!("http://{broker_addr}");
     let mix = streaming_mix();
@@ -222,7 +189,7 @@ fn profile(broker: Broker) -> Run {
         "--exchange-idle",
         "300ms",
     ];
-    let upstream_name = format!("fake={fake_addr}");
+    let upstream_name = format!("fake={}", upstream_url.trim_start_matches("http://"));
     args.extend(["--upstream", &upstream_name]);
     if broker == Broker::DemoWithoutMarkers {
         args.extend(["--mode", "sockets"]);
@@ -277,29 +244,15 @@ fn profile(broker: Broker) -> Run {
     );
 
     // Every chat call the upstream saw, and those of them made while attached.
-    let all_calls: Vec<Json> = rt
-        .block_on(fetch_json(&format!("{upstream_url}/fake/exchanges")))
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["path"] == "/v1/chat/completions")
-        .cloned()
-        .collect();
-    let ledger: Vec<Json> = all_calls
-        .iter()
-        .filter(|e| e["received_ns"].as_u64().unwrap() > attached_ns)
-        .cloned()
-        .collect();
+    let all_calls = rt.block_on(chat_calls(&upstream_url));
+    let ledger = chat_calls_since(&all_calls, attached_ns);
     assert_eq!(
         ledger.len(),
         TOTAL,
         "the upstream saw other calls than ours"
     );
     let exchanges = read_jsonl(&exchanges_path);
-    let upstream: Vec<&Json> = exchanges
-        .iter()
-        .filter(|e| e["role"] == "upstream")
-        .collect();
+    let upstream = upstream_exchanges(&exchanges);
     let matched = match_to_ledger(&upstream, &ledger);
     if matched.len() != upstream.len() {
         let ids: std::collections::HashSet<u64> = matched
@@ -424,6 +377,13 @@ fn max_in_flight(ledger: &[Json]) -> usize {
         most = most.max(now);
     }
     most as usize
+}
+
+fn upstream_exchanges(exchanges: &[Json]) -> Vec<&Json> {
+    exchanges
+        .iter()
+        .filter(|e| e["role"] == "upstream")
+        .collect()
 }
 
 /// Pairs each observed upstream exchange with the upstream's record of the same call:
@@ -558,7 +518,7 @@ fn check_ttfb(matched: &[Matched], name: &str) {
     let own = sorted(&|m| ns(&m.ledger, "first_write_began_ns") - ns(&m.ledger, "first_read_ns"));
     let at = |sorted: &[u64], q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
     let ms = |ns: u64| ns as f64 / 1e6;
-    println!(
+    let figures = format!(
         "sockets ({name}): network TTFB p50 {:.3} ms, p95 {:.3} ms (upstream scripted {TTFB_MS} \
          ms; it read the request p50 {:.3} ms, p95 {:.3} ms after it was sent, and took \
          p50 {:.3} ms, p95 {:.3} ms from there to its first write)",
@@ -569,12 +529,13 @@ fn check_ttfb(matched: &[Matched], name: &str) {
         ms(at(&own, 0.5)),
         ms(at(&own, 0.95)),
     );
+    println!("{figures}");
     let target = TTFB_MS * 1_000_000;
     let at = |q| at(&ttfb, q);
     for q in [0.5, 0.95] {
         assert!(
             at(q).abs_diff(target) <= TTFB_TOLERANCE_NS,
-            "TTFB p{} = {} ns, not within {TTFB_TOLERANCE_NS} ns of {target}",
+            "TTFB p{} = {} ns, not within {TTFB_TOLERANCE_NS} ns of {target}: {figures}",
             q * 100.0,
             at(q)
         );
@@ -607,10 +568,7 @@ fn check_inbound_relation(exchanges: &[Json], sequential_from_ns: u64, name: &st
         .filter(|e| e["role"] == "inbound")
         .map(|e| (ns(e, "id"), e))
         .collect();
-    let upstream: Vec<&Json> = exchanges
-        .iter()
-        .filter(|e| e["role"] == "upstream")
-        .collect();
+    let upstream = upstream_exchanges(exchanges);
     let mut related = 0;
     for u in &upstream {
         let Some(id) = u["inbound_exchange"].as_u64() else {
@@ -751,6 +709,37 @@ fn check_lag(run: &Run) {
         lags[lags.len() / 2] as f64 / 1e3,
         lags[lags.len() * 99 / 100] as f64 / 1e3
     );
+}
+
+/// The fake upstream as a process of its own, with the `script` arguments; returns it and
+/// its URL.
+fn start_fake_upstream(script: &[&str]) -> (Proc, String) {
+    let mut command = Command::new(bin("fake-upstream"));
+    // A provider runs on machines of its own; sharing this one with the broker under
+    // load, the fake would answer up to milliseconds late otherwise.
+    command.args(["--listen", "127.0.0.1:0", "--realtime", "10"]);
+    let (fake, addr) = start_listening("fake-upstream", command.args(script)).unwrap();
+    (fake, format!("http://{addr}"))
+}
+
+/// Every chat call in the fake upstream's ledger.
+async fn chat_calls(upstream_url: &str) -> Vec<Json> {
+    let all = fetch_json(&format!("{upstream_url}/fake/exchanges")).await;
+    all.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["path"] == "/v1/chat/completions")
+        .cloned()
+        .collect()
+}
+
+/// Those of `calls` the upstream received after `since_ns`.
+fn chat_calls_since(calls: &[Json], since_ns: u64) -> Vec<Json> {
+    calls
+        .iter()
+        .filter(|e| e["received_ns"].as_u64().unwrap() > since_ns)
+        .cloned()
+        .collect()
 }
 
 async fn fetch_json(url: &str) -> Json {
