@@ -31,13 +31,27 @@ pub struct Request {
     pub fallbacks: Vec<(String, String)>,
     /// Every "first upstream byte" the broker saw (one per upstream call).
     pub first_byte_ns: Vec<u64>,
+    /// Stream chunks the broker forwarded (chunk markers), and when the first and the last
+    /// were.
     pub chunks: u32,
+    pub first_chunk_ns: Option<u64>,
+    pub last_chunk_ns: Option<u64>,
+    /// Totals over `token_usage`.
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Every token-usage marker (one per upstream answer), in order.
+    pub token_usage: Vec<TokenUsage>,
     /// Stages begun but still open at request end (not in `stages`).
     pub unclosed_stages: u32,
     /// Upstream exchanges attributed to this request, in the order they started.
     pub upstream_calls: Vec<UpstreamCall>,
+}
+
+/// Tokens one upstream answer billed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub input: u64,
+    pub output: u64,
 }
 
 /// The broker's and the network's view of one upstream call (docs/sockets.md).
@@ -54,6 +68,8 @@ pub struct UpstreamCall {
     pub first_response_ns: Option<u64>,
     /// The broker's first-byte marker for this call.
     pub broker_first_byte_ns: Option<u64>,
+    /// From the response's status line, when it was plaintext HTTP/1.x.
+    pub status: Option<u16>,
 }
 
 impl UpstreamCall {
@@ -178,6 +194,7 @@ struct Unattributed {
     pid: u32,
     start_ns: u64,
     first_response_ns: Option<u64>,
+    status: Option<u16>,
     /// The one request that could take it when it started, if there was exactly one.
     only_candidate: Option<u64>,
 }
@@ -330,10 +347,16 @@ impl Assembler {
                 push_bounded(&mut request.first_byte_ns, event.ts_ns, &mut self.stats)
             }
             // Saturating: chunk and token counts come from the broker and its upstream.
-            What::Chunk => request.chunks = request.chunks.saturating_add(1),
+            What::Chunk => {
+                request.chunks = request.chunks.saturating_add(1);
+                request.first_chunk_ns.get_or_insert(event.ts_ns);
+                request.last_chunk_ns = Some(event.ts_ns);
+            }
             What::TokenUsage { input, output } => {
                 request.input_tokens = request.input_tokens.saturating_add(input);
                 request.output_tokens = request.output_tokens.saturating_add(output);
+                let usage = TokenUsage { input, output };
+                push_bounded(&mut request.token_usage, usage, &mut self.stats);
             }
             What::Fallback { from, to } => {
                 push_bounded(&mut request.fallbacks, (from, to), &mut self.stats)
@@ -395,14 +418,16 @@ impl Assembler {
                     pid,
                     start_ns: ts_ns,
                     first_response_ns: None,
+                    status: None,
                     only_candidate,
                 };
                 self.unattributed.insert(id, exchange);
                 None
             }
-            Progress::Responded { id, ts_ns } => {
+            Progress::Responded { id, ts_ns, status } => {
                 if let Some(exchange) = self.unattributed.get_mut(&id) {
                     exchange.first_response_ns = Some(ts_ns);
+                    exchange.status = status;
                     return None;
                 }
                 let (owner, _) = self.exchange_owners.get(&id)?;
@@ -413,6 +438,7 @@ impl Assembler {
                     .iter_mut()
                     .find(|c| c.exchange_id == id)?;
                 call.first_response_ns = Some(ts_ns);
+                call.status = status;
                 None
             }
             Progress::Read {
@@ -527,6 +553,7 @@ impl Assembler {
             stage_begin_ns: stage.begin_ns,
             sent_ns: exchange.start_ns,
             first_response_ns: exchange.first_response_ns,
+            status: exchange.status,
             ..UpstreamCall::default()
         };
         push_bounded(&mut open.request.upstream_calls, call, &mut self.stats);
@@ -840,7 +867,11 @@ mod tests {
         }
         asm.on_progress(started(100, 1, 20)); // votes for request 2 (wrongly)
         asm.on_progress(started(200, 2, 21)); // no marker on thread 2: no vote
-        asm.on_progress(Progress::Responded { id: 100, ts_ns: 45 });
+        asm.on_progress(Progress::Responded {
+            id: 100,
+            ts_ns: 45,
+            status: Some(200),
+        });
         asm.on_progress(read(100, 2, 50));
         asm.on_event(on_thread(ev(51, 1, What::FirstByte), 2));
         asm.on_progress(read(100, 2, 55));

@@ -142,8 +142,13 @@ pub enum Progress {
         fd: i32,
         ts_ns: u64,
     },
-    /// An upstream response's first byte came in (`ts_ns`: when it arrived).
-    Responded { id: u64, ts_ns: u64 },
+    /// An upstream response's first byte came in (`ts_ns`: when it arrived), with its
+    /// status if the status line came whole in that first read.
+    Responded {
+        id: u64,
+        ts_ns: u64,
+        status: Option<u16>,
+    },
     /// Thread `tid` read bytes: a response of upstream exchange `exchange`, or (None)
     /// anything else. Attribution's evidence.
     Read {
@@ -500,21 +505,23 @@ impl Connections {
             }
             (Role::Inbound, _) => io.ts_ns,
         };
-        if exchange.first_response_ns.is_none() {
+        let first = exchange.first_response_ns.is_none();
+        if first {
             exchange.first_response_ns = Some(arrived_ns);
             connection.response_head = Head::default();
-            if role == Role::Upstream {
-                exchange.first_read_ns = Some(io.ts_ns);
-                out.push(Progress::Responded {
-                    id: exchange.id,
-                    ts_ns: arrived_ns,
-                });
-            }
         }
         if exchange.status.is_none() {
             if let Some(head) = connection.response_head.push(prefix) {
                 exchange.status = http::status_line(head);
             }
+        }
+        if first && role == Role::Upstream {
+            exchange.first_read_ns = Some(io.ts_ns);
+            out.push(Progress::Responded {
+                id: exchange.id,
+                ts_ns: arrived_ns,
+                status: exchange.status,
+            });
         }
         exchange.last_response_ns = Some(arrived_ns);
         exchange.response_bytes += u64::from(bytes);

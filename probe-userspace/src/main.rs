@@ -3,7 +3,10 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
-use probe_userspace::run::{self, AttachOptions, Mode};
+use probe_userspace::{
+    export::prometheus::{MetricsConfig, check_buckets},
+    run::{self, AttachOptions, Mode},
+};
 
 #[derive(Parser)]
 #[command(
@@ -96,10 +99,37 @@ struct AttachArgs {
     /// Track at most this many open requests at once; more are counted, not tracked.
     #[arg(long, default_value_t = 100_000)]
     max_open_requests: usize,
-    /// Distinct values each of the labels model, provider and stage may take; later values
-    /// are reported as `other` (model names come from clients: this bounds memory).
+    /// Distinct values each of the labels model, provider, stage, tool, error_type,
+    /// upstream and path may take; later values are reported as `other` (model names come
+    /// from clients: this bounds memory whatever they send).
     #[arg(long, default_value_t = 100)]
     max_label_values: usize,
+    /// Bucket bounds in seconds of every duration histogram, comma-separated and
+    /// increasing [default: 50µs to 300s, see docs/metrics.md].
+    #[arg(long, value_name = "SECONDS,...", value_parser = parse_buckets)]
+    latency_buckets: Option<Buckets>,
+    /// Bucket bounds of gen_ai_client_token_usage, comma-separated and increasing
+    /// [default: 1 to 131072].
+    #[arg(long, value_name = "TOKENS,...", value_parser = parse_buckets)]
+    token_buckets: Option<Buckets>,
+}
+
+/// Histogram bucket bounds from the command line.
+#[derive(Clone, Debug)]
+struct Buckets(Vec<f64>);
+
+fn parse_buckets(text: &str) -> Result<Buckets, String> {
+    let bounds = text
+        .split(',')
+        .map(|bound| {
+            bound
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| format!("{bound:?} is not a number"))
+        })
+        .collect::<Result<Vec<f64>, String>>()?;
+    check_buckets(&bounds)?;
+    Ok(Buckets(bounds))
 }
 
 fn main() -> ExitCode {
@@ -136,6 +166,7 @@ fn main() -> ExitCode {
 
 impl From<AttachArgs> for AttachOptions {
     fn from(args: AttachArgs) -> Self {
+        let defaults = MetricsConfig::default();
         AttachOptions {
             pid: args.pid,
             mode: match args.mode {
@@ -153,7 +184,13 @@ impl From<AttachArgs> for AttachOptions {
             requests_out: args.requests_out,
             request_timeout: args.request_timeout,
             max_open_requests: args.max_open_requests,
-            max_label_values: args.max_label_values,
+            metrics: MetricsConfig {
+                latency_buckets: args
+                    .latency_buckets
+                    .map_or(defaults.latency_buckets, |b| b.0),
+                token_buckets: args.token_buckets.map_or(defaults.token_buckets, |b| b.0),
+                max_label_values: args.max_label_values,
+            },
         }
     }
 }

@@ -6,6 +6,7 @@ use std::{
     net::SocketAddr,
     os::fd::AsRawFd,
     path::PathBuf,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -25,8 +26,10 @@ use crate::{
     connections::{Connections, Exchange, Progress, UpstreamNames},
     decode::{Record, decode},
     export::{
-        ExchangeSink as _, ProbeHealth, RequestSink as _, jsonl::JsonLines,
-        prometheus::PrometheusExporter, summary::Summary,
+        ExchangeSink as _, ProbeHealth, RequestSink as _,
+        jsonl::JsonLines,
+        prometheus::{MetricsConfig, PrometheusExporter, TargetInfo},
+        summary::{SharedSummary, Summary, lock},
     },
     procnet, server,
     target::{Target, marker_symbol},
@@ -61,8 +64,8 @@ pub struct AttachOptions {
     /// Requests open longer than this are dropped and counted as expired.
     pub request_timeout: Duration,
     pub max_open_requests: usize,
-    /// Distinct values per metric label (model, provider, stage) before `other`.
-    pub max_label_values: usize,
+    /// Histogram buckets and label bounds of /metrics (the bound also caps the tables).
+    pub metrics: MetricsConfig,
 }
 
 /// Everything downstream of the ring buffer.
@@ -72,7 +75,8 @@ struct Pipeline {
     /// Scratch: what the connection tracker reported for the event at hand.
     progress: Vec<Progress>,
     prometheus: PrometheusExporter,
-    summary: Summary,
+    /// Shared with the HTTP server, which renders `/stats` from it.
+    summary: SharedSummary,
     requests_out: Option<JsonLines>,
     exchanges_out: Option<JsonLines>,
     events: u64,
@@ -86,7 +90,7 @@ impl Pipeline {
             Ok(Record::Marker(event)) => {
                 if let Some(request) = self.assembler.on_event(event) {
                     self.prometheus.record(&request);
-                    self.summary.record(&request);
+                    lock(&self.summary).record(&request);
                     if let Some(out) = &mut self.requests_out {
                         out.record(&request);
                     }
@@ -115,7 +119,7 @@ impl Pipeline {
 
     fn export_exchange(&mut self, exchange: &Exchange) {
         self.prometheus.record_exchange(exchange);
-        self.summary.record_exchange(exchange);
+        lock(&self.summary).record_exchange(exchange);
         if let Some(out) = &mut self.exchanges_out {
             out.record_exchange(exchange);
         }
@@ -145,6 +149,8 @@ impl Pipeline {
             socket_events_lost: counters.total(Counter::SocketEventsLost),
             socket_io_without_syscall: counters.total(Counter::SocketIoWithoutSyscall),
             decode_errors: self.decode_errors,
+            requests_out_dropped: self.requests_out.as_ref().map_or(0, JsonLines::dropped),
+            exchanges_out_dropped: self.exchanges_out.as_ref().map_or(0, JsonLines::dropped),
             in_flight: self.assembler.in_flight(),
             assembly: self.assembler.stats(),
             connections: self.connections.stats(),
@@ -271,19 +277,32 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
     }
     std::io::stdout().flush()?;
 
+    let target_info = TargetInfo {
+        pid,
+        name: target.name.clone(),
+        mode: match (families.markers, families.sockets) {
+            (true, true) => "markers+sockets",
+            (true, false) => "markers",
+            _ => "sockets",
+        },
+    };
     let mut pipeline = Pipeline {
         connections,
         assembler: Assembler::new(options.max_open_requests),
         progress: Vec::new(),
-        prometheus: PrometheusExporter::new(options.max_label_values)?,
-        summary: Summary::new(options.max_label_values),
+        prometheus: PrometheusExporter::new(&options.metrics, &target_info)?,
+        summary: Arc::new(Mutex::new(Summary::new(options.metrics.max_label_values))),
         requests_out,
         exchanges_out,
         events: 0,
         decode_errors: 0,
     };
     pipeline.assembler.open_window(all_attached_ns);
-    let server = tokio::spawn(server::serve(listener, pipeline.prometheus.registry()));
+    let server = tokio::spawn(server::serve(
+        listener,
+        pipeline.prometheus.registry(),
+        pipeline.summary.clone(),
+    ));
     let (stop, health) = event_loop(&options, attached, &mut pipeline).await?;
     server.abort();
     match stop {
@@ -297,7 +316,7 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
     if let Some(out) = &mut pipeline.exchanges_out {
         out.finish().context("writing --exchanges-out")?;
     }
-    println!("{}", pipeline.summary.render());
+    println!("{}", lock(&pipeline.summary).render());
     println!("{}", health_line(&health));
     Ok(())
 }
@@ -351,6 +370,7 @@ async fn event_loop(
                 pipeline.expire(options);
                 let health = pipeline.health(&counts, &mut counters);
                 pipeline.prometheus.update_health(&health);
+                lock(&pipeline.summary).update_health(&health);
                 if !proc_dir.exists() {
                     break Stop::TargetExited;
                 }
@@ -426,7 +446,7 @@ fn print_live(pipeline: &Pipeline) {
     let _ = writeln!(
         out,
         "{requests} requests, {in_flight} in flight\n{}",
-        pipeline.summary.render()
+        lock(&pipeline.summary).render()
     );
     let _ = out.flush();
 }

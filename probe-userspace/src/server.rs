@@ -1,11 +1,18 @@
-//! The HTTP endpoint Prometheus scrapes.
+//! The HTTP endpoints: `/metrics` for Prometheus, `/stats` (JSON quantiles) for people
+//! and scripts.
 
-use axum::{Router, http::header, response::IntoResponse, routing::get};
+use axum::{Json, Router, http::header, response::IntoResponse, routing::get};
 use prometheus::{Encoder as _, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
-/// Serves `/metrics` from `registry` until the task is dropped.
-pub async fn serve(listener: TcpListener, registry: Registry) -> std::io::Result<()> {
+use crate::export::summary::{SharedSummary, lock};
+
+/// Serves `/metrics` from `registry` and `/stats` from `summary` until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    summary: SharedSummary,
+) -> std::io::Result<()> {
     let metrics = move || {
         let registry = registry.clone();
         async move {
@@ -16,7 +23,17 @@ pub async fn serve(listener: TcpListener, registry: Registry) -> std::io::Result
                 .into_response()
         }
     };
-    let app = Router::new().route("/metrics", get(metrics));
+    let stats = move || {
+        let summary = summary.clone();
+        async move {
+            let value = serde_json::to_value(lock(&summary).stats())
+                .expect("stats are plain numbers and strings");
+            Json(value)
+        }
+    };
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/stats", get(stats));
     axum::serve(listener, app).await
 }
 

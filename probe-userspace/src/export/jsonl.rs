@@ -20,6 +20,8 @@ use crate::{
 pub struct JsonLines {
     out: BufWriter<File>,
     error: Option<io::Error>,
+    /// Lines not written because an earlier write failed.
+    dropped: u64,
 }
 
 #[derive(Serialize)]
@@ -37,6 +39,8 @@ struct Line<'a> {
     fallbacks: Vec<(&'a str, &'a str)>,
     first_byte_ns: &'a [u64],
     chunks: u32,
+    first_chunk_ns: Option<u64>,
+    last_chunk_ns: Option<u64>,
     input_tokens: u64,
     output_tokens: u64,
     unclosed_stages: u32,
@@ -51,6 +55,7 @@ struct CallLine {
     sent_ns: u64,
     first_response_ns: Option<u64>,
     broker_first_byte_ns: Option<u64>,
+    status: Option<u16>,
     network_ttfb_ns: Option<u64>,
     broker_wait_ns: Option<u64>,
     lag_ns: Option<u64>,
@@ -65,6 +70,7 @@ impl CallLine {
             sent_ns: call.sent_ns,
             first_response_ns: call.first_response_ns,
             broker_first_byte_ns: call.broker_first_byte_ns,
+            status: call.status,
             network_ttfb_ns: call.network_ttfb_ns(),
             broker_wait_ns: call.broker_wait_ns(),
             lag_ns: call.lag_ns(),
@@ -117,7 +123,13 @@ impl JsonLines {
         Ok(Self {
             out: BufWriter::new(File::create(path)?),
             error: None,
+            dropped: 0,
         })
+    }
+
+    /// Lines not written because an earlier write failed.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 
     /// Flushes; reports the first write error since creation, if any.
@@ -130,6 +142,7 @@ impl JsonLines {
 
     fn write_line(&mut self, line: &impl Serialize) {
         if self.error.is_some() {
+            self.dropped += 1;
             return;
         }
         let written = serde_json::to_writer(&mut self.out, line)
@@ -139,6 +152,7 @@ impl JsonLines {
             // Said now, so a full disk is noticed while attached; repeated by finish().
             log::error!("writing JSON lines failed, later lines are not written: {e}");
             self.error = Some(e);
+            self.dropped += 1;
         }
     }
 }
@@ -207,6 +221,8 @@ impl RequestSink for JsonLines {
                 .collect(),
             first_byte_ns: &r.first_byte_ns,
             chunks: r.chunks,
+            first_chunk_ns: r.first_chunk_ns,
+            last_chunk_ns: r.last_chunk_ns,
             input_tokens: r.input_tokens,
             output_tokens: r.output_tokens,
             unclosed_stages: r.unclosed_stages,

@@ -33,6 +33,9 @@ pub struct ProbeHealth {
     /// Socket I/O outside read/write-family syscalls (io_uring, sendfile): not followed.
     pub socket_io_without_syscall: u64,
     pub decode_errors: u64,
+    /// Lines `--requests-out` / `--exchanges-out` could not write (after a write error).
+    pub requests_out_dropped: u64,
+    pub exchanges_out_dropped: u64,
     pub in_flight: usize,
     pub assembly: AssemblyStats,
     pub connections: ConnectionStats,

@@ -1,103 +1,202 @@
-//! The tables printed live and on exit: per stage, and per upstream and inbound as seen
-//! on the sockets; count, p50, p95, p99, max.
+//! Quantiles kept in memory: the tables printed live and on exit, and the `/stats` JSON
+//! (docs/metrics.md): per stage, per model, per upstream and inbound; count, p50, p95,
+//! p99, max.
 
-use std::{collections::HashMap, fmt::Write as _};
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
+};
 
 use hdrhistogram::Histogram;
+use serde::Serialize;
 
 use super::{
-    ExchangeSink, RequestSink,
+    ExchangeSink, ProbeHealth, RequestSink,
     labels::{LabelCap, OTHER},
 };
 use crate::{assembly::Request, connections::Exchange, procnet::Role};
+
+/// The summary the event loop writes and the HTTP server reads (one thread: never
+/// contended).
+pub type SharedSummary = Arc<Mutex<Summary>>;
+
+/// Locks the summary; a panic while holding it cannot leave it half-updated in a way
+/// that matters for reading, so poisoning is ignored.
+pub fn lock(summary: &SharedSummary) -> MutexGuard<'_, Summary> {
+    summary.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// The row holding whole-request durations, above the stage rows.
 const REQUEST_ROW: &str = "(request)";
 
 pub struct Summary {
-    stages: Table,
-    sockets: Table,
-    /// Stage and upstream names are broker-defined: bounded like metric labels.
+    started: Instant,
+    requests: Latency,
+    errors: u64,
+    stages: Rows<Latency>,
+    models: Rows<ModelStats>,
+    upstreams: Rows<UpstreamStats>,
+    inbound: InboundStats,
+    lag: Latency,
+    health: ProbeHealth,
+    /// Stage, model and upstream names come from the broker or its clients: bounded like
+    /// metric labels.
     stage_names: LabelCap,
+    model_names: LabelCap,
     upstream_names: LabelCap,
+}
+
+#[derive(Default)]
+struct ModelStats {
+    errors: u64,
+    duration: Latency,
+    time_to_first_chunk: Latency,
+}
+
+#[derive(Default)]
+struct UpstreamStats {
+    ttfb: Latency,
+    duration: Latency,
+    connect: Latency,
+    read_delay: Latency,
+}
+
+#[derive(Default)]
+struct InboundStats {
+    ttfb: Latency,
+    duration: Latency,
 }
 
 impl Summary {
     pub fn new(max_names: usize) -> Self {
         Self {
-            stages: Table::default(),
-            sockets: Table::default(),
+            started: Instant::now(),
+            requests: Latency::default(),
+            errors: 0,
+            stages: Rows::default(),
+            models: Rows::default(),
+            upstreams: Rows::default(),
+            inbound: InboundStats::default(),
+            lag: Latency::default(),
+            health: ProbeHealth::default(),
             stage_names: LabelCap::new(max_names),
+            model_names: LabelCap::new(max_names),
             upstream_names: LabelCap::new(max_names),
         }
+    }
+
+    /// The latest health figures, for `/stats`.
+    pub fn update_health(&mut self, health: &ProbeHealth) {
+        self.health = *health;
     }
 
     /// The tables as text: stages, then (if any were seen) upstream calls and inbound
     /// requests.
     pub fn render(&self) -> String {
-        let mut out = self.stages.render("stage");
-        if !self.sockets.rows.is_empty() {
+        let mut stages = Table::new("stage");
+        stages.row(REQUEST_ROW, &self.requests);
+        for (name, latency) in self.stages.iter() {
+            stages.row(name, latency);
+        }
+        let mut sockets = Table::new("socket view");
+        for (name, upstream) in self.upstreams.iter() {
+            sockets.row(&format!("{name} ttfb"), &upstream.ttfb);
+            sockets.row(&format!("{name} total"), &upstream.duration);
+            sockets.row(&format!("{name} connect"), &upstream.connect);
+            sockets.row(&format!("{name} read delay"), &upstream.read_delay);
+        }
+        sockets.row("upstream lag (broker - network)", &self.lag);
+        sockets.row("inbound ttfb", &self.inbound.ttfb);
+        sockets.row("inbound total", &self.inbound.duration);
+        let mut out = stages.text;
+        if sockets.rows > 0 {
             out.push('\n');
-            out.push_str(&self.sockets.render("socket view"));
+            out.push_str(&sockets.text);
         }
         out
     }
-}
 
-/// Rows in order of first appearance.
-#[derive(Default)]
-struct Table {
-    rows: Vec<(String, Histogram<u64>)>,
-    /// Row name → index in `rows`.
-    index: HashMap<String, usize>,
-}
-
-impl Table {
-    fn row(&mut self, name: &str) -> &mut Histogram<u64> {
-        let index = match self.index.get(name) {
-            Some(index) => *index,
-            None => {
-                // 3 significant figures, auto-resizing: sized by the largest value seen.
-                let histogram = Histogram::new(3).expect("3 significant figures is valid");
-                self.rows.push((name.to_owned(), histogram));
-                self.index.insert(name.to_owned(), self.rows.len() - 1);
-                self.rows.len() - 1
-            }
-        };
-        &mut self.rows[index].1
-    }
-
-    fn render(&self, title: &str) -> String {
-        let mut out = format!(
-            "{:<32} {:>8} {:>10} {:>10} {:>10} {:>10}\n",
-            title, "count", "p50", "p95", "p99", "max"
-        );
-        for (name, h) in &self.rows {
-            let q = |q: f64| format_ns(h.value_at_quantile(q));
-            let _ = writeln!(
-                out,
-                "{name:<32} {:>8} {:>10} {:>10} {:>10} {:>10}",
-                h.len(),
-                q(0.5),
-                q(0.95),
-                q(0.99),
-                format_ns(h.max())
-            );
+    /// What `/stats` serves.
+    pub fn stats(&self) -> Stats<'_> {
+        let h = &self.health;
+        Stats {
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            requests: RequestCounts {
+                completed: self.requests.count(),
+                errors: self.errors,
+                in_flight: h.in_flight as u64,
+            },
+            request_duration: self.requests.quantiles(),
+            stages: self
+                .stages
+                .iter()
+                .map(|(stage, latency)| StageLine {
+                    stage,
+                    duration: latency.quantiles(),
+                })
+                .collect(),
+            models: self
+                .models
+                .iter()
+                .map(|(model, m)| ModelLine {
+                    model,
+                    requests: m.duration.count(),
+                    errors: m.errors,
+                    duration: m.duration.quantiles(),
+                    time_to_first_chunk: m.time_to_first_chunk.quantiles(),
+                })
+                .collect(),
+            upstreams: self
+                .upstreams
+                .iter()
+                .map(|(upstream, u)| UpstreamLine {
+                    upstream,
+                    exchanges: u.duration.count(),
+                    ttfb: u.ttfb.quantiles(),
+                    duration: u.duration.quantiles(),
+                    connect: u.connect.quantiles(),
+                    read_delay: u.read_delay.quantiles(),
+                })
+                .collect(),
+            upstream_lag: self.lag.quantiles(),
+            inbound: InboundLine {
+                exchanges: self.inbound.duration.count(),
+                ttfb: self.inbound.ttfb.quantiles(),
+                duration: self.inbound.duration.quantiles(),
+            },
+            probe: ProbeLine {
+                events: h.events,
+                events_lost: h.marker_events_lost + h.socket_events_lost,
+                requests_expired: h.assembly.expired,
+                upstream_exchanges_unattributed: h.assembly.unattributed_exchanges,
+            },
         }
-        out
     }
 }
 
 impl RequestSink for Summary {
     fn record(&mut self, request: &Request) {
-        self.stages.observe(REQUEST_ROW, request.duration_ns());
+        self.requests.observe(request.duration_ns());
+        let failed = request.error_type.is_some() || request.status >= 400;
+        self.errors += u64::from(failed);
         for stage in &request.stages {
             let name = self.stage_names.admit(stage.id.name()).unwrap_or(OTHER);
-            self.stages.observe(name, stage.duration_ns());
+            self.stages.get(name).observe(stage.duration_ns());
+        }
+        let model = self.model_names.admit(&request.model).unwrap_or(OTHER);
+        let model = self.models.get(model);
+        model.errors += u64::from(failed);
+        model.duration.observe(request.duration_ns());
+        if let Some(first) = request.first_chunk_ns {
+            model
+                .time_to_first_chunk
+                .observe(first.saturating_sub(request.begin_ns));
         }
         for call in &request.upstream_calls {
             if let Some(lag) = call.lag_ns() {
-                self.sockets.observe("upstream lag (broker - network)", lag);
+                self.lag.observe(lag);
             }
         }
     }
@@ -105,33 +204,205 @@ impl RequestSink for Summary {
 
 impl ExchangeSink for Summary {
     fn record_exchange(&mut self, exchange: &Exchange) {
-        let name = match exchange.role {
-            Role::Upstream => self
-                .upstream_names
-                .admit(&exchange.peer_name)
-                .unwrap_or(OTHER),
-            Role::Inbound => "inbound",
+        let observe = |latency: &mut Latency, ns: Option<u64>| {
+            if let Some(ns) = ns {
+                latency.observe(ns);
+            }
         };
-        if let Some(ttfb) = exchange.ttfb_ns() {
-            self.sockets.observe(&format!("{name} ttfb"), ttfb);
-        }
-        if let Some(duration) = exchange.duration_ns() {
-            self.sockets.observe(&format!("{name} total"), duration);
-        }
-        if let Some(connect) = exchange.connect_ns {
-            self.sockets.observe(&format!("{name} connect"), connect);
+        match exchange.role {
+            Role::Upstream => {
+                let name = self
+                    .upstream_names
+                    .admit(&exchange.peer_name)
+                    .unwrap_or(OTHER);
+                let upstream = self.upstreams.get(name);
+                observe(&mut upstream.ttfb, exchange.ttfb_ns());
+                observe(&mut upstream.duration, exchange.duration_ns());
+                observe(&mut upstream.connect, exchange.connect_ns);
+                observe(&mut upstream.read_delay, exchange.read_delay_ns());
+            }
+            Role::Inbound => {
+                observe(&mut self.inbound.ttfb, exchange.ttfb_ns());
+                observe(&mut self.inbound.duration, exchange.duration_ns());
+            }
         }
     }
 }
 
-impl Table {
-    fn observe(&mut self, row: &str, ns: u64) {
-        let histogram = self.row(row);
-        // `record` grows the histogram to fit; it can only refuse values near u64::MAX.
-        if histogram.record(ns.max(1)).is_err() {
-            histogram.saturating_record(ns);
+/// Named entries in order of first appearance.
+struct Rows<T> {
+    rows: Vec<(String, T)>,
+    index: HashMap<String, usize>,
+}
+
+impl<T> Default for Rows<T> {
+    fn default() -> Self {
+        Self {
+            rows: Vec::new(),
+            index: HashMap::new(),
         }
     }
+}
+
+impl<T: Default> Rows<T> {
+    fn get(&mut self, name: &str) -> &mut T {
+        let index = match self.index.get(name) {
+            Some(index) => *index,
+            None => {
+                self.rows.push((name.to_owned(), T::default()));
+                self.index.insert(name.to_owned(), self.rows.len() - 1);
+                self.rows.len() - 1
+            }
+        };
+        &mut self.rows[index].1
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &T)> {
+        self.rows.iter().map(|(name, row)| (name.as_str(), row))
+    }
+}
+
+/// Nanosecond durations, 3 significant figures, auto-resizing to the largest value seen.
+struct Latency(Histogram<u64>);
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self(Histogram::new(3).expect("3 significant figures is valid"))
+    }
+}
+
+impl Latency {
+    fn observe(&mut self, ns: u64) {
+        // `record` grows the histogram to fit; it can only refuse values near u64::MAX.
+        if self.0.record(ns.max(1)).is_err() {
+            self.0.saturating_record(ns);
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.0.len()
+    }
+
+    fn quantile_ns(&self, q: f64) -> u64 {
+        self.0.value_at_quantile(q)
+    }
+
+    /// None when empty: no made-up zeros in `/stats`.
+    fn quantiles(&self) -> Option<Quantiles> {
+        let seconds = |ns: u64| Duration::from_nanos(ns).as_secs_f64();
+        (self.count() > 0).then(|| Quantiles {
+            count: self.count(),
+            p50_seconds: seconds(self.quantile_ns(0.5)),
+            p95_seconds: seconds(self.quantile_ns(0.95)),
+            p99_seconds: seconds(self.quantile_ns(0.99)),
+            max_seconds: seconds(self.0.max()),
+        })
+    }
+}
+
+/// A text table; empty rows are left out.
+struct Table {
+    text: String,
+    rows: usize,
+}
+
+impl Table {
+    fn new(title: &str) -> Self {
+        Self {
+            text: format!(
+                "{:<32} {:>8} {:>10} {:>10} {:>10} {:>10}\n",
+                title, "count", "p50", "p95", "p99", "max"
+            ),
+            rows: 0,
+        }
+    }
+
+    fn row(&mut self, name: &str, latency: &Latency) {
+        if latency.count() == 0 {
+            return;
+        }
+        let q = |q: f64| format_ns(latency.quantile_ns(q));
+        let _ = writeln!(
+            self.text,
+            "{name:<32} {:>8} {:>10} {:>10} {:>10} {:>10}",
+            latency.count(),
+            q(0.5),
+            q(0.95),
+            q(0.99),
+            format_ns(latency.0.max())
+        );
+        self.rows += 1;
+    }
+}
+
+/// `/stats` (docs/metrics.md has its schema).
+#[derive(Serialize)]
+pub struct Stats<'a> {
+    uptime_seconds: f64,
+    requests: RequestCounts,
+    request_duration: Option<Quantiles>,
+    stages: Vec<StageLine<'a>>,
+    models: Vec<ModelLine<'a>>,
+    upstreams: Vec<UpstreamLine<'a>>,
+    upstream_lag: Option<Quantiles>,
+    inbound: InboundLine,
+    probe: ProbeLine,
+}
+
+#[derive(Serialize)]
+struct RequestCounts {
+    completed: u64,
+    errors: u64,
+    in_flight: u64,
+}
+
+#[derive(Serialize)]
+struct Quantiles {
+    count: u64,
+    p50_seconds: f64,
+    p95_seconds: f64,
+    p99_seconds: f64,
+    max_seconds: f64,
+}
+
+#[derive(Serialize)]
+struct StageLine<'a> {
+    stage: &'a str,
+    duration: Option<Quantiles>,
+}
+
+#[derive(Serialize)]
+struct ModelLine<'a> {
+    model: &'a str,
+    requests: u64,
+    errors: u64,
+    duration: Option<Quantiles>,
+    time_to_first_chunk: Option<Quantiles>,
+}
+
+#[derive(Serialize)]
+struct UpstreamLine<'a> {
+    upstream: &'a str,
+    exchanges: u64,
+    ttfb: Option<Quantiles>,
+    duration: Option<Quantiles>,
+    connect: Option<Quantiles>,
+    read_delay: Option<Quantiles>,
+}
+
+#[derive(Serialize)]
+struct InboundLine {
+    exchanges: u64,
+    ttfb: Option<Quantiles>,
+    duration: Option<Quantiles>,
+}
+
+#[derive(Serialize)]
+struct ProbeLine {
+    events: u64,
+    events_lost: u64,
+    requests_expired: u64,
+    upstream_exchanges_unattributed: u64,
 }
 
 /// Nanoseconds in the unit that keeps 3 significant digits readable.
@@ -152,11 +423,12 @@ mod tests {
     use super::*;
     use crate::{assembly::StageSpan, decode::StageId};
 
-    #[test]
-    fn table_has_request_row_then_stages_with_quantiles() {
+    fn requests() -> Summary {
         let mut summary = Summary::new(100);
         for i in 1..=100u64 {
             summary.record(&Request {
+                model: if i % 2 == 0 { "even" } else { "odd" }.into(),
+                status: if i == 100 { 500 } else { 200 },
                 begin_ns: 0,
                 end_ns: i * 1_000_000,
                 stages: vec![StageSpan {
@@ -167,7 +439,12 @@ mod tests {
                 ..Request::default()
             });
         }
-        let table = summary.render();
+        summary
+    }
+
+    #[test]
+    fn table_has_request_row_then_stages_with_quantiles() {
+        let table = requests().render();
         let lines: Vec<&str> = table.lines().collect();
         assert!(
             lines[1].starts_with("(request)") && lines[1].contains(" 100 "),
@@ -179,6 +456,26 @@ mod tests {
             lines[2].contains("50.0µs") && lines[2].contains("100.0µs"),
             "{table}"
         );
+        assert!(!table.contains("socket view"), "no socket rows seen");
+    }
+
+    #[test]
+    fn stats_break_requests_down_by_stage_and_model() {
+        let summary = requests();
+        let stats = serde_json::to_value(summary.stats()).unwrap();
+        assert_eq!(stats["requests"]["completed"], 100);
+        assert_eq!(stats["requests"]["errors"], 1);
+        assert_eq!(stats["stages"][0]["stage"], "route");
+        let route = &stats["stages"][0]["duration"];
+        assert_eq!(route["count"], 100);
+        assert!((route["p50_seconds"].as_f64().unwrap() - 50e-6).abs() < 0.1e-6);
+        assert_eq!(stats["models"][0]["model"], "odd");
+        assert_eq!(stats["models"][1]["errors"], 1);
+        assert!(
+            stats["models"][1]["time_to_first_chunk"].is_null(),
+            "no stream, no quantiles"
+        );
+        assert_eq!(stats["upstreams"], serde_json::json!([]));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! End-to-end helpers for brokerprobe: a deterministic load generator for the demo broker,
-//! and a harness that runs the real binaries.
+//! a harness that runs the real binaries, and a real Prometheus to scrape them.
 
 pub mod harness;
 pub mod load;
+pub mod prometheus;

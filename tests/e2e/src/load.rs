@@ -21,6 +21,10 @@ pub struct Mix {
     pub fallback: f64,
     /// Requests for a model the broker does not serve (404).
     pub unknown_model: f64,
+    /// Those unknown models each get a name of their own, made to be hostile: distinct,
+    /// often longer than brokerprobe's 64-byte copy, with quotes, backslashes, newlines,
+    /// label syntax and multi-byte characters that the cut may split.
+    pub hostile_model_names: bool,
     /// Requests carrying a random W3C `traceparent` header.
     pub traceparent: f64,
     /// The models the remaining requests pick from, uniformly.
@@ -34,6 +38,7 @@ impl Default for Mix {
             tools: 0.2,
             fallback: 0.05,
             unknown_model: 0.05,
+            hostile_model_names: false,
             traceparent: 0.5,
             models: vec!["gpt-fast".into(), "claude-slow".into()],
         }
@@ -182,7 +187,12 @@ impl Planner<'_> {
         let rng = &mut self.rng;
         let roll = rng.unit();
         let (target, model) = if roll < self.mix.unknown_model {
-            (Target::UnknownModel, UNKNOWN_MODEL.to_owned())
+            let model = if self.mix.hostile_model_names {
+                hostile_model_name(index, rng)
+            } else {
+                UNKNOWN_MODEL.to_owned()
+            };
+            (Target::UnknownModel, model)
         } else if roll < self.mix.unknown_model + self.mix.fallback {
             (Target::Fallback, FALLBACK_MODEL.to_owned())
         } else {
@@ -224,6 +234,24 @@ impl Planner<'_> {
             traceparent,
         }
     }
+}
+
+/// A model name no other request uses, shaped to break careless exporters.
+fn hostile_model_name(index: usize, rng: &mut SplitMix64) -> String {
+    const NASTY: [&str; 8] = [
+        "\"} 1\nbrokerprobe_requests_total{model=\"",
+        "\\",
+        "\n# TYPE x counter\n",
+        "{le=\"+Inf\"}",
+        "\u{202e}\u{0}\u{7f}",
+        "ééééé",
+        "🦀🦀🦀",
+        " \t ",
+    ];
+    let nasty = NASTY[rng.below(NASTY.len())];
+    // Multi-byte characters around byte 64 make the kernel's cut split one.
+    let filler = "ü".repeat(rng.below(60));
+    format!("m{index}-{nasty}{filler}")
 }
 
 /// A valid W3C traceparent (version 00, sampled) with random non-zero ids.

@@ -4,9 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fs,
-    io::Write as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -16,6 +14,7 @@ use e2e::{
         wait_for_requests,
     },
     load::{self, Mix, Outcome, Target},
+    prometheus::promtool_check,
 };
 use prometheus_parse::{Scrape, Value};
 use serde_json::Value as Json;
@@ -70,7 +69,7 @@ fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
     let metrics = rt
         .block_on(wait_for_requests(&metrics_url, attached.len()))
         .unwrap();
-    promtool_check(&metrics);
+    promtool_check(&metrics).unwrap();
 
     probe.interrupt().unwrap();
     assert!(
@@ -330,29 +329,6 @@ fn check_mix_coverage(outcomes: &[Outcome]) {
 }
 
 /// The real Prometheus linter must accept the exposition as it is.
-fn promtool_check(metrics: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus, installed by cargo xtask setup)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Observations of histogram `metric` with label `stage` (its +Inf bucket), summed.
 fn histogram_count(scrape: &Scrape, metric: &str, stage: &str) -> f64 {
     scrape

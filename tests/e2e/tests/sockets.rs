@@ -344,6 +344,7 @@ fn start_broker(broker: Broker, upstream_url: &str) -> (Proc, String) {
 
 fn streaming_mix() -> Mix {
     Mix {
+        hostile_model_names: false,
         streaming: 1.0,
         tools: 0.0,
         fallback: 0.0,

@@ -45,6 +45,10 @@ struct Cli {
     /// Fraction of requests for a model the broker does not serve.
     #[arg(long, default_value_t = Mix::default().unknown_model)]
     unknown_model: f64,
+    /// Give each unknown-model request a distinct, hostile model name (quotes, newlines,
+    /// label syntax, long multi-byte strings): for testing label bounds and escaping.
+    #[arg(long)]
+    hostile_model_names: bool,
     /// Fraction of requests with a W3C traceparent header.
     #[arg(long, default_value_t = Mix::default().traceparent)]
     traceparent: f64,
@@ -81,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
         tools: cli.tools,
         fallback: cli.fallback,
         unknown_model: cli.unknown_model,
+        hostile_model_names: cli.hostile_model_names,
         traceparent: cli.traceparent,
         models: cli.models,
     };
