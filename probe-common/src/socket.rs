@@ -66,9 +66,11 @@ pub struct SocketState {
     /// The kernel socket (`struct sock *`), once a data event or the connect named it:
     /// softirq events know only this, so they check it before touching the state.
     pub sk: u64,
-    /// When unread data first became ready on the socket since the process last read
+    /// When received bytes first became ready on the socket since the process last read
     /// from it (`sock:sk_data_ready`, softirq); 0 if none since.
     pub ready_ns: u64,
+    /// When received bytes last became ready; 0 if never seen.
+    pub last_ready_ns: u64,
 }
 
 impl SocketState {
@@ -77,6 +79,7 @@ impl SocketState {
         captured: 0,
         sk: 0,
         ready_ns: 0,
+        last_ready_ns: 0,
     };
 }
 
@@ -108,10 +111,14 @@ impl WireEndpoint {
 #[derive(Clone, Copy, Debug)]
 pub struct SocketEvent {
     pub header: EventHeader,
-    /// Recv: when the first of the bytes read became ready on the socket (the kernel
-    /// queued them and woke readers), CLOCK_MONOTONIC; 0 if unknown. Unlike
-    /// `header.ts_ns` (when the process read them) this excludes the process's own delay.
+    /// Recv: when the bytes read had become ready on the socket (the kernel queued them
+    /// and woke readers), CLOCK_MONOTONIC; 0 if the kernel never saw bytes arrive on it.
+    /// Unlike `header.ts_ns` (when the process read them) this excludes the process's own
+    /// delay. `ready_ns` is the first arrival since the previous read (else the latest
+    /// before it: leftovers of an earlier arrival), `last_ready_ns` the latest before this
+    /// read.
     pub ready_ns: u64,
+    pub last_ready_ns: u64,
     pub fd: i32,
     /// Send/Recv: bytes moved by this syscall.
     pub bytes: u32,
@@ -128,6 +135,7 @@ impl SocketEvent {
     pub const ZERO: SocketEvent = SocketEvent {
         header: EventHeader::ZERO,
         ready_ns: 0,
+        last_ready_ns: 0,
         fd: 0,
         bytes: 0,
         local: WireEndpoint::ZERO,
@@ -154,7 +162,7 @@ mod tests {
         assert_eq!(SocketKind::from_wire(0), None);
         assert_eq!(
             core::mem::size_of::<SocketEvent>(),
-            216,
+            224,
             "wire size changed: update docs/maps.md"
         );
     }

@@ -211,19 +211,17 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     let Some(state) = socket_state(key) else {
         return 0;
     };
-    // SAFETY: a map value stays valid while this program runs; softirq may update
-    // `ready_ns` meanwhile, and a torn read of it only costs one arrival time.
+    // SAFETY: a map value stays valid while this program runs. sk_ready (softirq, any
+    // CPU) may store to the arrival times meanwhile; aligned 8-byte stores do not tear,
+    // and an arrival stored between our load and reset below is lost to `ready_ns` but
+    // kept in `last_ready_ns`.
     let state = unsafe { &mut *state };
     let sk = field::<u64>(ctx, SOCK_SK).unwrap_or(0);
-    if sk != 0 && state.sk != sk {
-        state.sk = sk;
-        let _ = SOCKET_ADDRESSES.insert(&sk, &key, 0);
+    if sk != 0 {
+        follow_address(state, sk, key);
     }
-    let captured = if state.direction == direction {
-        state.captured
-    } else {
-        0
-    };
+    let new_message = state.direction != direction;
+    let captured = if new_message { 0 } else { state.captured };
     state.direction = direction;
     // The first PREFIX_CAP bytes of each message are copied, over as many reads or
     // writes as they take (hyper's server first reads 24 bytes, for instance).
@@ -231,16 +229,21 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     if capture {
         state.captured = (captured + bytes as u32).min(PREFIX_CAP as u32);
     }
-    let ready_ns = if direction == DIRECTION_RECV {
-        let ready_ns = state.ready_ns;
+    let (ready_ns, last_ready_ns) = if direction == DIRECTION_RECV {
+        // Bytes left from an earlier arrival (the previous read took only part) came no
+        // later than the latest arrival.
+        let first = match state.ready_ns {
+            0 => state.last_ready_ns,
+            first => first,
+        };
         state.ready_ns = 0;
-        ready_ns
+        (first, state.last_ready_ns)
     } else {
-        // Bytes ready before this write began cannot answer it.
-        if state.ready_ns != 0 && state.ready_ns < io.enter_ns {
+        // Bytes ready before a new request began cannot answer it.
+        if new_message && state.ready_ns != 0 && state.ready_ns < io.enter_ns {
             state.ready_ns = 0;
         }
-        0
+        (0, 0)
     };
     if !armed() {
         return 0;
@@ -262,6 +265,7 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
         event.header.ts_ns = io.enter_ns;
     }
     event.ready_ns = ready_ns;
+    event.last_ready_ns = last_ready_ns;
     event.bytes = bytes as u32;
     if capture {
         event.prefix_len = read_prefix(event, &io, bytes as u32);
@@ -274,8 +278,34 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
 const READY_SKADDR: usize = 8;
 const READY_PROTOCOL: usize = 18;
 
-/// Received bytes were queued on a socket (softirq, any process): the first time since
-/// the socket's last read, remember when.
+/// Keeps `SOCKET_ADDRESSES` pointing at this socket: the address may be new (first data
+/// event, or the fd now names another socket) or its entry evicted by the LRU.
+#[inline(always)]
+fn follow_address(state: &mut SocketState, sk: u64, key: u64) {
+    if state.sk != sk {
+        if state.sk != 0 {
+            forget_address(state.sk, key);
+        }
+        state.sk = sk;
+    }
+    // SAFETY: copied out at once.
+    if (unsafe { SOCKET_ADDRESSES.get(&sk) }).copied() != Some(key) {
+        let _ = SOCKET_ADDRESSES.insert(&sk, &key, 0);
+    }
+}
+
+/// Removes the address's entry if it still names this socket (a reused address may
+/// already name another one).
+#[inline(always)]
+fn forget_address(sk: u64, key: u64) {
+    // SAFETY: copied out at once.
+    if (unsafe { SOCKET_ADDRESSES.get(&sk) }).copied() == Some(key) {
+        let _ = SOCKET_ADDRESSES.remove(&sk);
+    }
+}
+
+/// Received bytes were queued on a socket (softirq, any process): remember when, as the
+/// latest arrival and, the first time since the socket's last read, as the first.
 #[tracepoint]
 pub fn sk_ready(ctx: TracePointContext) -> u32 {
     if field::<u16>(&ctx, READY_PROTOCOL) != Some(IPPROTO_TCP) {
@@ -291,12 +321,18 @@ pub fn sk_ready(ctx: TracePointContext) -> u32 {
     let Some(state) = SOCKETS.get_ptr_mut(&key) else {
         return 0;
     };
-    // SAFETY: a map value stays valid while this program runs; see on_data.
+    // SAFETY: a map value stays valid while this program runs; see on_data for the
+    // process side's concurrent use.
     let state = unsafe { &mut *state };
     // A stale address (the fd was closed and reused) names another socket: skip it.
-    if state.sk == sk && state.ready_ns == 0 {
-        // SAFETY: reading the clock has no preconditions.
-        state.ready_ns = unsafe { bpf_ktime_get_ns() };
+    if state.sk != sk {
+        return 0;
+    }
+    // SAFETY: reading the clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    state.last_ready_ns = now;
+    if state.ready_ns == 0 {
+        state.ready_ns = now;
     }
     0
 }
@@ -310,6 +346,7 @@ fn fill(event: &mut SocketEvent, kind: SocketKind, tgid: u32, tid: u32, fd: i32)
     // SAFETY: reading the clock has no preconditions.
     event.header.ts_ns = unsafe { bpf_ktime_get_ns() };
     event.ready_ns = 0;
+    event.last_ready_ns = 0;
     event.fd = fd;
     event.bytes = 0;
     event.local = WireEndpoint::ZERO;
@@ -544,7 +581,7 @@ pub fn close_enter(ctx: TracePointContext) -> u32 {
     };
     let _ = SOCKETS.remove(&key);
     if state.sk != 0 {
-        let _ = SOCKET_ADDRESSES.remove(&state.sk);
+        forget_address(state.sk, key);
     }
     emit(&ctx, SocketKind::Close, tgid, tid, fd as i32, None)
 }

@@ -4,12 +4,12 @@
 //! a request between worker threads. Nothing is dropped silently: every event that cannot
 //! be placed is counted in [`AssemblyStats`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use probe_common::marker::Stage;
 
 use crate::{
-    attribution::Evidence,
+    attribution::{AttributionStats, Attributor, RequestKey, UpstreamStages},
     connections::{Attribution, Exchange, Progress},
     decode::{Event, StageId, What},
 };
@@ -139,14 +139,8 @@ pub struct AssemblyStats {
     pub over_request_bounds: u64,
     /// Events after the window closed (detaching had begun): ignored.
     pub after_window: u64,
-    /// Upstream exchanges attributed to a request, by method.
-    pub attributed_adjacent: u64,
-    pub attributed_only_candidate: u64,
-    /// Upstream exchanges related to no request: no adjacency evidence for a request that
-    /// could take them, and not a single candidate either.
-    pub unattributed_exchanges: u64,
-    /// Adjacency votes not kept (an exchange with votes for too many requests).
-    pub attribution_votes_dropped: u64,
+    /// Upstream exchanges related to requests, and those that could not be.
+    pub attribution: AttributionStats,
 }
 
 /// Bounds on what one request keeps, so a broker that never ends a stage loop cannot grow
@@ -171,32 +165,25 @@ struct OpenStage {
 }
 
 impl OpenStage {
-    /// An upstream stage that can take an exchange started at `start_ns`.
-    fn can_take(&self, start_ns: u64) -> bool {
+    fn is_upstream_call(&self) -> bool {
         matches!(
             self.id,
             StageId::Known(Stage::UpstreamChat | Stage::UpstreamChatStream)
-        ) && self.exchange.is_none()
+        )
+    }
+
+    /// An upstream stage that can take an exchange started at `start_ns`.
+    fn can_take(&self, start_ns: u64) -> bool {
+        self.is_upstream_call()
+            && self.exchange.is_none()
             && self.begin_ns <= start_ns
             && self.end_ns.is_none_or(|end| end >= start_ns)
     }
-}
 
-/// Where an exchange goes: request, index of the stage in it, and why.
-struct Choice {
-    key: (u32, u64),
-    stage: usize,
-    how: Attribution,
-}
-
-/// An upstream exchange that started and is not attributed yet.
-struct Unattributed {
-    pid: u32,
-    start_ns: u64,
-    first_response_ns: Option<u64>,
-    status: Option<u16>,
-    /// The one request that could take it when it started, if there was exactly one.
-    only_candidate: Option<u64>,
+    /// Open, upstream, without an exchange: waiting for one now.
+    fn is_waiting(&self) -> bool {
+        self.is_upstream_call() && self.exchange.is_none() && self.end_ns.is_none()
+    }
 }
 
 struct OpenRequest {
@@ -204,8 +191,87 @@ struct OpenRequest {
     stages: Vec<OpenStage>,
 }
 
+/// The requests being assembled, and which of them wait for an upstream exchange.
+#[derive(Default)]
+struct OpenRequests {
+    requests: HashMap<RequestKey, OpenRequest>,
+    /// Requests with an open upstream stage that has no exchange yet.
+    waiting: HashSet<RequestKey>,
+}
+
+impl OpenRequests {
+    /// Keeps `waiting` right after request `key`'s stages changed.
+    fn refresh(&mut self, key: RequestKey) {
+        let waits = self
+            .requests
+            .get(&key)
+            .is_some_and(|open| open.stages.iter().any(OpenStage::is_waiting));
+        if waits {
+            self.waiting.insert(key);
+        } else {
+            self.waiting.remove(&key);
+        }
+    }
+
+    fn remove(&mut self, key: RequestKey) -> Option<OpenRequest> {
+        self.waiting.remove(&key);
+        self.requests.remove(&key)
+    }
+}
+
+impl UpstreamStages for OpenRequests {
+    fn free_stage(&self, key: RequestKey, start_ns: u64) -> Option<usize> {
+        let open = self.requests.get(&key)?;
+        // The latest begun: stages of one request run one after another.
+        open.stages.iter().rposition(|s| s.can_take(start_ns))
+    }
+
+    fn waiting(&self, pid: u32) -> Vec<(RequestKey, u64)> {
+        self.waiting
+            .iter()
+            .filter(|key| key.0 == pid)
+            .filter_map(|key| {
+                let stage = self
+                    .requests
+                    .get(key)?
+                    .stages
+                    .iter()
+                    .rfind(|s| s.is_waiting())?;
+                Some((*key, stage.begin_ns))
+            })
+            .collect()
+    }
+
+    fn take(&mut self, key: RequestKey, stage: usize, mut call: UpstreamCall) {
+        let Some(open) = self.requests.get_mut(&key) else {
+            return;
+        };
+        let Some(stage) = open.stages.get_mut(stage) else {
+            return;
+        };
+        stage.exchange = Some(call.exchange_id);
+        call.stage_begin_ns = stage.begin_ns;
+        // One call per stage instance, and stages are bounded: so are calls.
+        open.request.upstream_calls.push(call);
+        self.refresh(key);
+    }
+
+    fn responded(&mut self, key: RequestKey, exchange: u64, ts_ns: u64, status: Option<u16>) {
+        let call = self.requests.get_mut(&key).and_then(|open| {
+            open.request
+                .upstream_calls
+                .iter_mut()
+                .find(|c| c.exchange_id == exchange)
+        });
+        if let Some(call) = call {
+            call.first_response_ns = Some(ts_ns);
+            call.status = status;
+        }
+    }
+}
+
 pub struct Assembler {
-    open: HashMap<(u32, u64), OpenRequest>,
+    requests: OpenRequests,
     max_open: usize,
     stats: AssemblyStats,
     /// Only requests begun inside this window are tracked, and no event after its end is
@@ -213,25 +279,20 @@ pub struct Assembler {
     /// straddles either would be seen with some of its markers missing.
     window_start_ns: u64,
     window_end_ns: u64,
-    /// Upstream exchange id → the request it was attributed to, until the exchange ends.
-    exchange_owners: HashMap<u64, ((u32, u64), Attribution)>,
-    /// Upstream exchanges still to attribute, and the evidence for them.
-    unattributed: HashMap<u64, Unattributed>,
-    evidence: Evidence,
+    /// Which request each upstream exchange served.
+    attributor: Attributor,
 }
 
 impl Assembler {
     /// `max_open` bounds memory whatever the broker does (e.g. never ending requests).
     pub fn new(max_open: usize) -> Self {
         Self {
-            open: HashMap::new(),
+            requests: OpenRequests::default(),
             max_open,
             stats: AssemblyStats::default(),
             window_start_ns: 0,
             window_end_ns: u64::MAX,
-            exchange_owners: HashMap::new(),
-            unattributed: HashMap::new(),
-            evidence: Evidence::default(),
+            attributor: Attributor::default(),
         }
     }
 
@@ -247,13 +308,13 @@ impl Assembler {
 
     pub fn stats(&self) -> AssemblyStats {
         AssemblyStats {
-            attribution_votes_dropped: self.evidence.lost_votes,
+            attribution: self.attributor.stats(),
             ..self.stats
         }
     }
 
     pub fn in_flight(&self) -> usize {
-        self.open.len()
+        self.requests.requests.len()
     }
 
     /// Feeds one event; returns the request it completed, if any.
@@ -263,13 +324,14 @@ impl Assembler {
             self.stats.after_window += 1;
             return None;
         }
-        self.evidence
+        self.attributor
             .on_marker(event.pid, event.tid, event.request_id, event.ts_ns);
+        let open_requests = &mut self.requests.requests;
         if let What::RequestBegin { model, traceparent } = event.what {
             if event.ts_ns < self.window_start_ns {
                 return None; // its end will count as untracked
             }
-            if self.open.len() >= self.max_open && !self.open.contains_key(&key) {
+            if open_requests.len() >= self.max_open && !open_requests.contains_key(&key) {
                 self.stats.overflow += 1;
                 return None;
             }
@@ -281,22 +343,17 @@ impl Assembler {
                 begin_ns: event.ts_ns,
                 ..Request::default()
             };
-            if self
-                .open
-                .insert(
-                    key,
-                    OpenRequest {
-                        request,
-                        stages: Vec::new(),
-                    },
-                )
-                .is_some()
-            {
+            let open = OpenRequest {
+                request,
+                stages: Vec::new(),
+            };
+            if open_requests.insert(key, open).is_some() {
                 self.stats.duplicate_begins += 1;
+                self.requests.refresh(key);
             }
             return None;
         }
-        let Some(open) = self.open.get_mut(&key) else {
+        let Some(open) = open_requests.get_mut(&key) else {
             match event.what {
                 What::RequestEnd { .. } => self.stats.partial += 1,
                 _ => self.stats.orphan_events += 1,
@@ -312,8 +369,8 @@ impl Assembler {
                 request.end_ns = event.ts_ns;
                 // Its upstream exchanges have all been read by now: decide them while
                 // the request can still take them.
-                self.attribute_ending(key);
-                let open = self.open.remove(&key)?;
+                self.attributor.on_request_end(key, &mut self.requests);
+                let open = self.requests.remove(key)?;
                 return Some(self.close(open));
             }
             What::StageBegin(id) => {
@@ -325,6 +382,7 @@ impl Assembler {
                         exchange: None,
                     };
                     open.stages.push(stage);
+                    self.requests.refresh(key);
                 } else {
                     self.stats.over_request_bounds += 1;
                 }
@@ -338,7 +396,10 @@ impl Assembler {
                     .rev()
                     .find(|s| s.end_ns.is_none() && s.id == id)
                 {
-                    Some(stage) => stage.end_ns = Some(event.ts_ns),
+                    Some(stage) => {
+                        stage.end_ns = Some(event.ts_ns);
+                        self.requests.refresh(key);
+                    }
                     None => self.stats.unmatched_stage_ends += 1,
                 }
             }
@@ -382,6 +443,8 @@ impl Assembler {
         }
         self.stats.unclosed_stages += u64::from(request.unclosed_stages);
         self.stats.completed += 1;
+        // Attributed strongest-evidence first; reported in the order they were sent.
+        request.upstream_calls.sort_by_key(|call| call.sent_ns);
         for call in &mut request.upstream_calls {
             call.broker_first_byte_ns = request
                 .first_byte_ns
@@ -392,192 +455,66 @@ impl Assembler {
         request
     }
 
-    /// Feeds what the connection tracker saw; returns an exchange that ended, with the
-    /// request it served when it was attributed to one.
-    pub fn on_progress(&mut self, progress: Progress) -> Option<Exchange> {
+    /// Feeds what the connection tracker saw. Ended exchanges come out of
+    /// [`Assembler::take_exchanges`], with the request each served when it is known.
+    pub fn on_progress(&mut self, progress: Progress) {
+        let attributor = &mut self.attributor;
         match progress {
             Progress::Connecting {
                 pid,
                 tid,
                 fd,
                 ts_ns,
-            } => {
-                self.evidence.on_connect(pid, tid, fd, ts_ns);
-                None
-            }
+            } => attributor.on_connect(pid, tid, fd, ts_ns),
             Progress::Started {
                 id,
                 pid,
                 tid,
                 fd,
                 ts_ns,
-            } => {
-                self.evidence.on_start(id, pid, tid, fd, ts_ns);
-                let only_candidate = self.only_candidate(pid, ts_ns);
-                let exchange = Unattributed {
-                    pid,
-                    start_ns: ts_ns,
-                    first_response_ns: None,
-                    status: None,
-                    only_candidate,
-                };
-                self.unattributed.insert(id, exchange);
-                None
-            }
+            } => attributor.on_start(id, (pid, tid, fd), ts_ns, &self.requests),
             Progress::Responded { id, ts_ns, status } => {
-                if let Some(exchange) = self.unattributed.get_mut(&id) {
-                    exchange.first_response_ns = Some(ts_ns);
-                    exchange.status = status;
-                    return None;
-                }
-                let (owner, _) = self.exchange_owners.get(&id)?;
-                let open = self.open.get_mut(owner)?;
-                let call = open
-                    .request
-                    .upstream_calls
-                    .iter_mut()
-                    .find(|c| c.exchange_id == id)?;
-                call.first_response_ns = Some(ts_ns);
-                call.status = status;
-                None
+                attributor.on_response(id, ts_ns, status, &mut self.requests)
             }
             Progress::Read {
                 exchange,
                 pid,
                 tid,
                 ts_ns,
-            } => {
-                self.evidence.on_read(exchange, pid, tid, ts_ns);
-                None
-            }
-            Progress::Unanswered { id } => {
-                self.forget_exchange(id);
-                self.exchange_owners.remove(&id);
-                None
-            }
-            Progress::Finished(exchange) => {
-                let mut exchange = *exchange;
-                if self.unattributed.contains_key(&exchange.id) {
-                    match self.decide(exchange.id) {
-                        Some(choice) => self.assign(exchange.id, choice),
-                        None => {
-                            self.stats.unattributed_exchanges += 1;
-                            self.forget_exchange(exchange.id);
-                        }
-                    }
-                }
-                if let Some(((_, request_id), how)) = self.exchange_owners.remove(&exchange.id) {
-                    exchange.request_id = Some(request_id);
-                    exchange.attribution = Some(how);
-                }
-                Some(exchange)
-            }
+            } => attributor.on_read(exchange, pid, tid, ts_ns),
+            Progress::Unanswered { id } => attributor.on_unanswered(id),
+            Progress::Finished(exchange) => attributor.on_finished(*exchange),
         }
     }
 
-    /// The one request of `pid` with an upstream stage that could take an exchange
-    /// starting at `start_ns`, if exactly one has.
-    fn only_candidate(&self, pid: u32, start_ns: u64) -> Option<u64> {
-        let mut candidates = self
-            .open
-            .iter()
-            .filter(|(key, open)| key.0 == pid && open.stages.iter().any(|s| s.can_take(start_ns)))
-            .map(|(key, _)| key.1);
-        let only = candidates.next()?;
-        candidates.next().is_none().then_some(only)
+    /// Ended exchanges ready to report, in the order they became ready.
+    pub fn take_exchanges(&mut self) -> Vec<Exchange> {
+        self.attributor.take_done()
     }
 
-    /// Which stage of request `key` can take an exchange started at `start_ns`: the
-    /// latest begun upstream stage that contains the start and has no exchange yet.
-    fn free_upstream_stage(&self, key: (u32, u64), start_ns: u64) -> Option<usize> {
-        let open = self.open.get(&key)?;
-        open.stages.iter().rposition(|s| s.can_take(start_ns))
-    }
-
-    /// Where exchange `id` belongs as things stand: the request with the most adjacency
-    /// votes that can still take it; without any, the only candidate it had when it
-    /// started, if that one still can.
-    fn decide(&self, id: u64) -> Option<Choice> {
-        let exchange = self.unattributed.get(&id)?;
-        let pid = exchange.pid;
-        for vote in self.evidence.ranked(id) {
-            let key = (pid, vote.request_id);
-            if let Some(stage) = self.free_upstream_stage(key, exchange.start_ns) {
-                return Some(Choice {
-                    key,
-                    stage,
-                    how: Attribution::Adjacent,
-                });
-            }
-        }
-        let key = (pid, exchange.only_candidate?);
-        let stage = self.free_upstream_stage(key, exchange.start_ns)?;
-        Some(Choice {
-            key,
-            stage,
-            how: Attribution::OnlyCandidate,
-        })
-    }
-
-    /// Request `key` is ending: gives it the exchanges that are best attributed to it,
-    /// strongest evidence first (a stage takes one exchange).
-    fn attribute_ending(&mut self, key: (u32, u64)) {
-        // (votes for this request, start, id)
-        let mut mine: Vec<(u32, u64, u64)> = self
-            .unattributed
-            .iter()
-            .filter(|(id, e)| e.pid == key.0 && self.decide(**id).is_some_and(|c| c.key == key))
-            .map(|(&id, e)| (self.evidence.votes_for(id, key.1), e.start_ns, id))
-            .collect();
-        mine.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        for (_, _, id) in mine {
-            if let Some(choice) = self.decide(id).filter(|c| c.key == key) {
-                self.assign(id, choice);
-            }
-        }
-    }
-
-    fn assign(&mut self, id: u64, choice: Choice) {
-        let Some(exchange) = self.unattributed.remove(&id) else {
-            return;
-        };
-        self.evidence.close(id);
-        let Some(open) = self.open.get_mut(&choice.key) else {
-            return;
-        };
-        let stage = &mut open.stages[choice.stage];
-        stage.exchange = Some(id);
-        let call = UpstreamCall {
-            exchange_id: id,
-            attribution: Some(choice.how),
-            stage_begin_ns: stage.begin_ns,
-            sent_ns: exchange.start_ns,
-            first_response_ns: exchange.first_response_ns,
-            status: exchange.status,
-            ..UpstreamCall::default()
-        };
-        push_bounded(&mut open.request.upstream_calls, call, &mut self.stats);
-        self.exchange_owners.insert(id, (choice.key, choice.how));
-        match choice.how {
-            Attribution::Adjacent => self.stats.attributed_adjacent += 1,
-            Attribution::OnlyCandidate => self.stats.attributed_only_candidate += 1,
-        }
-    }
-
-    fn forget_exchange(&mut self, id: u64) {
-        self.unattributed.remove(&id);
-        self.evidence.close(id);
-    }
-
-    /// Forgets requests open since before `now_ns - timeout_ns`; returns how many.
+    /// Forgets requests open since before `now_ns - timeout_ns` (returns how many), and
+    /// decides the exchanges whose votes are in by now.
     pub fn expire(&mut self, now_ns: u64, timeout_ns: u64) -> usize {
-        let before = self.open.len();
-        self.open
-            .retain(|_, open| now_ns.saturating_sub(open.request.begin_ns) < timeout_ns);
-        let expired = before - self.open.len();
-        self.stats.expired += expired as u64;
-        self.evidence.forget_quiet_threads(now_ns, timeout_ns);
-        expired
+        let open = &mut self.requests;
+        let stale: Vec<RequestKey> = open
+            .requests
+            .iter()
+            .filter(|(_, o)| now_ns.saturating_sub(o.request.begin_ns) >= timeout_ns)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in &stale {
+            open.remove(*key);
+        }
+        self.stats.expired += stale.len() as u64;
+        self.attributor
+            .release_held(Some(now_ns), &mut self.requests);
+        self.attributor.forget_quiet(now_ns, timeout_ns);
+        stale.len()
+    }
+
+    /// Detaching: decides every exchange still held.
+    pub fn finish(&mut self) {
+        self.attributor.release_held(None, &mut self.requests);
     }
 }
 
@@ -817,6 +754,7 @@ mod tests {
             start_ns,
             first_response_ns: Some(start_ns + 1),
             first_read_ns: Some(start_ns + 1),
+            arrival_timed: true,
             last_response_ns: Some(start_ns + 2),
             request_bytes: 1,
             response_bytes: 1,
@@ -897,13 +835,55 @@ mod tests {
             .expect("request 2 ends");
         assert_eq!(two.upstream_calls[0].exchange_id, 200);
         // The exchanges, when they end, name their requests.
-        for (id, request) in [(100, 1), (200, 2)] {
-            let reported = asm
-                .on_progress(Progress::Finished(Box::new(exchange(id, 20))))
-                .unwrap();
-            assert_eq!(reported.request_id, Some(request));
+        for id in [100, 200] {
+            asm.on_progress(Progress::Finished(Box::new(exchange(id, 20))));
         }
-        assert_eq!(asm.stats().attributed_adjacent, 2);
+        let reported: Vec<(u64, Option<u64>)> = asm
+            .take_exchanges()
+            .iter()
+            .map(|e| (e.id, e.request_id))
+            .collect();
+        assert_eq!(reported, [(100, Some(1)), (200, Some(2))]);
+        assert_eq!(asm.stats().attribution.adjacent, 2);
+    }
+
+    /// A connection closed right after its response: the exchange ends before the read's
+    /// vote is cast, so it is held, and goes to its request when that ends.
+    #[test]
+    fn an_exchange_ending_before_its_votes_are_in_is_held() {
+        let mut asm = Assembler::new(10);
+        asm.on_event(on_thread(begin(0, 1), 1));
+        asm.on_event(on_thread(stage(10, 1, true, UPSTREAM), 1));
+        asm.on_event(on_thread(begin(11, 2), 1));
+        asm.on_event(on_thread(stage(12, 2, true, UPSTREAM), 1));
+        asm.on_progress(started(100, 2, 20)); // no marker on thread 2: no vote
+        asm.on_progress(read(100, 2, 50));
+        asm.on_progress(Progress::Finished(Box::new(exchange(100, 20))));
+        assert!(asm.take_exchanges().is_empty(), "held for its votes");
+        asm.on_event(on_thread(stage(51, 2, false, UPSTREAM), 2)); // request 2 wakes
+        let two = asm.on_event(on_thread(end(52, 2), 2)).unwrap();
+        assert_eq!(two.upstream_calls[0].exchange_id, 100);
+        let reported = asm.take_exchanges();
+        assert_eq!(reported[0].request_id, Some(2));
+    }
+
+    /// An exchange with no evidence does not take a stage whose own exchange may have
+    /// started already.
+    #[test]
+    fn a_sole_candidate_is_not_one_if_its_stage_already_has_an_exchange_under_way() {
+        let mut asm = Assembler::new(10);
+        asm.on_event(begin(0, 1));
+        asm.on_event(stage(10, 1, true, UPSTREAM));
+        asm.on_progress(started(100, 9, 20)); // request 1's own, no vote
+        asm.on_progress(started(200, 9, 30)); // a stray, no vote
+        asm.on_progress(read(100, 9, 40));
+        asm.on_event(on_thread(ev(41, 1, What::FirstByte), 9));
+        let one = asm.on_event(end(90, 1)).unwrap();
+        assert_eq!(one.upstream_calls[0].exchange_id, 100);
+        asm.on_progress(Progress::Finished(Box::new(exchange(200, 30))));
+        asm.finish();
+        let stray = asm.take_exchanges();
+        assert_eq!((stray[0].id, stray[0].request_id), (200, None));
     }
 
     /// Without adjacency evidence an exchange goes to the only request that could take
@@ -928,18 +908,15 @@ mod tests {
         asm.on_progress(started(300, 9, 121));
         assert!(asm.on_event(end(130, 2)).unwrap().upstream_calls.is_empty());
         for id in [200, 300] {
-            let reported = asm
-                .on_progress(Progress::Finished(Box::new(exchange(id, 120))))
-                .unwrap();
-            assert_eq!(reported.request_id, None);
+            asm.on_progress(Progress::Finished(Box::new(exchange(id, 120))));
         }
-        let stats = asm.stats();
-        assert_eq!(
-            (
-                stats.attributed_only_candidate,
-                stats.unattributed_exchanges
-            ),
-            (1, 2)
+        asm.finish();
+        let reported = asm.take_exchanges();
+        assert!(
+            reported.iter().all(|e| e.request_id.is_none()),
+            "{reported:?}"
         );
+        let stats = asm.stats().attribution;
+        assert_eq!((stats.only_candidate, stats.unattributed), (1, 2));
     }
 }

@@ -71,8 +71,11 @@ const SOCKET_TRACEPOINTS: &[(&str, &str, &[&str])] = &[
     ("tcp_state", "sock", &["inet_sock_set_state"]),
     ("sock_send", "sock", &["sock_send_length"]),
     ("sock_recv", "sock", &["sock_recv_length"]),
-    ("sk_ready", "sock", &["sk_data_ready"]),
 ];
+
+/// When response bytes arrive (docs/sockets.md). Linux 6.3 added this tracepoint; without
+/// it, responses are timed when the broker reads them, and each such read is counted.
+const ARRIVAL_TRACEPOINT: (&str, &str, &str) = ("sk_ready", "sock", "sk_data_ready");
 
 /// What to attach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -247,6 +250,21 @@ fn attach_socket_tracepoints(ebpf: &mut Ebpf) -> Result<u32> {
             })?;
             attached += 1;
         }
+    }
+    let (program, category, name) = ARRIVAL_TRACEPOINT;
+    let arrivals: &mut TracePoint = ebpf
+        .program_mut(program)
+        .with_context(|| format!("eBPF program {program} missing"))?
+        .try_into()?;
+    arrivals
+        .load()
+        .with_context(|| format!("loading eBPF program {program}"))?;
+    match arrivals.attach(category, name) {
+        Ok(_) => attached += 1,
+        Err(e) => log::warn!(
+            "no tracepoint {category}:{name} ({e}; it needs Linux 6.3 or later): upstream \
+             responses are timed when the broker reads them, not when they arrive"
+        ),
     }
     log::debug!("attached {attached} socket tracepoints");
     Ok(attached)

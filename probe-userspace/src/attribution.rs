@@ -1,5 +1,4 @@
-//! Which broker request an upstream exchange served: evidence from thread adjacency
-//! (docs/sockets.md, "Attribution").
+//! Which broker request an upstream exchange served (docs/sockets.md, "Attribution").
 //!
 //! A socket write or read is done by some task on some worker thread, and the marker hits
 //! of the request that caused it, or that it wakes, sit next to it on the same thread:
@@ -14,52 +13,340 @@
 //!   connecting thread names the request of the connection's first exchange.
 //!
 //! Threads alone are not enough (tasks move between workers), and one adjacency can be
-//! broken by work stealing; so every write start and response read of an exchange casts a
-//! vote, and the request with the most votes wins. Assembly decides with these votes
-//! once they are all in; nothing here decides.
+//! broken by work stealing; so every write start, connect and response read of an
+//! exchange casts a vote ([`Evidence`]), and the [`Attributor`] gives the exchange to the
+//! request with the most votes that still has a free upstream stage — once the votes are
+//! in: when that request ends, or a moment after the exchange itself ends.
 
 use std::collections::HashMap;
+
+use crate::{
+    assembly::UpstreamCall,
+    connections::{Attribution, Exchange},
+};
+
+/// A broker request: (process, request id).
+pub type RequestKey = (u32, u64);
 
 /// Farther apart than this, two events on one thread are not taken as cause and effect.
 const ADJACENT_NS: u64 = 10_000_000;
 
-/// Distinct requests voted for, kept per exchange; more are counted as lost votes.
+/// An exchange that ended unattributed waits this long past its last response byte for
+/// the votes of its last reads (cast by the next marker hit on their threads).
+const HOLD_NS: u64 = 100_000_000;
+
+/// Distinct requests voted for, kept per exchange; past it the weakest vote goes.
 const MAX_CANDIDATES: usize = 8;
+
+/// What attribution needs of the open requests (implemented by assembly).
+pub trait UpstreamStages {
+    /// The stage of request `key` that can take an exchange started at `start_ns`: an
+    /// upstream stage begun by then, not ended before, and without an exchange.
+    fn free_stage(&self, key: RequestKey, start_ns: u64) -> Option<usize>;
+    /// Requests of process `pid` with an open upstream stage without an exchange, with
+    /// that stage's begin.
+    fn waiting(&self, pid: u32) -> Vec<(RequestKey, u64)>;
+    /// Gives `call` to stage `stage` of request `key`.
+    fn take(&mut self, key: RequestKey, stage: usize, call: UpstreamCall);
+    /// The attributed call `exchange` of request `key` got its first response byte.
+    fn responded(&mut self, key: RequestKey, exchange: u64, ts_ns: u64, status: Option<u16>);
+}
+
+/// Upstream exchanges attributed, by method, and what could not be.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttributionStats {
+    pub adjacent: u64,
+    pub only_candidate: u64,
+    /// No adjacency evidence for a request that could take it, and not a sole candidate.
+    pub unattributed: u64,
+    /// Votes let go because an exchange had votes for too many requests.
+    pub votes_dropped: u64,
+}
+
+/// An upstream exchange that started and is not attributed yet.
+struct Unattributed {
+    pid: u32,
+    start_ns: u64,
+    first_response_ns: Option<u64>,
+    status: Option<u16>,
+    /// The one request that could take it when it started, if there was exactly one and
+    /// no other exchange had started in that request's upstream stage.
+    only_candidate: Option<u64>,
+}
+
+/// Where an exchange goes: request, index of the stage in it, and why.
+struct Choice {
+    key: RequestKey,
+    stage: usize,
+    how: Attribution,
+}
+
+#[derive(Default)]
+pub struct Attributor {
+    evidence: Evidence,
+    unattributed: HashMap<u64, Unattributed>,
+    /// Request → exchanges whose only candidate it was.
+    only_candidate_of: HashMap<RequestKey, Vec<u64>>,
+    /// Exchanges that ended before they were attributed, until their votes are in.
+    held: HashMap<u64, Exchange>,
+    /// Attributed exchanges, until they end.
+    owners: HashMap<u64, (RequestKey, Attribution)>,
+    /// Ended exchanges ready for the exporters.
+    done: Vec<Exchange>,
+    stats: AttributionStats,
+}
+
+impl Attributor {
+    pub fn stats(&self) -> AttributionStats {
+        AttributionStats {
+            votes_dropped: self.evidence.votes_dropped,
+            ..self.stats
+        }
+    }
+
+    /// A marker hit of request `request_id` on thread `tid`.
+    pub fn on_marker(&mut self, pid: u32, tid: u32, request_id: u64, ts_ns: u64) {
+        self.evidence.on_marker(pid, tid, request_id, ts_ns);
+    }
+
+    /// Thread `tid` begins connecting upstream connection `fd`.
+    pub fn on_connect(&mut self, pid: u32, tid: u32, fd: i32, ts_ns: u64) {
+        self.evidence.on_connect(pid, tid, fd, ts_ns);
+    }
+
+    /// Thread `tid` read bytes: a response of `exchange` (None: anything else).
+    pub fn on_read(&mut self, exchange: Option<u64>, pid: u32, tid: u32, ts_ns: u64) {
+        self.evidence.on_read(exchange, pid, tid, ts_ns);
+    }
+
+    /// Upstream exchange `id` starts: its first request byte written by `tid` on `fd`.
+    pub fn on_start(
+        &mut self,
+        id: u64,
+        (pid, tid, fd): (u32, u32, i32),
+        ts_ns: u64,
+        stages: &impl UpstreamStages,
+    ) {
+        self.evidence.on_start(id, pid, tid, fd, ts_ns);
+        let only_candidate = match stages.waiting(pid).as_slice() {
+            // Not if an exchange already started in that stage: it may be the one.
+            [(key, begin_ns)] if !self.started_since(pid, *begin_ns) => Some(*key),
+            _ => None,
+        };
+        if let Some(key) = only_candidate {
+            self.only_candidate_of.entry(key).or_default().push(id);
+        }
+        let exchange = Unattributed {
+            pid,
+            start_ns: ts_ns,
+            first_response_ns: None,
+            status: None,
+            only_candidate: only_candidate.map(|key| key.1),
+        };
+        self.unattributed.insert(id, exchange);
+    }
+
+    fn started_since(&self, pid: u32, ns: u64) -> bool {
+        self.unattributed
+            .values()
+            .any(|e| e.pid == pid && e.start_ns >= ns)
+    }
+
+    /// Exchange `id` got its first response byte (arrived at `ts_ns`).
+    pub fn on_response(
+        &mut self,
+        id: u64,
+        ts_ns: u64,
+        status: Option<u16>,
+        stages: &mut impl UpstreamStages,
+    ) {
+        if let Some(exchange) = self.unattributed.get_mut(&id) {
+            exchange.first_response_ns = Some(ts_ns);
+            exchange.status = status;
+        } else if let Some((key, _)) = self.owners.get(&id) {
+            stages.responded(*key, id, ts_ns, status);
+        }
+    }
+
+    /// Exchange `id` ended without a response: it is not reported.
+    pub fn on_unanswered(&mut self, id: u64) {
+        self.forget(id);
+        self.owners.remove(&id);
+    }
+
+    /// An exchange ended: reported now if attributed (or never to attribute), else held
+    /// until its votes are in.
+    pub fn on_finished(&mut self, exchange: Exchange) {
+        if self.unattributed.contains_key(&exchange.id) {
+            self.held.insert(exchange.id, exchange);
+        } else {
+            self.release(exchange);
+        }
+    }
+
+    /// Request `key` is ending: its upstream reads are all in, so the exchanges best
+    /// attributed to it go to it now, strongest evidence first (a stage takes one).
+    pub fn on_request_end(&mut self, key: RequestKey, stages: &mut impl UpstreamStages) {
+        let mut candidates = self.evidence.voting_for(key);
+        candidates.extend(self.only_candidate_of.remove(&key).unwrap_or_default());
+        // (votes for this request, start, id) of those whose best request it is.
+        let mut mine: Vec<(u32, u64, u64)> = candidates
+            .into_iter()
+            .filter(|id| self.decide(*id, stages).is_some_and(|c| c.key == key))
+            .filter_map(|id| {
+                let start_ns = self.unattributed.get(&id)?.start_ns;
+                Some((self.evidence.votes_for(id, key.1), start_ns, id))
+            })
+            .collect();
+        mine.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        mine.dedup_by_key(|(_, _, id)| *id);
+        for (_, _, id) in mine {
+            if let Some(choice) = self.decide(id, stages).filter(|c| c.key == key) {
+                self.assign(id, choice, stages);
+            }
+        }
+        self.evidence.forget_request(key);
+    }
+
+    /// Decides the held exchanges whose last response byte is `HOLD_NS` old, or all of
+    /// them (at detach).
+    pub fn release_held(&mut self, now_ns: Option<u64>, stages: &mut impl UpstreamStages) {
+        let due: Vec<u64> = self
+            .held
+            .values()
+            .filter(|e| {
+                let last = e.last_response_ns.unwrap_or(e.start_ns);
+                now_ns.is_none_or(|now| now.saturating_sub(last) >= HOLD_NS)
+            })
+            .map(|e| e.id)
+            .collect();
+        for id in due {
+            match self.decide(id, stages) {
+                Some(choice) => self.assign(id, choice, stages),
+                None => {
+                    self.stats.unattributed += 1;
+                    self.forget(id);
+                }
+            }
+            if let Some(exchange) = self.held.remove(&id) {
+                self.release(exchange);
+            }
+        }
+    }
+
+    /// Ended exchanges ready for the exporters, in the order they became ready.
+    pub fn take_done(&mut self) -> Vec<Exchange> {
+        std::mem::take(&mut self.done)
+    }
+
+    /// Forgets threads, connects and votes quiet for `idle_ns`.
+    pub fn forget_quiet(&mut self, now_ns: u64, idle_ns: u64) {
+        self.evidence.forget_quiet(now_ns, idle_ns);
+        let unattributed = &self.unattributed;
+        self.only_candidate_of.retain(|_, ids| {
+            ids.retain(|id| unattributed.contains_key(id));
+            !ids.is_empty()
+        });
+    }
+
+    /// Where exchange `id` belongs as things stand: the request with the most adjacency
+    /// votes that can still take it; without any, its sole candidate, if that still can.
+    fn decide(&self, id: u64, stages: &impl UpstreamStages) -> Option<Choice> {
+        let exchange = self.unattributed.get(&id)?;
+        let pid = exchange.pid;
+        for vote in self.evidence.ranked(id) {
+            let key = (pid, vote.request_id);
+            if let Some(stage) = stages.free_stage(key, exchange.start_ns) {
+                return Some(Choice {
+                    key,
+                    stage,
+                    how: Attribution::Adjacent,
+                });
+            }
+        }
+        let key = (pid, exchange.only_candidate?);
+        let stage = stages.free_stage(key, exchange.start_ns)?;
+        Some(Choice {
+            key,
+            stage,
+            how: Attribution::OnlyCandidate,
+        })
+    }
+
+    fn assign(&mut self, id: u64, choice: Choice, stages: &mut impl UpstreamStages) {
+        let Some(exchange) = self.unattributed.remove(&id) else {
+            return;
+        };
+        self.evidence.close(id);
+        let call = UpstreamCall {
+            exchange_id: id,
+            attribution: Some(choice.how),
+            sent_ns: exchange.start_ns,
+            first_response_ns: exchange.first_response_ns,
+            status: exchange.status,
+            ..UpstreamCall::default()
+        };
+        stages.take(choice.key, choice.stage, call);
+        self.owners.insert(id, (choice.key, choice.how));
+        match choice.how {
+            Attribution::Adjacent => self.stats.adjacent += 1,
+            Attribution::OnlyCandidate => self.stats.only_candidate += 1,
+        }
+        if let Some(exchange) = self.held.remove(&id) {
+            self.release(exchange);
+        }
+    }
+
+    /// Reports an ended exchange, naming its request if it has one.
+    fn release(&mut self, mut exchange: Exchange) {
+        if let Some(((_, request_id), how)) = self.owners.remove(&exchange.id) {
+            exchange.request_id = Some(request_id);
+            exchange.attribution = Some(how);
+        }
+        self.done.push(exchange);
+    }
+
+    fn forget(&mut self, id: u64) {
+        self.unattributed.remove(&id);
+        self.evidence.close(id);
+    }
+}
 
 /// What happened last on one thread that a later event may explain.
 #[derive(Default)]
 struct ThreadTrail {
-    /// The latest marker hit: (request id, time). A write start consumes it.
+    /// The latest marker hit: (request id, time). A write start or connect consumes it.
     marker: Option<(u64, u64)>,
-    /// The latest read, if it read an upstream response: (exchange id, time). The next
-    /// marker hit consumes it; any later read replaces it.
+    /// The latest read: (the upstream exchange it read a response of, if any; time). The
+    /// next marker hit consumes it; any later read replaces it.
     read: Option<(Option<u64>, u64)>,
 }
 
 /// A request voted for, and by how many adjacencies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Vote {
-    pub request_id: u64,
-    pub count: u32,
+struct Vote {
+    request_id: u64,
+    count: u32,
     /// When the latest of them was cast: breaks ties toward the freshest evidence.
-    pub last_ns: u64,
+    last_ns: u64,
 }
 
 /// Votes cast so far, per upstream exchange not yet attributed.
 #[derive(Default)]
-pub struct Evidence {
+struct Evidence {
     threads: HashMap<(u32, u32), ThreadTrail>,
     /// Connections being opened: (pid, fd) → the request adjacent to the connect, and
     /// when, until their first exchange starts.
     connects: HashMap<(u32, i32), (u64, u64)>,
-    votes: HashMap<u64, Vec<Vote>>,
-    /// Votes not kept because an exchange already had [`MAX_CANDIDATES`] requests.
-    pub lost_votes: u64,
+    /// Exchange → (its process, its votes).
+    votes: HashMap<u64, (u32, Vec<Vote>)>,
+    /// Request → exchanges that voted for it (some may be decided since).
+    by_request: HashMap<RequestKey, Vec<u64>>,
+    votes_dropped: u64,
 }
 
 impl Evidence {
-    /// A marker hit of request `request_id` on thread `tid`.
-    pub fn on_marker(&mut self, pid: u32, tid: u32, request_id: u64, ts_ns: u64) {
+    fn on_marker(&mut self, pid: u32, tid: u32, request_id: u64, ts_ns: u64) {
         let trail = self.threads.entry((pid, tid)).or_default();
         trail.marker = Some((request_id, ts_ns));
         if let Some((Some(exchange), read_ns)) = trail.read.take() {
@@ -69,8 +356,7 @@ impl Evidence {
         }
     }
 
-    /// Thread `tid` begins connecting upstream connection `fd`.
-    pub fn on_connect(&mut self, pid: u32, tid: u32, fd: i32, ts_ns: u64) {
+    fn on_connect(&mut self, pid: u32, tid: u32, fd: i32, ts_ns: u64) {
         let trail = self.threads.entry((pid, tid)).or_default();
         match trail.marker.take() {
             Some((request_id, marker_ns)) if ts_ns.saturating_sub(marker_ns) <= ADJACENT_NS => {
@@ -82,10 +368,8 @@ impl Evidence {
         }
     }
 
-    /// Upstream exchange `exchange` starts: its first request byte written by `tid` on
-    /// connection `fd`.
-    pub fn on_start(&mut self, exchange: u64, pid: u32, tid: u32, fd: i32, ts_ns: u64) {
-        self.votes.entry(exchange).or_default();
+    fn on_start(&mut self, exchange: u64, pid: u32, tid: u32, fd: i32, ts_ns: u64) {
+        self.votes.insert(exchange, (pid, Vec::new()));
         if let Some((request_id, connect_ns)) = self.connects.remove(&(pid, fd)) {
             self.vote(exchange, request_id, connect_ns);
         }
@@ -97,8 +381,7 @@ impl Evidence {
         }
     }
 
-    /// Thread `tid` read bytes: a response of `exchange` (None: anything else).
-    pub fn on_read(&mut self, exchange: Option<u64>, pid: u32, tid: u32, ts_ns: u64) {
+    fn on_read(&mut self, exchange: Option<u64>, pid: u32, tid: u32, ts_ns: u64) {
         let exchange = exchange.filter(|id| self.votes.contains_key(id));
         let trail = self.threads.entry((pid, tid)).or_default();
         trail.read = Some((exchange, ts_ns));
@@ -106,48 +389,85 @@ impl Evidence {
 
     fn vote(&mut self, exchange: u64, request_id: u64, ts_ns: u64) {
         // Only exchanges still open for attribution collect votes.
-        let Some(votes) = self.votes.get_mut(&exchange) else {
+        let Some((pid, votes)) = self.votes.get_mut(&exchange) else {
             return;
         };
         if let Some(vote) = votes.iter_mut().find(|v| v.request_id == request_id) {
             vote.count += 1;
             vote.last_ns = ts_ns;
-        } else if votes.len() < MAX_CANDIDATES {
-            votes.push(Vote {
-                request_id,
-                count: 1,
-                last_ns: ts_ns,
-            });
-        } else {
-            self.lost_votes += 1;
+            return;
         }
+        let vote = Vote {
+            request_id,
+            count: 1,
+            last_ns: ts_ns,
+        };
+        if votes.len() < MAX_CANDIDATES {
+            votes.push(vote);
+        } else {
+            // The weakest, stalest vote makes room: an early stray vote must not keep the
+            // real owner's later ones out.
+            self.votes_dropped += 1;
+            let weakest = votes
+                .iter_mut()
+                .min_by_key(|v| (v.count, v.last_ns))
+                .expect("MAX_CANDIDATES > 0");
+            if weakest.count > 1 {
+                return;
+            }
+            *weakest = vote;
+        }
+        self.by_request
+            .entry((*pid, request_id))
+            .or_default()
+            .push(exchange);
     }
 
     /// The exchange's votes, strongest first (most votes, then the freshest).
-    pub fn ranked(&self, exchange: u64) -> Vec<Vote> {
-        let mut votes = self.votes.get(&exchange).cloned().unwrap_or_default();
-        votes.sort_by(|a, b| b.count.cmp(&a.count).then(b.last_ns.cmp(&a.last_ns)));
+    fn ranked(&self, exchange: u64) -> Vec<Vote> {
+        let mut votes = self
+            .votes
+            .get(&exchange)
+            .map(|(_, votes)| votes.clone())
+            .unwrap_or_default();
+        votes.sort_unstable_by(|a, b| b.count.cmp(&a.count).then(b.last_ns.cmp(&a.last_ns)));
         votes
     }
 
-    /// Votes of the exchange for one request.
-    pub fn votes_for(&self, exchange: u64, request_id: u64) -> u32 {
+    fn votes_for(&self, exchange: u64, request_id: u64) -> u32 {
         self.votes
             .get(&exchange)
-            .and_then(|votes| votes.iter().find(|v| v.request_id == request_id))
+            .and_then(|(_, votes)| votes.iter().find(|v| v.request_id == request_id))
             .map_or(0, |v| v.count)
     }
 
+    /// Exchanges that voted for request `key` and still collect votes.
+    fn voting_for(&self, key: RequestKey) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .by_request
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|id| self.votes.contains_key(id))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    fn forget_request(&mut self, key: RequestKey) {
+        self.by_request.remove(&key);
+    }
+
     /// The exchange is attributed, or never will be: forget its votes.
-    pub fn close(&mut self, exchange: u64) {
+    fn close(&mut self, exchange: u64) {
         self.votes.remove(&exchange);
     }
 
-    /// Forgets threads quiet for `idle_ns` (threads come and go with the broker), and
-    /// connects that long without an exchange.
-    pub fn forget_quiet_threads(&mut self, now_ns: u64, idle_ns: u64) {
-        self.connects
-            .retain(|_, (_, connect_ns)| now_ns.saturating_sub(*connect_ns) < idle_ns);
+    /// Forgets threads and connects quiet for `idle_ns` (threads come and go with the
+    /// broker), and the votes for requests that will never end here.
+    fn forget_quiet(&mut self, now_ns: u64, idle_ns: u64) {
         self.threads.retain(|_, trail| {
             let last = trail
                 .marker
@@ -155,6 +475,13 @@ impl Evidence {
                 .max(trail.read.map(|(_, ts)| ts))
                 .unwrap_or(0);
             now_ns.saturating_sub(last) < idle_ns
+        });
+        self.connects
+            .retain(|_, (_, connect_ns)| now_ns.saturating_sub(*connect_ns) < idle_ns);
+        let votes = &self.votes;
+        self.by_request.retain(|_, ids| {
+            ids.retain(|id| votes.contains_key(id));
+            !ids.is_empty()
         });
     }
 }
@@ -165,6 +492,13 @@ mod tests {
 
     const PID: u32 = 1;
 
+    fn votes(e: &Evidence, exchange: u64) -> Vec<(u64, u32)> {
+        e.ranked(exchange)
+            .iter()
+            .map(|v| (v.request_id, v.count))
+            .collect()
+    }
+
     #[test]
     fn write_after_a_marker_and_marker_after_a_read_vote() {
         let mut e = Evidence::default();
@@ -172,14 +506,8 @@ mod tests {
         e.on_start(1, PID, 10, 3, 110); // exchange 1 written by thread 10
         e.on_read(Some(1), PID, 11, 500); // its response read on thread 11
         e.on_marker(PID, 11, 7, 510); // request 7 wakes there
-        assert_eq!(
-            e.ranked(1),
-            [Vote {
-                request_id: 7,
-                count: 2,
-                last_ns: 510
-            }]
-        );
+        assert_eq!(votes(&e, 1), [(7, 2)]);
+        assert_eq!(e.voting_for((PID, 7)), [1]);
     }
 
     #[test]
@@ -194,7 +522,7 @@ mod tests {
         e.on_read(Some(1), PID, 10, 200);
         e.on_read(None, PID, 10, 201);
         e.on_marker(PID, 10, 8, 210);
-        assert_eq!(e.ranked(1)[0].count, 1, "only the start vote");
+        assert_eq!(votes(&e, 1), [(7, 1)], "only the start vote");
         // Too far apart to be cause and effect.
         e.on_read(Some(2), PID, 10, 300);
         e.on_marker(PID, 10, 9, 300 + ADJACENT_NS + 1);
@@ -209,17 +537,16 @@ mod tests {
             e.on_read(Some(1), PID, 11, ts);
             e.on_marker(PID, 11, request, ts + 1);
         }
-        let ranked: Vec<(u64, u32)> = e
-            .ranked(1)
-            .iter()
-            .map(|v| (v.request_id, v.count))
-            .collect();
-        assert_eq!(ranked, [(9, 2), (8, 2), (7, 1)]);
+        assert_eq!(votes(&e, 1), [(9, 2), (8, 2), (7, 1)]);
         e.close(1);
         e.on_read(Some(1), PID, 11, 60);
         e.on_marker(PID, 11, 7, 61);
-        assert!(e.ranked(1).is_empty());
         assert!(e.votes.is_empty());
+        e.forget_quiet(61, 1_000);
+        assert!(
+            e.by_request.is_empty(),
+            "no index left for closed exchanges"
+        );
     }
 
     #[test]
@@ -229,9 +556,27 @@ mod tests {
         e.on_connect(PID, 10, 5, 105); // request 7's task connects fd 5
         e.on_marker(PID, 10, 8, 110);
         e.on_start(1, PID, 11, 5, 200); // written by another thread, after no marker
-        assert_eq!(e.votes_for(1, 7), 1);
-        assert_eq!(e.votes_for(1, 8), 0);
+        assert_eq!(votes(&e, 1), [(7, 1)]);
         e.on_start(2, PID, 11, 5, 300); // the connection's next exchange: no connect vote
         assert!(e.ranked(2).is_empty());
+    }
+
+    #[test]
+    fn stray_single_votes_make_room_for_the_owners_later_ones() {
+        let mut e = Evidence::default();
+        e.on_start(1, PID, 10, 3, 0);
+        let mut ts = 0;
+        let mut vote_for = |e: &mut Evidence, request| {
+            ts += 10;
+            e.on_read(Some(1), PID, 11, ts);
+            e.on_marker(PID, 11, request, ts + 1);
+        };
+        for stray in 100..100 + MAX_CANDIDATES as u64 {
+            vote_for(&mut e, stray);
+        }
+        vote_for(&mut e, 7);
+        vote_for(&mut e, 7);
+        assert_eq!(votes(&e, 1)[0], (7, 2));
+        assert_eq!(e.votes_dropped, 1);
     }
 }

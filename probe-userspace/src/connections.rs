@@ -13,7 +13,7 @@ use std::{collections::HashMap, net::SocketAddr};
 use probe_common::socket::PREFIX_CAP;
 
 use crate::{
-    decode::{SocketIo, SocketWhat},
+    decode::{Arrival, SocketIo, SocketWhat},
     http,
     procnet::{OpenSocket, Role},
 };
@@ -43,6 +43,9 @@ pub struct Exchange {
     /// Upstream: when the broker read the first response byte (`first_response_ns` plus
     /// however long the bytes waited for the broker).
     pub first_read_ns: Option<u64>,
+    /// Upstream: the first response byte's arrival was stamped by the kernel (else
+    /// `first_response_ns` is the read time, and there is no read delay).
+    pub arrival_timed: bool,
     /// Last response byte, timed like the first.
     pub last_response_ns: Option<u64>,
     pub request_bytes: u64,
@@ -73,6 +76,9 @@ impl Exchange {
 
     /// Upstream: how long the first response bytes waited on the socket for the broker.
     pub fn read_delay_ns(&self) -> Option<u64> {
+        if !self.arrival_timed {
+            return None;
+        }
         Some(self.first_read_ns?.saturating_sub(self.first_response_ns?))
     }
 
@@ -368,10 +374,10 @@ impl Connections {
             SocketWhat::Recv {
                 bytes,
                 ref prefix,
-                ready_ns,
+                arrived,
             } => {
                 let data = Data {
-                    direction: Direction::Recv(ready_ns),
+                    direction: Direction::Recv(arrived),
                     bytes,
                     prefix,
                 };
@@ -486,8 +492,8 @@ impl Connections {
         out: &mut Vec<Progress>,
     ) {
         let Data { bytes, prefix, .. } = *data;
-        let ready_ns = match data.direction {
-            Direction::Recv(ready_ns) => ready_ns,
+        let arrived = match data.direction {
+            Direction::Recv(arrived) => arrived,
             Direction::Send => None,
         };
         let Some(exchange) = &mut connection.exchange else {
@@ -496,18 +502,19 @@ impl Connections {
         };
         // Upstream responses are timed when they arrived; the broker's own delay in
         // reading them is its lag, not the network's. Without an arrival time (the
-        // kernel missed it), the read time stands in, and is counted.
-        let arrived_ns = match (role, ready_ns) {
-            (Role::Upstream, Some(ready_ns)) => ready_ns,
+        // kernel saw none on this socket), the read time stands in, and is counted.
+        let arrived = match (role, arrived) {
+            (Role::Upstream, Some(arrived)) => Some(arrived),
             (Role::Upstream, None) => {
                 self.stats.arrivals_unknown += 1;
-                io.ts_ns
+                None
             }
-            (Role::Inbound, _) => io.ts_ns,
+            (Role::Inbound, _) => None,
         };
         let first = exchange.first_response_ns.is_none();
         if first {
-            exchange.first_response_ns = Some(arrived_ns);
+            exchange.first_response_ns = Some(arrived.map_or(io.ts_ns, |a| a.first_ns));
+            exchange.arrival_timed = arrived.is_some();
             connection.response_head = Head::default();
         }
         if exchange.status.is_none() {
@@ -519,11 +526,11 @@ impl Connections {
             exchange.first_read_ns = Some(io.ts_ns);
             out.push(Progress::Responded {
                 id: exchange.id,
-                ts_ns: arrived_ns,
+                ts_ns: exchange.first_response_ns.unwrap_or(io.ts_ns),
                 status: exchange.status,
             });
         }
-        exchange.last_response_ns = Some(arrived_ns);
+        exchange.last_response_ns = Some(arrived.map_or(io.ts_ns, |a| a.last_ns));
         exchange.response_bytes += u64::from(bytes);
         exchange.response_chunks = exchange.response_chunks.saturating_add(1);
     }
@@ -590,7 +597,7 @@ fn end_exchange(
 enum Direction {
     Send,
     /// With when the bytes read had arrived, if the kernel saw it.
-    Recv(Option<u64>),
+    Recv(Option<Arrival>),
 }
 
 /// Bytes moved by one read or write.
@@ -628,6 +635,7 @@ fn start_exchange(
         start_ns: io.ts_ns,
         first_response_ns: None,
         first_read_ns: None,
+        arrival_timed: false,
         last_response_ns: None,
         request_bytes: u64::from(bytes),
         response_bytes: 0,
@@ -687,7 +695,10 @@ mod tests {
             SocketWhat::Recv {
                 bytes,
                 prefix: prefix.to_vec(),
-                ready_ns: Some(ts - WAITED),
+                arrived: Some(Arrival {
+                    first_ns: ts - WAITED,
+                    last_ns: ts - WAITED,
+                }),
             },
         )
     }
@@ -834,14 +845,14 @@ mod tests {
         let unknown = SocketWhat::Recv {
             bytes: 20,
             prefix: b"HTTP/1.1 200 OK\r\n".to_vec(),
-            ready_ns: None,
+            arrived: None,
         };
         c.on_io(io(300, 5, unknown), &mut out);
         c.on_io(io(400, 5, SocketWhat::Close), &mut out);
         let done = finished(&out);
         assert_eq!(
             (done[0].ttfb_ns(), done[0].read_delay_ns()),
-            (Some(200), Some(0))
+            (Some(200), None)
         );
         assert_eq!(c.stats().arrivals_unknown, 1);
         let reads: Vec<&Progress> = out

@@ -49,14 +49,23 @@ pub enum SocketWhat {
         bytes: u32,
         prefix: Vec<u8>,
     },
-    /// `ready_ns`: when the first of these bytes had arrived (queued by the kernel),
-    /// if the kernel saw it.
+    /// `arrived`: when these bytes had arrived (queued by the kernel), if the kernel saw
+    /// bytes arrive on this socket.
     Recv {
         bytes: u32,
         prefix: Vec<u8>,
-        ready_ns: Option<u64>,
+        arrived: Option<Arrival>,
     },
     Close,
+}
+
+/// When the bytes of one read had arrived on the socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arrival {
+    /// The first of them.
+    pub first_ns: u64,
+    /// The latest arrival before the read.
+    pub last_ns: u64,
 }
 
 /// One decoded marker hit.
@@ -213,8 +222,10 @@ fn decode_socket(raw: SocketEvent) -> Result<SocketIo, DecodeError> {
         SocketKind::Recv => SocketWhat::Recv {
             bytes: raw.bytes,
             prefix: raw.prefix().to_vec(),
-            // An arrival is never after its read; one that is came from a torn update.
-            ready_ns: Some(raw.ready_ns).filter(|&ready| ready != 0 && ready <= raw.header.ts_ns),
+            arrived: (raw.ready_ns != 0).then_some(Arrival {
+                first_ns: raw.ready_ns,
+                last_ns: raw.last_ready_ns.max(raw.ready_ns),
+            }),
         },
         SocketKind::Close => SocketWhat::Close,
     };
@@ -488,30 +499,34 @@ mod tests {
             bytes: 1000,
             prefix_len: 1000, // never trusted past the buffer
             ready_ns: 90,
+            last_ready_ns: 95,
             ..SocketEvent::ZERO
         };
         raw.prefix[..4].copy_from_slice(b"HTTP");
-        let Ok(Record::Socket(io)) = decode(&socket_bytes(&raw)) else {
-            panic!()
+        let what = |raw: &SocketEvent| match decode(&socket_bytes(raw)) {
+            Ok(Record::Socket(io)) => io.what,
+            other => panic!("{other:?}"),
         };
         let SocketWhat::Recv {
             bytes,
             prefix,
-            ready_ns,
-        } = io.what
+            arrived,
+        } = what(&raw)
         else {
             panic!()
         };
         assert_eq!(
-            (bytes, prefix.len(), &prefix[..4], ready_ns),
-            (1000, PREFIX_CAP, &b"HTTP"[..], Some(90))
+            (bytes, prefix.len(), &prefix[..4]),
+            (1000, PREFIX_CAP, &b"HTTP"[..])
         );
-        // An arrival after its own read (header ts 100) is not believed.
-        raw.ready_ns = 101;
-        let Ok(Record::Socket(io)) = decode(&socket_bytes(&raw)) else {
-            panic!()
+        let expected = Arrival {
+            first_ns: 90,
+            last_ns: 95,
         };
-        assert!(matches!(io.what, SocketWhat::Recv { ready_ns: None, .. }));
+        assert_eq!(arrived, Some(expected));
+        // The kernel never saw bytes arrive on this socket.
+        raw.ready_ns = 0;
+        assert!(matches!(what(&raw), SocketWhat::Recv { arrived: None, .. }));
     }
 
     fn socket_bytes(event: &SocketEvent) -> Vec<u8> {

@@ -23,7 +23,7 @@ use probe_common::event::Counter;
 use crate::{
     assembly::Assembler,
     attach::{Attached, Families, KernelCounters, check_privileges},
-    connections::{Connections, Exchange, Progress, UpstreamNames},
+    connections::{Connections, Progress, UpstreamNames},
     decode::{Record, decode},
     export::{
         ExchangeSink as _, ProbeHealth, RequestSink as _,
@@ -94,6 +94,8 @@ impl Pipeline {
                     if let Some(out) = &mut self.requests_out {
                         out.record(&request);
                     }
+                    // Exchanges held for their votes may have gone to the request.
+                    self.export_exchanges();
                 }
             }
             Ok(Record::Socket(io)) => {
@@ -111,17 +113,19 @@ impl Pipeline {
 
     fn forward_progress(&mut self) {
         for progress in std::mem::take(&mut self.progress) {
-            if let Some(exchange) = self.assembler.on_progress(progress) {
-                self.export_exchange(&exchange);
-            }
+            self.assembler.on_progress(progress);
         }
+        self.export_exchanges();
     }
 
-    fn export_exchange(&mut self, exchange: &Exchange) {
-        self.prometheus.record_exchange(exchange);
-        lock(&self.summary).record_exchange(exchange);
-        if let Some(out) = &mut self.exchanges_out {
-            out.record_exchange(exchange);
+    /// Reports the exchanges that ended and are attributed (or never will be).
+    fn export_exchanges(&mut self) {
+        for exchange in self.assembler.take_exchanges() {
+            self.prometheus.record_exchange(&exchange);
+            lock(&self.summary).record_exchange(&exchange);
+            if let Some(out) = &mut self.exchanges_out {
+                out.record_exchange(&exchange);
+            }
         }
     }
 
@@ -393,6 +397,8 @@ async fn event_loop(
     drain(ring.get_mut(), pipeline);
     pipeline.connections.finish_all(&mut pipeline.progress);
     pipeline.forward_progress();
+    pipeline.assembler.finish();
+    pipeline.export_exchanges();
     if let Some(kernel_log) = &mut kernel_log {
         kernel_log.get_mut().flush();
     }
@@ -495,10 +501,10 @@ fn health_line(health: &ProbeHealth) -> String {
             health.socket_io_without_syscall,
             c.outside_window,
             c.arrivals_unknown,
-            a.attributed_adjacent,
-            a.attributed_only_candidate,
-            a.unattributed_exchanges,
-            a.attribution_votes_dropped,
+            a.attribution.adjacent,
+            a.attribution.only_candidate,
+            a.attribution.unattributed,
+            a.attribution.votes_dropped,
         );
     }
     line

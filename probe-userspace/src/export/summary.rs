@@ -170,7 +170,7 @@ impl Summary {
                 events: h.events,
                 events_lost: h.marker_events_lost + h.socket_events_lost,
                 requests_expired: h.assembly.expired,
-                upstream_exchanges_unattributed: h.assembly.unattributed_exchanges,
+                upstream_exchanges_unattributed: h.assembly.attribution.unattributed,
             },
         }
     }

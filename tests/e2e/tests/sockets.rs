@@ -24,6 +24,11 @@ const CHUNKS: u32 = 5;
 const CHUNK_INTERVAL_MS: u64 = 50;
 /// The bound on network TTFB p50 and p95 around TTFB_MS.
 const TTFB_TOLERANCE_NS: u64 = 2_000_000;
+/// How late the upstream may be by its own clock (p95 reading the request late plus p95
+/// answering late) for the script to count as kept.
+const UPSTREAM_SLACK_NS: u64 = 1_500_000;
+/// Runs of the experiment before an upstream that never keeps its script fails the test.
+const ATTEMPTS: usize = 3;
 /// Requests sent while attached, at most `CONCURRENCY` at once, after a warm-up at
 /// `WARM_CONCURRENCY`: fewer upstream connections than the load needs, so the load opens
 /// new ones while attached and reuses the warm ones.
@@ -53,7 +58,7 @@ enum Broker {
 #[test]
 fn upstream_calls_match_the_upstream_ledger_with_markers() {
     require_root();
-    let run = profile(Broker::DemoWithMarkers);
+    let run = profile_punctual(Broker::DemoWithMarkers);
     check_attribution(&run.matched, "demo broker, markers");
     check_lag(&run);
 }
@@ -103,6 +108,7 @@ fn attribution_under_mixed_load() {
     let upstream = upstream_exchanges(&exchanges);
     let matched = match_to_ledger(&upstream, &ledger);
     assert_eq!(matched.len(), ledger.len(), "upstream calls not observed");
+    assert_eq!(upstream.len(), ledger.len(), "calls the upstream never saw");
     println!(
         "sockets (mixed): {} requests ({} streamed, {} with tools, {} falling back) made {} \
          upstream calls",
@@ -118,13 +124,13 @@ fn attribution_under_mixed_load() {
 #[test]
 fn socket_only_mode_demo_broker_without_markers() {
     require_root();
-    profile(Broker::DemoWithoutMarkers);
+    profile_punctual(Broker::DemoWithoutMarkers);
 }
 
 #[test]
 fn socket_only_mode_python_broker() {
     require_root();
-    let run = profile(Broker::Python);
+    let run = profile_punctual(Broker::Python);
     assert!(
         run.probe_stdout
             .iter()
@@ -147,8 +153,9 @@ struct Run {
 }
 
 /// Starts the fake upstream and `broker`, warms the broker's upstream pool, attaches
-/// brokerprobe, sends the load, and checks what holds for every mode; returns the rest.
-fn profile(broker: Broker) -> Run {
+/// brokerprobe, sends the load, and checks what holds for every mode; returns the rest,
+/// or the TTFB figures if the upstream did not keep its script.
+fn profile(broker: Broker) -> Result<Run, String> {
     let name = match broker {
         Broker::DemoWithMarkers => "demo-markers",
         Broker::DemoWithoutMarkers => "demo-no-markers",
@@ -239,7 +246,13 @@ fn profile(broker: Broker) -> Run {
         .unwrap_or_else(|| panic!("no sockets health line: {:#?}", probe.stdout));
     println!("sockets ({name}): {health}");
     assert!(
-        health.contains("0 unresolved") && health.contains("0 I/O outside"),
+        [
+            ", 0 unresolved",
+            "; 0 I/O outside",
+            "; 0 response reads without arrival time",
+        ]
+        .iter()
+        .all(|clean| health.contains(clean)),
         "{health}"
     );
 
@@ -295,7 +308,7 @@ fn profile(broker: Broker) -> Run {
     println!("sockets ({name}): up to {in_flight} upstream calls at once");
     check_bytes_and_chunks(&matched);
     let (new, reused) = check_connect(&matched, &all_calls, attached_ns);
-    check_ttfb(&matched, name);
+    let punctual = check_ttfb(&matched, name);
     check_inbound(&exchanges, TOTAL);
     check_inbound_relation(&exchanges, sequential_from_ns, name);
     check_metrics(&metrics, &matched, new);
@@ -305,11 +318,26 @@ fn profile(broker: Broker) -> Run {
         matched.len()
     );
     drop(broker_proc);
-    Run {
+    punctual.map(|()| Run {
         matched,
         requests: read_jsonl(&requests_path),
         probe_stdout: probe.stdout.clone(),
+    })
+}
+
+/// [`profile`], repeated while the upstream could not keep its script.
+fn profile_punctual(broker: Broker) -> Run {
+    let mut late = Vec::new();
+    for attempt in 1..=ATTEMPTS {
+        match profile(broker) {
+            Ok(run) => return run,
+            Err(figures) => {
+                println!("attempt {attempt}: the upstream was late by its own clock; measuring again");
+                late.push(figures);
+            }
+        }
     }
+    panic!("the fake upstream never kept its script on this machine: {late:#?}");
 }
 
 fn start_broker(broker: Broker, upstream_url: &str) -> (Proc, String) {
@@ -488,8 +516,9 @@ fn check_connect(matched: &[Matched], ledger: &[Json], attached_ns: u64) -> (usi
 /// Arrivals are timed exactly: on loopback the upstream's bytes reach the broker's
 /// socket during the upstream's write syscall, so each exchange's first and last response
 /// arrival lies within the upstream's own record of that write; the request went out
-/// before the upstream read it. Then network TTFB is what the script says.
-fn check_ttfb(matched: &[Matched], name: &str) {
+/// before the upstream read it. Then network TTFB is what the script says — unless the
+/// upstream itself was late (by its own clock): then Err with the figures.
+fn check_ttfb(matched: &[Matched], name: &str) -> Result<(), String> {
     let ns = |json: &Json, field: &str| {
         json[field]
             .as_u64()
@@ -532,6 +561,13 @@ fn check_ttfb(matched: &[Matched], name: &str) {
     );
     println!("{figures}");
     let target = TTFB_MS * 1_000_000;
+    // The script holds only if the upstream kept it: on this shared VM a host hiccup can
+    // make even a real-time process late. Then the measurement is repeated (the checks
+    // above, per exchange, hold either way).
+    let upstream_late = at(&own, 0.95).saturating_sub(target) + at(&read_late, 0.95);
+    if upstream_late > UPSTREAM_SLACK_NS {
+        return Err(figures);
+    }
     let at = |q| at(&ttfb, q);
     for q in [0.5, 0.95] {
         assert!(
@@ -541,6 +577,7 @@ fn check_ttfb(matched: &[Matched], name: &str) {
             at(q)
         );
     }
+    Ok(())
 }
 
 /// Every load request is an inbound exchange, with its HTTP request and status lines.
@@ -640,8 +677,8 @@ fn check_metrics(metrics: &Scrape, matched: &[Matched], new_connections: usize) 
 }
 
 /// At least [`MIN_ATTRIBUTION`] of the exchanges are attributed to the request the
-/// upstream saw them carry (`x-request-id`), and none is attributed wrongly without
-/// saying so.
+/// upstream saw them carry (`x-request-id`); the rest are either not attributed
+/// (counted) or attributed wrongly, and the wrong ones are shown.
 fn check_attribution(matched: &[Matched], name: &str) {
     // (right, wrong) by method.
     let mut methods: HashMap<String, (usize, usize)> = HashMap::new();
@@ -654,10 +691,12 @@ fn check_attribution(matched: &[Matched], name: &str) {
         } else {
             slot.1 += 1;
             if slot.1 <= 3 {
-                println!(
-                    "sockets ({name}): attributed wrongly: {} vs {}",
-                    m.observed, m.ledger
-                );
+                let what = if method == "none" {
+                    "not attributed"
+                } else {
+                    "attributed wrongly"
+                };
+                println!("sockets ({name}): {what}: {} vs {}", m.observed, m.ledger);
             }
         }
     }
@@ -691,9 +730,13 @@ fn check_lag(run: &Run) {
         .collect();
     let mut lags = Vec::new();
     for request in &run.requests {
+        // One call each, or none where attribution left it out (check_attribution
+        // bounds how often).
         let calls = request["upstream_calls"].as_array().unwrap();
-        assert_eq!(calls.len(), 1, "{request}");
-        let call = &calls[0];
+        assert!(calls.len() <= 1, "{request}");
+        let Some(call) = calls.first() else {
+            continue;
+        };
         let ttfb = call["network_ttfb_ns"].as_u64().unwrap();
         let exchange = call["exchange_id"].as_u64().unwrap();
         assert_eq!(ttfb_by_exchange.get(&exchange), Some(&ttfb), "{request}");
