@@ -3,7 +3,7 @@
 use std::{
     env,
     io::{BufRead as _, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::mpsc::{self, Receiver, RecvTimeoutError},
     time::{Duration, Instant},
@@ -301,5 +301,21 @@ pub fn marker_entry_bytes(pid: u32) -> Result<Vec<[u8; 5]>> {
             mem.read_exact(&mut entry)?;
             Ok(entry)
         })
+        .collect()
+}
+
+/// A fresh directory for one test's files, under the system's temp dir.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = env::temp_dir().join(format!("brokerprobe-e2e-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+    dir
+}
+
+/// A JSON-lines file (brokerprobe's --requests-out, the demo's ground truth), parsed.
+pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
         .collect()
 }

@@ -133,6 +133,7 @@ pub async fn drive_paced(
     let mut planner = Planner {
         mix,
         rng: SplitMix64(seed),
+        seed,
     };
     let mut ticker = pace.rate.map(|rate| {
         let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
@@ -180,6 +181,8 @@ struct PlannedRequest {
 struct Planner<'a> {
     mix: &'a Mix,
     rng: SplitMix64,
+    /// Makes names distinct across runs of different seeds.
+    seed: u64,
 }
 
 impl Planner<'_> {
@@ -188,7 +191,7 @@ impl Planner<'_> {
         let roll = rng.unit();
         let (target, model) = if roll < self.mix.unknown_model {
             let model = if self.mix.hostile_model_names {
-                hostile_model_name(index, rng)
+                hostile_model_name(seed_base(self.seed) + index as u64, rng)
             } else {
                 UNKNOWN_MODEL.to_owned()
             };
@@ -236,8 +239,8 @@ impl Planner<'_> {
     }
 }
 
-/// A model name no other request uses, shaped to break careless exporters.
-fn hostile_model_name(index: usize, rng: &mut SplitMix64) -> String {
+/// A model name no other request uses (`unique` is), shaped to break careless exporters.
+fn hostile_model_name(unique: u64, rng: &mut SplitMix64) -> String {
     const NASTY: [&str; 8] = [
         "\"} 1\nbrokerprobe_requests_total{model=\"",
         "\\",
@@ -251,7 +254,7 @@ fn hostile_model_name(index: usize, rng: &mut SplitMix64) -> String {
     let nasty = NASTY[rng.below(NASTY.len())];
     // Multi-byte characters around byte 64 make the kernel's cut split one.
     let filler = "ü".repeat(rng.below(60));
-    format!("m{index}-{nasty}{filler}")
+    format!("m{unique}-{nasty}{filler}")
 }
 
 /// A valid W3C traceparent (version 00, sampled) with random non-zero ids.
@@ -370,6 +373,7 @@ mod tests {
             let mut planner = Planner {
                 mix: &mix,
                 rng: SplitMix64(seed),
+                seed,
             };
             (0..50)
                 .map(|i| planner.plan(i))

@@ -3,15 +3,13 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs,
-    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use e2e::{
     harness::{
-        attach_brokerprobe, counter_sum, marker_entry_bytes, require_root, start_demo_broker,
-        wait_for_requests,
+        attach_brokerprobe, counter_sum, marker_entry_bytes, read_jsonl, require_root, scratch_dir,
+        start_demo_broker, wait_for_requests,
     },
     load::{self, Mix, Outcome, Target},
     prometheus::promtool_check,
@@ -200,7 +198,7 @@ fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
             "{stage}"
         );
     }
-    let _ = fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// The per-request comparison of brokerprobe's view with the ground truth.
@@ -355,19 +353,6 @@ fn quantile(values: &[u64], q: f64) -> u64 {
     sorted[index]
 }
 
-fn read_jsonl(path: &Path) -> Vec<Json> {
-    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("brokerprobe-e2e-{name}-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Attaching and detaching take time (probes go in and out one by one): requests that
 /// straddle either must not be reported with stages missing.
 #[test]
@@ -448,5 +433,5 @@ fn attach_and_detach_under_load_report_only_whole_requests() {
         quantile(&report.stage_diffs, 0.99)
     );
     assert!(quantile(&report.stage_diffs, 0.99) <= MAX_P99_DIFF_NS);
-    let _ = fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(dir);
 }

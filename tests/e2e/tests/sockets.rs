@@ -3,15 +3,13 @@
 //! each TCP connection), for the demo broker with markers, the demo broker without them,
 //! and a Python broker.
 
-use std::{
-    collections::HashMap,
-    fs,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{collections::HashMap, path::Path, process::Command};
 
 use e2e::{
-    harness::{Proc, attach_brokerprobe, bin, require_root, start_listening, wait_for_counter},
+    harness::{
+        Proc, attach_brokerprobe, bin, read_jsonl, require_root, scratch_dir, start_listening,
+        wait_for_counter,
+    },
     load::{self, Mix, Outcome, Pace, Target},
 };
 use fake_upstream::monotonic_ns;
@@ -69,7 +67,7 @@ fn upstream_calls_match_the_upstream_ledger_with_markers() {
 #[test]
 fn attribution_under_mixed_load() {
     require_root();
-    let dir = scratch_dir("mixed");
+    let dir = scratch_dir("sockets-mixed");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (_fake, upstream_url) = start_fake_upstream(&["--demo-models"]);
     let (broker, broker_addr) = start_broker(Broker::DemoWithMarkers, &upstream_url);
@@ -161,7 +159,7 @@ fn profile(broker: Broker) -> Result<Run, String> {
         Broker::DemoWithoutMarkers => "demo-no-markers",
         Broker::Python => "python",
     };
-    let dir = scratch_dir(name);
+    let dir = scratch_dir(&format!("sockets-{name}"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (_fake, upstream_url) = start_fake_upstream(&[
         "--ttfb-ms",
@@ -332,7 +330,9 @@ fn profile_punctual(broker: Broker) -> Run {
         match profile(broker) {
             Ok(run) => return run,
             Err(figures) => {
-                println!("attempt {attempt}: the upstream was late by its own clock; measuring again");
+                println!(
+                    "attempt {attempt}: the upstream was late by its own clock; measuring again"
+                );
                 late.push(figures);
             }
         }
@@ -788,21 +788,4 @@ fn chat_calls_since(calls: &[Json], since_ns: u64) -> Vec<Json> {
 
 async fn fetch_json(url: &str) -> Json {
     reqwest::get(url).await.unwrap().json().await.unwrap()
-}
-
-fn read_jsonl(path: &Path) -> Vec<Json> {
-    fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect()
-}
-
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "brokerprobe-e2e-sockets-{name}-{}",
-        std::process::id()
-    ));
-    fs::create_dir_all(&dir).unwrap();
-    dir
 }
