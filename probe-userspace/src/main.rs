@@ -77,7 +77,8 @@ struct AttachArgs {
     /// open for keep-alive, so only the next request or a close would say so).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     exchange_idle: Duration,
-    /// Where to serve /metrics. Loopback by default; other addresses expose it.
+    /// Where to serve /metrics (Prometheus) and /stats (JSON quantiles). Loopback by
+    /// default; other addresses expose them.
     #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR:PORT")]
     metrics_addr: SocketAddr,
     /// Detach after this long (e.g. 30s, 5m); default: until Ctrl-C or SIGTERM.

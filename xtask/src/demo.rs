@@ -19,7 +19,7 @@ pub struct DemoArgs {
     /// Concurrent client requests.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
-    /// Where brokerprobe serves /metrics.
+    /// Where brokerprobe serves /metrics and /stats.
     #[arg(long, default_value = "127.0.0.1:9464")]
     metrics_addr: String,
 }

@@ -109,3 +109,20 @@ fn bad_flag_value_is_explained() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--duration"), "{stderr}");
 }
+
+#[test]
+fn bad_bucket_bounds_are_explained() {
+    for (flag, value, why) in [
+        ("--latency-buckets", "0.1,0.05", "must increase"),
+        ("--latency-buckets", "0.1,fast", "\"fast\" is not a number"),
+        ("--token-buckets", "0,4", "not a positive number"),
+    ] {
+        let out = Command::new(bin("brokerprobe"))
+            .args(["attach", "--pid", "1", flag, value])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(flag) && stderr.contains(why), "{stderr}");
+    }
+}
