@@ -28,7 +28,7 @@ pub struct Request {
     pub end_ns: u64,
     /// Closed stages in begin order.
     pub stages: Vec<StageSpan>,
-    pub fallbacks: Vec<(String, String)>,
+    pub fallbacks: Vec<Fallback>,
     /// Every "first upstream byte" the broker saw (one per upstream call).
     pub first_byte_ns: Vec<u64>,
     /// Stream chunks the broker forwarded (chunk markers), and when the first and the last
@@ -47,11 +47,20 @@ pub struct Request {
     pub upstream_calls: Vec<UpstreamCall>,
 }
 
-/// Tokens one upstream answer billed.
+/// Tokens one upstream answer billed, and when the broker said so.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenUsage {
     pub input: u64,
     pub output: u64,
+    pub ts_ns: u64,
+}
+
+/// The broker switched from one model to another (after `from` failed).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fallback {
+    pub from: String,
+    pub to: String,
+    pub ts_ns: u64,
 }
 
 /// The broker's and the network's view of one upstream call (docs/sockets.md).
@@ -416,11 +425,20 @@ impl Assembler {
             What::TokenUsage { input, output } => {
                 request.input_tokens = request.input_tokens.saturating_add(input);
                 request.output_tokens = request.output_tokens.saturating_add(output);
-                let usage = TokenUsage { input, output };
+                let usage = TokenUsage {
+                    input,
+                    output,
+                    ts_ns: event.ts_ns,
+                };
                 push_bounded(&mut request.token_usage, usage, &mut self.stats);
             }
             What::Fallback { from, to } => {
-                push_bounded(&mut request.fallbacks, (from, to), &mut self.stats)
+                let fallback = Fallback {
+                    from,
+                    to,
+                    ts_ns: event.ts_ns,
+                };
+                push_bounded(&mut request.fallbacks, fallback, &mut self.stats)
             }
         }
         None

@@ -8,6 +8,7 @@
 pub mod assembly;
 pub mod attach;
 pub mod attribution;
+pub mod clock;
 pub mod connections;
 pub mod decode;
 pub mod export;

@@ -3,8 +3,12 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use opentelemetry_sdk::trace::Sampler;
 use probe_userspace::{
-    export::prometheus::{MetricsConfig, check_buckets},
+    export::{
+        otlp::{Protocol, Sampling, TracesConfig},
+        prometheus::{MetricsConfig, check_buckets},
+    },
     run::{self, AttachOptions, Mode},
 };
 
@@ -113,6 +117,118 @@ struct AttachArgs {
     /// [default: 1 to 131072].
     #[arg(long, value_name = "TOKENS,...", value_parser = parse_buckets)]
     token_buckets: Option<Buckets>,
+    #[command(flatten)]
+    traces: TraceArgs,
+}
+
+/// One trace per request (docs/spans.md). Flags override the OTEL_* variables.
+#[derive(Args)]
+#[command(next_help_heading = "Traces (OpenTelemetry, docs/spans.md)")]
+struct TraceArgs {
+    /// Export a trace per request over OTLP to URL: http://HOST:4318/v1/traces
+    /// (http/protobuf) or http://HOST:4317 (grpc). Default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+    /// else OTEL_EXPORTER_OTLP_ENDPOINT (plus /v1/traces for http/protobuf); neither set: no
+    /// OTLP export.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// OTLP transport [default: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, else
+    /// OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf].
+    #[arg(long, value_name = "PROTOCOL", value_parser = ["http/protobuf", "grpc"])]
+    otlp_protocol: Option<String>,
+    /// Deadline of one export call, retries included; OTEL_EXPORTER_OTLP_HEADERS and
+    /// _COMPRESSION are honoured as well.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    otlp_timeout: Duration,
+    /// service.name of the spans [default: OTEL_RESOURCE_ATTRIBUTES' service.name, else the
+    /// broker's process name]. OTEL_RESOURCE_ATTRIBUTES adds resource attributes.
+    #[arg(long, env = "OTEL_SERVICE_NAME", value_name = "NAME")]
+    service_name: Option<String>,
+    /// Head sampler, decided per trace id and the caller's sampled flag.
+    #[arg(
+        long,
+        env = "OTEL_TRACES_SAMPLER",
+        value_enum,
+        default_value = "parentbased_always_on"
+    )]
+    trace_sampler: SamplerName,
+    /// Ratio (0 to 1) of the traceidratio samplers.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 1.0, value_parser = parse_ratio, value_name = "RATIO")]
+    trace_sampler_arg: f64,
+    /// Keep every request at least this slow, whatever the sampler says (0s: off).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    trace_keep_slower_than: Duration,
+    /// Sample failed requests like the others (by default every failed request is kept).
+    #[arg(long)]
+    trace_sample_errors: bool,
+    /// Traces waiting for export at most; more are dropped (counted in
+    /// brokerprobe_trace_spans_dropped_total).
+    #[arg(long, default_value_t = 1024, value_name = "TRACES")]
+    trace_queue: usize,
+    /// Keep traces in memory (10,000 at most) and serve a Jaeger UI and query API here,
+    /// e.g. 127.0.0.1:16686. Loopback unless you say otherwise.
+    #[arg(long, value_name = "ADDR:PORT")]
+    trace_ui: Option<SocketAddr>,
+}
+
+/// OTEL_TRACES_SAMPLER's names.
+#[derive(Clone, Copy, ValueEnum)]
+enum SamplerName {
+    #[value(name = "always_on")]
+    AlwaysOn,
+    #[value(name = "always_off")]
+    AlwaysOff,
+    #[value(name = "traceidratio")]
+    TraceIdRatio,
+    #[value(name = "parentbased_always_on")]
+    ParentBasedAlwaysOn,
+    #[value(name = "parentbased_always_off")]
+    ParentBasedAlwaysOff,
+    #[value(name = "parentbased_traceidratio")]
+    ParentBasedTraceIdRatio,
+}
+
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        _ => Err(format!("{text:?} is not a ratio from 0 to 1")),
+    }
+}
+
+impl TraceArgs {
+    /// What to do with traces; None: nothing (no endpoint and no UI).
+    fn config(self, exchange_idle: Duration) -> Result<Option<TracesConfig>, String> {
+        let protocol = Protocol::resolve(self.otlp_protocol.as_deref())?;
+        let endpoint = self.otlp_endpoint.or_else(|| protocol.endpoint_from_env());
+        if endpoint.is_none() && self.trace_ui.is_none() {
+            return Ok(None);
+        }
+        let ratio = self.trace_sampler_arg;
+        let head = match self.trace_sampler {
+            SamplerName::AlwaysOn => Sampler::AlwaysOn,
+            SamplerName::AlwaysOff => Sampler::AlwaysOff,
+            SamplerName::TraceIdRatio => Sampler::TraceIdRatioBased(ratio),
+            SamplerName::ParentBasedAlwaysOn => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+            SamplerName::ParentBasedAlwaysOff => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+            SamplerName::ParentBasedTraceIdRatio => {
+                Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
+            }
+        };
+        Ok(Some(TracesConfig {
+            endpoint,
+            protocol,
+            timeout: self.otlp_timeout,
+            service_name: self.service_name,
+            sampling: Sampling {
+                head,
+                keep_errors: !self.trace_sample_errors,
+                keep_slower_than: Some(self.trace_keep_slower_than).filter(|d| !d.is_zero()),
+            },
+            queue: self.trace_queue,
+            ui: self.trace_ui,
+            // Exchanges end at the connection's next request, its close, or idleness.
+            wait_for_sockets: exchange_idle + Duration::from_secs(1),
+        }))
+    }
 }
 
 /// Histogram bucket bounds from the command line.
@@ -152,7 +268,7 @@ fn main() -> ExitCode {
     let result = runtime.map_err(anyhow::Error::from).and_then(|rt| {
         rt.block_on(async {
             match cli.command {
-                Command::Attach(args) => run::attach(args.into()).await,
+                Command::Attach(args) => run::attach(args.try_into()?).await,
             }
         })
     });
@@ -165,10 +281,16 @@ fn main() -> ExitCode {
     }
 }
 
-impl From<AttachArgs> for AttachOptions {
-    fn from(args: AttachArgs) -> Self {
+impl TryFrom<AttachArgs> for AttachOptions {
+    type Error = anyhow::Error;
+
+    fn try_from(args: AttachArgs) -> anyhow::Result<Self> {
         let defaults = MetricsConfig::default();
-        AttachOptions {
+        let traces = args
+            .traces
+            .config(args.exchange_idle)
+            .map_err(anyhow::Error::msg)?;
+        Ok(AttachOptions {
             pid: args.pid,
             mode: match args.mode {
                 ModeArg::Auto => Mode::Auto,
@@ -192,7 +314,8 @@ impl From<AttachArgs> for AttachOptions {
                 token_buckets: args.token_buckets.map_or(defaults.token_buckets, |b| b.0),
                 max_label_values: args.max_label_values,
             },
-        }
+            traces,
+        })
     }
 }
 

@@ -23,11 +23,13 @@ use probe_common::event::Counter;
 use crate::{
     assembly::Assembler,
     attach::{Attached, Families, KernelCounters, check_privileges},
+    clock::monotonic_ns,
     connections::{Connections, Progress, UpstreamNames},
     decode::{Record, decode},
     export::{
         ExchangeSink as _, ProbeHealth, RequestSink as _,
         jsonl::JsonLines,
+        otlp::{TraceExporter, TraceHealth, TracesConfig},
         prometheus::{MetricsConfig, PrometheusExporter, TargetInfo},
         summary::{SharedSummary, Summary, lock},
     },
@@ -66,6 +68,8 @@ pub struct AttachOptions {
     pub max_open_requests: usize,
     /// Histogram buckets and label bounds of /metrics (the bound also caps the tables).
     pub metrics: MetricsConfig,
+    /// OTLP export and the embedded trace UI; None: no traces.
+    pub traces: Option<TracesConfig>,
 }
 
 /// Everything downstream of the ring buffer.
@@ -79,6 +83,7 @@ struct Pipeline {
     summary: SharedSummary,
     requests_out: Option<JsonLines>,
     exchanges_out: Option<JsonLines>,
+    traces: Option<TraceExporter>,
     events: u64,
     decode_errors: u64,
 }
@@ -93,6 +98,9 @@ impl Pipeline {
                     lock(&self.summary).record(&request);
                     if let Some(out) = &mut self.requests_out {
                         out.record(&request);
+                    }
+                    if let Some(traces) = &mut self.traces {
+                        traces.record(&request);
                     }
                     // Exchanges held for their votes may have gone to the request.
                     self.export_exchanges();
@@ -126,6 +134,9 @@ impl Pipeline {
             if let Some(out) = &mut self.exchanges_out {
                 out.record_exchange(&exchange);
             }
+            if let Some(traces) = &mut self.traces {
+                traces.record_exchange(&exchange);
+            }
         }
     }
 
@@ -142,6 +153,9 @@ impl Pipeline {
         }
         self.connections.expire_idle(now, &mut self.progress);
         self.forward_progress();
+        if let Some(traces) = &mut self.traces {
+            traces.tick();
+        }
     }
 
     fn health(&self, attached: &AttachedCounts, counters: &mut KernelCounters) -> ProbeHealth {
@@ -158,6 +172,10 @@ impl Pipeline {
             in_flight: self.assembler.in_flight(),
             assembly: self.assembler.stats(),
             connections: self.connections.stats(),
+            traces: self
+                .traces
+                .as_ref()
+                .map_or_else(TraceHealth::default, TraceExporter::health),
         }
     }
 }
@@ -213,7 +231,7 @@ enum Stop {
     TargetExited,
 }
 
-pub async fn attach(options: AttachOptions) -> Result<()> {
+pub async fn attach(mut options: AttachOptions) -> Result<()> {
     let target = Target::open(options.pid)?;
     // Before creating any output file or port: a refused run leaves nothing changed.
     check_privileges()?;
@@ -237,6 +255,10 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
     };
     let requests_out = create(&options.requests_out)?;
     let exchanges_out = create(&options.exchanges_out)?;
+    let traces = match options.traces.take() {
+        Some(config) => Some(TraceExporter::start(config, target.pid, &target.name).await?),
+        None => None,
+    };
 
     let mut attached = Attached::attach(&target, families)?;
     let pid = target.pid;
@@ -270,6 +292,12 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
         (true, false) => format!("{} markers", attached.markers),
         _ => format!("{} socket tracepoints", attached.socket_tracepoints),
     };
+    if let Some(traces) = &traces {
+        println!(
+            "brokerprobe: traces to {}",
+            traces.destinations.join(" and ")
+        );
+    }
     println!(
         "brokerprobe: attached {what} to PID {pid} ({}, {}); metrics on {metrics_url}",
         target.name,
@@ -298,6 +326,7 @@ pub async fn attach(options: AttachOptions) -> Result<()> {
         summary: Arc::new(Mutex::new(Summary::new(options.metrics.max_label_values))),
         requests_out,
         exchanges_out,
+        traces,
         events: 0,
         decode_errors: 0,
     };
@@ -399,6 +428,9 @@ async fn event_loop(
     pipeline.forward_progress();
     pipeline.assembler.finish();
     pipeline.export_exchanges();
+    if let Some(traces) = &mut pipeline.traces {
+        traces.finish(TRACE_FLUSH_DEADLINE).await;
+    }
     if let Some(kernel_log) = &mut kernel_log {
         kernel_log.get_mut().flush();
     }
@@ -406,6 +438,9 @@ async fn event_loop(
     pipeline.prometheus.update_health(&health);
     Ok((stop, health))
 }
+
+/// How long the last traces may take to export at exit.
+const TRACE_FLUSH_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Longer than any marker program runs (microseconds), short enough to go unnoticed.
 const DETACH_GRACE: Duration = Duration::from_millis(20);
@@ -481,6 +516,22 @@ fn health_line(health: &ProbeHealth) -> String {
         a.over_request_bounds,
         a.after_window,
     );
+    let t = &health.traces;
+    if t.sampled_head + t.sampled_tail + t.sampled_out > 0 {
+        let _ = write!(
+            line,
+            "\ntraces: {} kept ({} by the sampler, {} failed or slow), {} sampled out; {} spans \
+             exported, {} dropped (queue full), {} lost to failed exports, {} traces queued",
+            t.sampled_head + t.sampled_tail,
+            t.sampled_head,
+            t.sampled_tail,
+            t.sampled_out,
+            t.exported_spans,
+            t.dropped_spans,
+            t.failed_spans,
+            t.queued,
+        );
+    }
     if health.attached_socket_tracepoints > 0 {
         let _ = write!(
             line,
@@ -508,15 +559,4 @@ fn health_line(health: &ProbeHealth) -> String {
         );
     }
     line
-}
-
-/// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns() reads.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec through a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -22,6 +22,9 @@ pub struct DemoArgs {
     /// Where brokerprobe serves /metrics and /stats.
     #[arg(long, default_value = "127.0.0.1:9464")]
     metrics_addr: String,
+    /// Where brokerprobe serves its in-memory traces with a Jaeger UI.
+    #[arg(long, default_value = "127.0.0.1:16686")]
+    trace_ui: String,
 }
 
 /// Kills the child when the demo ends, however it ends.
@@ -86,6 +89,7 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         "2s",
     ]);
     probe.args(["--metrics-addr", &args.metrics_addr]);
+    probe.args(["--trace-ui", &args.trace_ui]);
     if let Some(seconds) = args.seconds {
         probe.args(["--duration", &format!("{seconds}s")]);
     }

@@ -11,13 +11,15 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::run;
 
-/// Debian packages: the eBPF-capable toolchain (rustc with a prebuilt bpfel core) and
-/// the real Prometheus/promtool the tests check our exposition with.
+/// Debian packages: the eBPF-capable toolchain (rustc with a prebuilt bpfel core), the
+/// real Prometheus/promtool the tests check our exposition with, and protoc, which the
+/// embedded trace store (otlp-embedded) needs to build.
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "libstd-rust-web-dev-bpf",
     "prometheus",
+    "protobuf-compiler",
 ];
 
 /// The name under which rustup knows Debian's toolchain; probe-userspace/build.rs uses it.

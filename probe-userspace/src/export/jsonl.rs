@@ -219,7 +219,7 @@ impl RequestSink for JsonLines {
             fallbacks: r
                 .fallbacks
                 .iter()
-                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .map(|f| (f.from.as_str(), f.to.as_str()))
                 .collect(),
             first_byte_ns: &r.first_byte_ns,
             chunks: r.chunks,

@@ -3,9 +3,11 @@
 
 pub mod jsonl;
 pub mod labels;
+pub mod otlp;
 pub mod prometheus;
 pub mod summary;
 
+use self::otlp::TraceHealth;
 use crate::{
     assembly::{AssemblyStats, Request},
     connections::{ConnectionStats, Exchange},
@@ -39,4 +41,6 @@ pub struct ProbeHealth {
     pub in_flight: usize,
     pub assembly: AssemblyStats,
     pub connections: ConnectionStats,
+    /// Zero when no traces are exported.
+    pub traces: TraceHealth,
 }

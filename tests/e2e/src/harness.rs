@@ -197,6 +197,15 @@ pub fn start_listening(name: &str, command: &mut Command) -> Result<(Proc, Strin
 
 /// brokerprobe attached to `pid`; returns it and its /metrics URL once attached.
 pub fn attach_brokerprobe(pid: u32, extra_args: &[&str]) -> Result<(Proc, String)> {
+    attach_brokerprobe_env(pid, extra_args, &[])
+}
+
+/// [`attach_brokerprobe`] with environment variables (e.g. OTEL_*) set for it.
+pub fn attach_brokerprobe_env(
+    pid: u32,
+    extra_args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<(Proc, String)> {
     let mut probe = Proc::spawn(
         "brokerprobe",
         Command::new(bin("brokerprobe"))
@@ -207,7 +216,8 @@ pub fn attach_brokerprobe(pid: u32, extra_args: &[&str]) -> Result<(Proc, String
                 "--metrics-addr",
                 "127.0.0.1:0",
             ])
-            .args(extra_args),
+            .args(extra_args)
+            .envs(env.iter().copied()),
     )?;
     let line = probe.wait_for_line("brokerprobe: attached", Duration::from_secs(60))?;
     let url = line
@@ -318,4 +328,14 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect()
+}
+
+/// Resident memory of a process, KiB.
+pub fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
 }

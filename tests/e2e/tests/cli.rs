@@ -126,3 +126,20 @@ fn bad_bucket_bounds_are_explained() {
         assert!(stderr.contains(flag) && stderr.contains(why), "{stderr}");
     }
 }
+
+#[test]
+fn an_otlp_protocol_brokerprobe_cannot_speak_is_named() {
+    require_root();
+    let out = Command::new(bin("brokerprobe"))
+        .args(["attach", "--pid", &std::process::id().to_string()])
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+        .output()
+        .unwrap();
+    assert_one_clear_line(
+        &out,
+        &[
+            "OTEL_EXPORTER_OTLP_PROTOCOL=http/json",
+            "http/protobuf or grpc",
+        ],
+    );
+}

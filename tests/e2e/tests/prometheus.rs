@@ -6,7 +6,7 @@ use std::{collections::HashMap, time::Duration};
 
 use e2e::{
     harness::{
-        attach_brokerprobe, read_jsonl, require_root, scratch_dir, start_demo_broker,
+        attach_brokerprobe, read_jsonl, require_root, rss_kb, scratch_dir, start_demo_broker,
         wait_for_requests,
     },
     load::{self, Mix, Outcome},
@@ -317,14 +317,4 @@ async fn wait_for_completed(stats_url: &str, expected: usize) -> Json {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Resident memory of a process, KiB.
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
 }

@@ -137,9 +137,9 @@ impl BrokerMetrics {
         if failed {
             self.errors.with_label_values(&[error_type, model]).inc();
         }
-        for (from, to) in &request.fallbacks {
-            let from = labels.admit(Label::Model, from);
-            let to = labels.admit(Label::Model, to);
+        for fallback in &request.fallbacks {
+            let from = labels.admit(Label::Model, &fallback.from);
+            let to = labels.admit(Label::Model, &fallback.to);
             self.fallbacks.with_label_values(&[from, to]).inc();
         }
         for call in &request.upstream_calls {

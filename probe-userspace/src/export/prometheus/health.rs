@@ -20,6 +20,7 @@ pub(super) struct HealthMetrics {
     attached_markers: IntGauge,
     attached_socket_tracepoints: IntGauge,
     in_flight: IntGauge,
+    trace_queue: IntGauge,
     counters: Vec<(IntCounter, HealthTotal)>,
     last: ProbeHealth,
 }
@@ -170,6 +171,42 @@ const HEALTH_COUNTERS: &[HealthCounter] = &[
         |h| h.exchanges_out_dropped,
     ),
     (
+        "brokerprobe_traces_total",
+        "Requests judged for tracing, by verdict: kept by the sampler (head), kept because they failed or were slow (tail), or sampled out.",
+        Some(("verdict", "head")),
+        |h| h.traces.sampled_head,
+    ),
+    (
+        "brokerprobe_traces_total",
+        "Requests judged for tracing, by verdict: kept by the sampler (head), kept because they failed or were slow (tail), or sampled out.",
+        Some(("verdict", "tail")),
+        |h| h.traces.sampled_tail,
+    ),
+    (
+        "brokerprobe_traces_total",
+        "Requests judged for tracing, by verdict: kept by the sampler (head), kept because they failed or were slow (tail), or sampled out.",
+        Some(("verdict", "sampled_out")),
+        |h| h.traces.sampled_out,
+    ),
+    (
+        "brokerprobe_trace_spans_exported_total",
+        "Spans the OTLP endpoint accepted.",
+        None,
+        |h| h.traces.exported_spans,
+    ),
+    (
+        "brokerprobe_trace_spans_dropped_total",
+        "Spans not exported, by reason: the export queue was full, or the export failed (endpoint down, slow or refusing).",
+        Some(("reason", "queue_full")),
+        |h| h.traces.dropped_spans,
+    ),
+    (
+        "brokerprobe_trace_spans_dropped_total",
+        "Spans not exported, by reason: the export queue was full, or the export failed (endpoint down, slow or refusing).",
+        Some(("reason", "export_failed")),
+        |h| h.traces.failed_spans,
+    ),
+    (
         "brokerprobe_upstream_arrivals_untimed_total",
         "Upstream response reads whose arrival the kernel did not time: timed by the read.",
         None,
@@ -217,6 +254,10 @@ impl HealthMetrics {
                 "brokerprobe_requests_in_flight",
                 "Broker requests begun and not yet ended.",
             )?,
+            trace_queue: r.gauge(
+                "brokerprobe_trace_queue",
+                "Traces waiting in the export queue.",
+            )?,
             counters,
             last: ProbeHealth::default(),
         })
@@ -227,6 +268,7 @@ impl HealthMetrics {
         self.attached_socket_tracepoints
             .set(i64::from(now.attached_socket_tracepoints));
         self.in_flight.set(now.in_flight as i64);
+        self.trace_queue.set(now.traces.queued as i64);
         for (counter, total) in &self.counters {
             counter.inc_by(total(now).saturating_sub(total(&self.last)));
         }

@@ -248,7 +248,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        assembly::{StageSpan, TokenUsage, UpstreamCall},
+        assembly::{Fallback, StageSpan, TokenUsage, UpstreamCall},
         decode::StageId,
         server::render,
     };
@@ -321,7 +321,11 @@ mod tests {
                 span(StageId::Tool("calc".into()), 2_000_000, 2_500_000),
                 span(upstream, 3_000_000, 8_000_000),
             ],
-            fallbacks: vec![("flaky".into(), "m".into())],
+            fallbacks: vec![Fallback {
+                from: "flaky".into(),
+                to: "m".into(),
+                ts_ns: 2_500_000,
+            }],
             upstream_calls: vec![UpstreamCall {
                 stage_begin_ns: 1_000_000,
                 status: Some(500),
@@ -335,10 +339,12 @@ mod tests {
                 TokenUsage {
                     input: 10,
                     output: 1,
+                    ts_ns: 2_000_000,
                 },
                 TokenUsage {
                     input: 20,
                     output: 4,
+                    ts_ns: 8_000_000,
                 },
             ],
             ..Request::default()

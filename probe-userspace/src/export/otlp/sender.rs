@@ -1,0 +1,185 @@
+//! The export task: traces from a bounded queue, batched, to the OTLP endpoint and the
+//! embedded trace store. Nothing here can hold up the event loop: the queue is filled
+//! with `try_send` (a full queue drops the trace, counted), and failed exports are
+//! counted and reported, not retried beyond the exporter's own short retries.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
+use opentelemetry_proto::{
+    tonic::collector::trace::v1::ExportTraceServiceRequest,
+    transform::{
+        common::tonic::ResourceAttributesWithSchema,
+        trace::tonic::group_spans_by_resource_and_scope,
+    },
+};
+use opentelemetry_sdk::{
+    Resource,
+    trace::{SpanData, SpanExporter as _},
+};
+use otlp_embedded::{StateRef, TraceService as _, TraceServiceImpl};
+use prost::Message as _;
+use tokio::sync::mpsc;
+
+/// Traces handed to one export call, at most.
+const TRACES_PER_BATCH: usize = 128;
+
+/// Failures are logged at most this often, with the count since the last report.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Where spans go.
+pub enum Target {
+    /// An OTLP endpoint (http/protobuf or grpc), named for reports.
+    Otlp {
+        /// Boxed: an exporter is large next to the other target.
+        exporter: Box<opentelemetry_otlp::SpanExporter>,
+        endpoint: String,
+    },
+    /// The embedded store behind `--trace-ui`.
+    Store { state: StateRef, resource: Resource },
+}
+
+/// Counts shared between the exporter (queue side) and this task.
+#[derive(Debug, Default)]
+pub struct TraceCounters {
+    /// Traces waiting in the queue.
+    pub queued: AtomicU64,
+    pub exported_spans: AtomicU64,
+    /// Spans of traces the full queue refused.
+    pub dropped_spans: AtomicU64,
+    /// Spans an export call failed to deliver (endpoint down, slow, refusing).
+    pub failed_spans: AtomicU64,
+}
+
+/// Exports what comes from `queue` until it closes and is empty.
+pub async fn run(
+    mut queue: mpsc::Receiver<Vec<SpanData>>,
+    targets: Vec<Target>,
+    counters: Arc<TraceCounters>,
+) {
+    let mut report = FailureReport::default();
+    let mut traces = Vec::with_capacity(TRACES_PER_BATCH);
+    while queue.recv_many(&mut traces, TRACES_PER_BATCH).await > 0 {
+        counters
+            .queued
+            .fetch_sub(traces.len() as u64, Ordering::Relaxed);
+        let spans: Vec<SpanData> = traces.drain(..).flatten().collect();
+        for target in &targets {
+            let count = spans.len() as u64;
+            match target.export(spans.clone()).await {
+                Ok(()) => {
+                    if matches!(target, Target::Otlp { .. }) {
+                        counters.exported_spans.fetch_add(count, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    counters.failed_spans.fetch_add(count, Ordering::Relaxed);
+                    report.failed(target.name(), count, &e);
+                }
+            }
+        }
+    }
+    report.flush();
+}
+
+impl Target {
+    fn name(&self) -> &str {
+        match self {
+            Target::Otlp { endpoint, .. } => endpoint,
+            Target::Store { .. } => "the embedded trace store",
+        }
+    }
+
+    async fn export(&self, spans: Vec<SpanData>) -> Result<(), String> {
+        match self {
+            Target::Otlp { exporter, .. } => {
+                exporter.export(spans).await.map_err(|e| e.to_string())
+            }
+            Target::Store { state, resource } => {
+                // Our spans in OTLP's own protobuf, read back as the store's generated
+                // types (the same .proto, another prost build).
+                let request = ExportTraceServiceRequest {
+                    resource_spans: group_spans_by_resource_and_scope(
+                        spans,
+                        &ResourceAttributesWithSchema::from(resource),
+                    ),
+                };
+                let bytes = request.encode_to_vec();
+                let request =
+                    otlp_embedded::proto::collector::trace::v1::ExportTraceServiceRequest::decode(
+                        bytes.as_slice(),
+                    )
+                    .map_err(|e| e.to_string())?;
+                TraceServiceImpl::new(state.clone())
+                    .export(tonic::Request::new(request))
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// Says what failed, once per [`REPORT_EVERY`], with how much since the last report.
+#[derive(Default)]
+struct FailureReport {
+    last: Option<Instant>,
+    /// (target, spans, last error) since the last report.
+    pending: Vec<(String, u64, String)>,
+}
+
+impl FailureReport {
+    fn failed(&mut self, target: &str, spans: u64, error: &str) {
+        match self.pending.iter_mut().find(|(t, _, _)| t == target) {
+            Some(entry) => {
+                entry.1 += spans;
+                entry.2 = error.to_owned();
+            }
+            None => self
+                .pending
+                .push((target.to_owned(), spans, error.to_owned())),
+        }
+        if self.last.is_none_or(|last| last.elapsed() >= REPORT_EVERY) {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        for (target, spans, error) in self.pending.drain(..) {
+            log::warn!("trace export to {target} failed, {spans} spans lost (counted): {error}");
+        }
+        self.last = Some(Instant::now());
+    }
+}
+
+/// The OTLP/HTTP exporter's client: the reqwest (0.12) brokerprobe already links, on
+/// brokerprobe's own runtime.
+#[derive(Debug)]
+pub struct ReqwestClient(pub reqwest::Client);
+
+#[async_trait]
+impl HttpClient for ReqwestClient {
+    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        let (parts, body) = request.into_parts();
+        let response = self
+            .0
+            .request(parts.method, parts.uri.to_string())
+            .headers(parts.headers)
+            .body(body)
+            .send()
+            .await?;
+        let mut out = Response::builder()
+            .status(response.status())
+            .body(Bytes::new())?;
+        *out.headers_mut() = response.headers().clone();
+        *out.body_mut() = response.bytes().await?;
+        Ok(out)
+    }
+}
