@@ -109,6 +109,49 @@ impl Request {
     pub fn duration_ns(&self) -> u64 {
         self.end_ns.saturating_sub(self.begin_ns)
     }
+
+    /// It failed: an error type at request end, or a status of 400 or more.
+    pub fn failed(&self) -> bool {
+        self.error_type.is_some() || self.status >= 400
+    }
+
+    /// It failed on the broker's side: a 5xx, or an error type with a success status
+    /// (a stream that broke after its 200 head). Client errors (4xx) are not.
+    pub fn server_failed(&self) -> bool {
+        self.status >= 500 || (self.error_type.is_some() && self.status < 400)
+    }
+
+    /// The model the broker asked for at `ns`: the request's, unless a fallback came before.
+    pub fn model_at(&self, ns: u64) -> &str {
+        self.fallbacks
+            .iter()
+            .rfind(|f| f.ts_ns <= ns)
+            .map_or(&self.model, |f| &f.to)
+    }
+
+    /// Why the upstream call of `stage` failed, as far as anyone can tell: its response
+    /// status said so, or the broker fell back to another model right after it.
+    pub fn call_error(&self, stage: &StageSpan) -> Option<String> {
+        let status = self
+            .upstream_calls
+            .iter()
+            .find(|c| c.stage_begin_ns == stage.begin_ns)
+            .and_then(|c| c.status);
+        if let Some(status) = status {
+            return (status >= 400).then(|| status.to_string());
+        }
+        let next_call = self
+            .stages
+            .iter()
+            .filter(|s| s.is_upstream_call() && s.begin_ns > stage.begin_ns)
+            .map(|s| s.begin_ns)
+            .min()
+            .unwrap_or(u64::MAX);
+        self.fallbacks
+            .iter()
+            .any(|f| (stage.end_ns..next_call).contains(&f.ts_ns))
+            .then(|| "fallback".to_owned())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -121,6 +164,14 @@ pub struct StageSpan {
 impl StageSpan {
     pub fn duration_ns(&self) -> u64 {
         self.end_ns.saturating_sub(self.begin_ns)
+    }
+
+    /// `upstream.chat` or `upstream.chat_stream`.
+    pub fn is_upstream_call(&self) -> bool {
+        matches!(
+            self.id,
+            StageId::Known(Stage::UpstreamChat | Stage::UpstreamChatStream)
+        )
     }
 }
 

@@ -6,7 +6,7 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use opentelemetry_sdk::trace::Sampler;
 use probe_userspace::{
     export::{
-        otlp::{Protocol, Sampling, TracesConfig},
+        otlp::{Protocol, Sampling, TracesConfig, env_var},
         prometheus::{MetricsConfig, check_buckets},
     },
     run::{self, AttachOptions, Mode},
@@ -125,35 +125,33 @@ struct AttachArgs {
 #[derive(Args)]
 #[command(next_help_heading = "Traces (OpenTelemetry, docs/spans.md)")]
 struct TraceArgs {
-    /// Export a trace per request over OTLP to URL: http://HOST:4318/v1/traces
-    /// (http/protobuf) or http://HOST:4317 (grpc). Default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
-    /// else OTEL_EXPORTER_OTLP_ENDPOINT (plus /v1/traces for http/protobuf); neither set: no
-    /// OTLP export.
+    /// Export a trace per request over OTLP to URL, e.g. http://HOST:4318 (http/protobuf;
+    /// /v1/traces is added to a URL without a path) or http://HOST:4317 (grpc). Default:
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT; neither set
+    /// (or OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none): no OTLP export.
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
     /// OTLP transport [default: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, else
     /// OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf].
     #[arg(long, value_name = "PROTOCOL", value_parser = ["http/protobuf", "grpc"])]
     otlp_protocol: Option<String>,
-    /// Deadline of one export call, retries included; OTEL_EXPORTER_OTLP_HEADERS and
-    /// _COMPRESSION are honoured as well.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    otlp_timeout: Duration,
-    /// service.name of the spans [default: OTEL_RESOURCE_ATTRIBUTES' service.name, else the
-    /// broker's process name]. OTEL_RESOURCE_ATTRIBUTES adds resource attributes.
-    #[arg(long, env = "OTEL_SERVICE_NAME", value_name = "NAME")]
+    /// Deadline of one export call, retries included [default:
+    /// OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, else OTEL_EXPORTER_OTLP_TIMEOUT (ms), else 10s].
+    /// OTEL_EXPORTER_OTLP_HEADERS are sent as well.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    otlp_timeout: Option<Duration>,
+    /// service.name of the spans [default: OTEL_SERVICE_NAME, else OTEL_RESOURCE_ATTRIBUTES'
+    /// service.name, else the broker's process name]. OTEL_RESOURCE_ATTRIBUTES adds
+    /// resource attributes.
+    #[arg(long, value_name = "NAME")]
     service_name: Option<String>,
-    /// Head sampler, decided per trace id and the caller's sampled flag.
-    #[arg(
-        long,
-        env = "OTEL_TRACES_SAMPLER",
-        value_enum,
-        default_value = "parentbased_always_on"
-    )]
-    trace_sampler: SamplerName,
-    /// Ratio (0 to 1) of the traceidratio samplers.
-    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 1.0, value_parser = parse_ratio, value_name = "RATIO")]
-    trace_sampler_arg: f64,
+    /// Head sampler, decided per trace id and the caller's sampled flag [default:
+    /// OTEL_TRACES_SAMPLER, else parentbased_always_on].
+    #[arg(long, value_enum)]
+    trace_sampler: Option<SamplerName>,
+    /// Ratio (0 to 1) of the traceidratio samplers [default: OTEL_TRACES_SAMPLER_ARG, else 1].
+    #[arg(long, value_parser = parse_ratio, value_name = "RATIO")]
+    trace_sampler_arg: Option<f64>,
     /// Keep every request at least this slow, whatever the sampler says (0s: off).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     trace_keep_slower_than: Duration,
@@ -162,8 +160,8 @@ struct TraceArgs {
     trace_sample_errors: bool,
     /// Traces waiting for export at most; more are dropped (counted in
     /// brokerprobe_trace_spans_dropped_total).
-    #[arg(long, default_value_t = 1024, value_name = "TRACES")]
-    trace_queue: usize,
+    #[arg(long, default_value_t = 1024, value_name = "TRACES", value_parser = clap::value_parser!(u32).range(1..))]
+    trace_queue: u32,
     /// Keep traces in memory (10,000 at most) and serve a Jaeger UI and query API here,
     /// e.g. 127.0.0.1:16686. Loopback unless you say otherwise.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -171,7 +169,7 @@ struct TraceArgs {
 }
 
 /// OTEL_TRACES_SAMPLER's names.
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum SamplerName {
     #[value(name = "always_on")]
     AlwaysOn,
@@ -194,16 +192,57 @@ fn parse_ratio(text: &str) -> Result<f64, String> {
     }
 }
 
+/// An OTel variable, disabled as the spec says: OTEL_SDK_DISABLED, OTEL_TRACES_EXPORTER=none.
+fn otel_traces_disabled() -> bool {
+    env_var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        || env_var("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"))
+}
+
 impl TraceArgs {
-    /// What to do with traces; None: nothing (no endpoint and no UI).
-    fn config(self, exchange_idle: Duration) -> Result<Option<TracesConfig>, String> {
-        let protocol = Protocol::resolve(self.otlp_protocol.as_deref())?;
-        let endpoint = self.otlp_endpoint.or_else(|| protocol.endpoint_from_env());
-        if endpoint.is_none() && self.trace_ui.is_none() {
+    /// What to do with traces; None: nothing (no endpoint and no UI). The OTEL_* variables
+    /// are read only then, so variables meant for another program cannot stop an attach.
+    fn config(
+        self,
+        exchange_idle: Duration,
+        max_names: usize,
+    ) -> Result<Option<TracesConfig>, String> {
+        let env_endpoint = !otel_traces_disabled()
+            && (env_var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
+                || env_var("OTEL_EXPORTER_OTLP_ENDPOINT").is_some());
+        if self.otlp_endpoint.is_none() && !env_endpoint && self.trace_ui.is_none() {
             return Ok(None);
         }
-        let ratio = self.trace_sampler_arg;
-        let head = match self.trace_sampler {
+        let protocol = Protocol::resolve(self.otlp_protocol.as_deref())?;
+        let endpoint = match &self.otlp_endpoint {
+            Some(url) => protocol.endpoint(Some(url)),
+            None if env_endpoint => protocol.endpoint(None),
+            None => None,
+        };
+        let sampler = self.trace_sampler.unwrap_or_else(|| {
+            let name = env_var("OTEL_TRACES_SAMPLER")
+                .unwrap_or_default()
+                .to_lowercase();
+            if name.is_empty() {
+                return SamplerName::ParentBasedAlwaysOn;
+            }
+            SamplerName::from_str(&name, true).unwrap_or_else(|_| {
+                // The spec: an unknown or unsupported sampler falls back, with a warning.
+                log::warn!(
+                    "OTEL_TRACES_SAMPLER={name} is not supported here: parentbased_always_on"
+                );
+                SamplerName::ParentBasedAlwaysOn
+            })
+        });
+        let ratio = self.trace_sampler_arg.unwrap_or_else(|| {
+            let Some(arg) = env_var("OTEL_TRACES_SAMPLER_ARG") else {
+                return 1.0;
+            };
+            parse_ratio(&arg).unwrap_or_else(|e| {
+                log::warn!("OTEL_TRACES_SAMPLER_ARG: {e}: using 1");
+                1.0
+            })
+        });
+        let head = match sampler {
             SamplerName::AlwaysOn => Sampler::AlwaysOn,
             SamplerName::AlwaysOff => Sampler::AlwaysOff,
             SamplerName::TraceIdRatio => Sampler::TraceIdRatioBased(ratio),
@@ -213,40 +252,29 @@ impl TraceArgs {
                 Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
             }
         };
+        let timeout = self.otlp_timeout.unwrap_or_else(|| {
+            env_var("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+                .or_else(|| env_var("OTEL_EXPORTER_OTLP_TIMEOUT"))
+                .and_then(|ms| ms.trim().parse().ok())
+                .map_or(Duration::from_secs(10), Duration::from_millis)
+        });
         Ok(Some(TracesConfig {
             endpoint,
             protocol,
-            timeout: self.otlp_timeout,
-            service_name: self.service_name,
+            timeout,
+            service_name: self.service_name.or_else(|| env_var("OTEL_SERVICE_NAME")),
             sampling: Sampling {
                 head,
                 keep_errors: !self.trace_sample_errors,
                 keep_slower_than: Some(self.trace_keep_slower_than).filter(|d| !d.is_zero()),
             },
-            queue: self.trace_queue,
+            queue: self.trace_queue as usize,
             ui: self.trace_ui,
             // Exchanges end at the connection's next request, its close, or idleness.
             wait_for_sockets: exchange_idle + Duration::from_secs(1),
+            max_names,
         }))
     }
-}
-
-/// Histogram bucket bounds from the command line.
-#[derive(Clone, Debug)]
-struct Buckets(Vec<f64>);
-
-fn parse_buckets(text: &str) -> Result<Buckets, String> {
-    let bounds = text
-        .split(',')
-        .map(|bound| {
-            bound
-                .trim()
-                .parse::<f64>()
-                .map_err(|_| format!("{bound:?} is not a number"))
-        })
-        .collect::<Result<Vec<f64>, String>>()?;
-    check_buckets(&bounds)?;
-    Ok(Buckets(bounds))
 }
 
 fn main() -> ExitCode {
@@ -281,6 +309,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// Histogram bucket bounds from the command line.
+#[derive(Clone, Debug)]
+struct Buckets(Vec<f64>);
+
+fn parse_buckets(text: &str) -> Result<Buckets, String> {
+    let bounds = text
+        .split(',')
+        .map(|bound| {
+            bound
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| format!("{bound:?} is not a number"))
+        })
+        .collect::<Result<Vec<f64>, String>>()?;
+    check_buckets(&bounds)?;
+    Ok(Buckets(bounds))
+}
+
 impl TryFrom<AttachArgs> for AttachOptions {
     type Error = anyhow::Error;
 
@@ -288,7 +334,7 @@ impl TryFrom<AttachArgs> for AttachOptions {
         let defaults = MetricsConfig::default();
         let traces = args
             .traces
-            .config(args.exchange_idle)
+            .config(args.exchange_idle, args.max_label_values)
             .map_err(anyhow::Error::msg)?;
         Ok(AttachOptions {
             pid: args.pid,

@@ -7,7 +7,7 @@ use std::{
     os::fd::AsRawFd,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -84,6 +84,8 @@ struct Pipeline {
     requests_out: Option<JsonLines>,
     exchanges_out: Option<JsonLines>,
     traces: Option<TraceExporter>,
+    /// When `attach` began, to say how long the first event took.
+    started: Instant,
     events: u64,
     decode_errors: u64,
 }
@@ -91,6 +93,12 @@ struct Pipeline {
 impl Pipeline {
     fn on_record(&mut self, bytes: &[u8]) {
         self.events += 1;
+        if self.events == 1 {
+            println!(
+                "brokerprobe: first event {} ms after start",
+                self.started.elapsed().as_millis()
+            );
+        }
         match decode(bytes) {
             Ok(Record::Marker(event)) => {
                 if let Some(request) = self.assembler.on_event(event) {
@@ -232,6 +240,7 @@ enum Stop {
 }
 
 pub async fn attach(mut options: AttachOptions) -> Result<()> {
+    let started = Instant::now();
     let target = Target::open(options.pid)?;
     // Before creating any output file or port: a refused run leaves nothing changed.
     check_privileges()?;
@@ -256,7 +265,7 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
     let requests_out = create(&options.requests_out)?;
     let exchanges_out = create(&options.exchanges_out)?;
     let traces = match options.traces.take() {
-        Some(config) => Some(TraceExporter::start(config, target.pid, &target.name).await?),
+        Some(config) => Some(TraceExporter::start(config, target.pid, &target.name)?),
         None => None,
     };
 
@@ -327,6 +336,7 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
         requests_out,
         exchanges_out,
         traces,
+        started,
         events: 0,
         decode_errors: 0,
     };
@@ -520,16 +530,20 @@ fn health_line(health: &ProbeHealth) -> String {
     if t.sampled_head + t.sampled_tail + t.sampled_out > 0 {
         let _ = write!(
             line,
-            "\ntraces: {} kept ({} by the sampler, {} failed or slow), {} sampled out; {} spans \
-             exported, {} dropped (queue full), {} lost to failed exports, {} traces queued",
+            "\ntraces: {} kept ({} by the sampler, {} failed or slow), {} sampled out, {} without \
+             socket figures; spans: {} exported to OTLP, {} to the trace UI; lost: {} (queue \
+             full), {} (unsent at exit), {} (OTLP export failed), {} (trace UI failed)",
             t.sampled_head + t.sampled_tail,
             t.sampled_head,
             t.sampled_tail,
             t.sampled_out,
-            t.exported_spans,
+            t.without_sockets,
+            t.exported_spans[0],
+            t.exported_spans[1],
             t.dropped_spans,
-            t.failed_spans,
-            t.queued,
+            t.unsent_spans,
+            t.failed_spans[0],
+            t.failed_spans[1],
         );
     }
     if health.attached_socket_tracepoints > 0 {

@@ -179,7 +179,7 @@ impl Summary {
 impl RequestSink for Summary {
     fn record(&mut self, request: &Request) {
         self.requests.observe(request.duration_ns());
-        let failed = request.error_type.is_some() || request.status >= 400;
+        let failed = request.failed();
         self.errors += u64::from(failed);
         for stage in &request.stages {
             let name = self.stage_names.admit(stage.id.name()).unwrap_or(OTHER);

@@ -4,6 +4,8 @@
 mod api;
 mod chat;
 mod ground_truth;
+#[cfg(feature = "inprocess")]
+mod inprocess;
 mod keypool;
 mod recorder;
 mod routing;
@@ -69,6 +71,10 @@ struct Cli {
     /// truth is still written).
     #[arg(long)]
     no_markers: bool,
+    /// Export in-process spans over OTLP/HTTP to this URL (built with feature inprocess).
+    #[cfg(feature = "inprocess")]
+    #[arg(long, value_name = "URL")]
+    inprocess_otlp: String,
 }
 
 /// What every request handler shares.
@@ -95,6 +101,8 @@ fn main() -> anyhow::Result<()> {
         ),
         None => None,
     };
+    #[cfg(feature = "inprocess")]
+    let _provider = inprocess::init(&cli.inprocess_otlp)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.workers.get())
         .thread_name("broker-worker")
@@ -142,7 +150,10 @@ async fn serve(cli: &Cli, ground_truth: Option<GroundTruthSink>) -> anyhow::Resu
     let router = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(list_models))
-        .route("/health", get(health))
+        .route("/health", get(health));
+    #[cfg(feature = "inprocess")]
+    let router = inprocess::routes(router);
+    let router = router
         .layer(middleware::from_fn(assign_request_id))
         .with_state(app);
     // Handlers go in before "listening on" is printed, so a signal sent right after it

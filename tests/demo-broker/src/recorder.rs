@@ -22,6 +22,8 @@ const CLIENT_CLOSED_ERROR: &str = "client_disconnected";
 pub struct Recorder {
     id: RequestId,
     trace: Option<Arc<TraceSlot>>,
+    #[cfg(feature = "inprocess")]
+    inprocess: crate::inprocess::RequestSpan,
 }
 
 struct TraceSlot {
@@ -102,6 +104,8 @@ impl Recorder {
         StageGuard {
             recorder: self.clone(),
             stage,
+            #[cfg(feature = "inprocess")]
+            _inprocess: self.inprocess.stage(stage.name()),
         }
     }
 
@@ -125,6 +129,8 @@ impl Recorder {
         ToolGuard {
             recorder: self,
             name,
+            #[cfg(feature = "inprocess")]
+            _inprocess: self.inprocess.stage(Stage::ToolExecute.name()),
         }
     }
 
@@ -233,6 +239,8 @@ impl Trace {
 pub struct StageGuard {
     recorder: Recorder,
     stage: Stage,
+    #[cfg(feature = "inprocess")]
+    _inprocess: crate::inprocess::StageSpan,
 }
 
 impl Drop for StageGuard {
@@ -245,6 +253,8 @@ impl Drop for StageGuard {
 pub struct ToolGuard<'a> {
     recorder: &'a Recorder,
     name: &'a str,
+    #[cfg(feature = "inprocess")]
+    _inprocess: crate::inprocess::StageSpan,
 }
 
 impl Drop for ToolGuard<'_> {
@@ -274,7 +284,12 @@ impl RequestScope {
                 sink: sink.clone(),
             })
         });
-        let recorder = Recorder { id, trace };
+        let recorder = Recorder {
+            id,
+            trace,
+            #[cfg(feature = "inprocess")]
+            inprocess: crate::inprocess::RequestSpan::begin(model),
+        };
         let at = recorder.clock();
         if markers_enabled() {
             probe_markers::request_begin(id, model, traceparent);
@@ -306,6 +321,8 @@ impl RequestScope {
             trace.status = status;
             trace.error_type = error_type.map(str::to_owned);
         });
+        #[cfg(feature = "inprocess")]
+        recorder.inprocess.end(status);
         if let Some(slot) = &recorder.trace {
             let trace = slot.trace.lock().unwrap_or_else(PoisonError::into_inner);
             slot.sink.write(&*trace);

@@ -130,16 +130,24 @@ fn bad_bucket_bounds_are_explained() {
 #[test]
 fn an_otlp_protocol_brokerprobe_cannot_speak_is_named() {
     require_root();
-    let out = Command::new(bin("brokerprobe"))
-        .args(["attach", "--pid", &std::process::id().to_string()])
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
-        .output()
-        .unwrap();
+    let attach = |endpoint: Option<&str>| {
+        let mut command = Command::new(bin("brokerprobe"));
+        command
+            .args(["attach", "--pid", "999999999"])
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json");
+        if let Some(endpoint) = endpoint {
+            command.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+        }
+        command.output().unwrap()
+    };
+    // With an endpoint, traces are on and the protocol matters...
     assert_one_clear_line(
-        &out,
+        &attach(Some("http://127.0.0.1:4318")),
         &[
             "OTEL_EXPORTER_OTLP_PROTOCOL=http/json",
             "http/protobuf or grpc",
         ],
     );
+    // ...without one, variables meant for another program are none of brokerprobe's business.
+    assert_one_clear_line(&attach(None), &["no process with PID 999999999"]);
 }

@@ -1,12 +1,21 @@
 //! `trace-store`: otlp-embedded's in-memory trace store with its Jaeger UI and query API
 //! (`/api/traces`), receiving OTLP over gRPC (its own service) and over HTTP/protobuf
-//! (`POST /v1/traces`, decoded here into the same service).
+//! (`POST /v1/traces`, gzip or not, decoded here into the same service).
 
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
-use axum::{Router, body::Bytes, extract::State as Extract, http::StatusCode, routing::post};
+use std::io::Read as _;
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State as Extract,
+    http::{HeaderMap, StatusCode, header},
+    routing::post,
+};
 use clap::Parser;
+use flate2::read::GzDecoder;
 use otlp_embedded::{
     Config, State, StateRef, TraceService as _, TraceServiceImpl, TraceServiceServer,
     proto::collector::trace::v1::ExportTraceServiceRequest, ui_app,
@@ -69,8 +78,25 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// OTLP/HTTP with a protobuf body: the same request the gRPC service takes.
-async fn export_http(Extract(state): Extract<StateRef>, body: Bytes) -> StatusCode {
+/// OTLP/HTTP with a protobuf body, gzipped or not: the same request the gRPC service
+/// takes.
+async fn export_http(
+    Extract(state): Extract<StateRef>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let gzipped = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|encoding| encoding == "gzip");
+    let body = if gzipped {
+        let mut plain = Vec::new();
+        if GzDecoder::new(&body[..]).read_to_end(&mut plain).is_err() {
+            return StatusCode::BAD_REQUEST;
+        }
+        Bytes::from(plain)
+    } else {
+        body
+    };
     let Ok(request) = ExportTraceServiceRequest::decode(body) else {
         return StatusCode::BAD_REQUEST;
     };

@@ -70,7 +70,7 @@ impl Sampling {
     }
 
     fn tail_keeps(&self, request: &Request) -> bool {
-        let failed = request.error_type.is_some() || request.status >= 400;
+        let failed = request.failed();
         let slow = self
             .keep_slower_than
             .is_some_and(|bound| request.duration_ns() >= bound.as_nanos() as u64);

@@ -1,7 +1,8 @@
-//! The export task: traces from a bounded queue, batched, to the OTLP endpoint and the
-//! embedded trace store. Nothing here can hold up the event loop: the queue is filled
-//! with `try_send` (a full queue drops the trace, counted), and failed exports are
-//! counted and reported, not retried beyond the exporter's own short retries.
+//! The export thread: traces from a bounded queue, batched, to the OTLP endpoint and the
+//! embedded trace store. It runs on its own runtime, so nothing here can hold up the event
+//! loop: the queue is filled with `try_send` (a full queue drops the trace, counted), and
+//! failed exports are counted and reported, not retried beyond the exporter's own short
+//! retries.
 
 use std::{
     sync::{
@@ -36,26 +37,39 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// Where spans go.
 pub enum Target {
-    /// An OTLP endpoint (http/protobuf or grpc), named for reports.
-    Otlp {
-        /// Boxed: an exporter is large next to the other target.
-        exporter: Box<opentelemetry_otlp::SpanExporter>,
-        endpoint: String,
-    },
+    /// An OTLP endpoint (http/protobuf or grpc), and its URL for reports. Boxed: an
+    /// exporter is large next to the other target.
+    Otlp(Box<opentelemetry_otlp::SpanExporter>, String),
     /// The embedded store behind `--trace-ui`.
-    Store { state: StateRef, resource: Resource },
+    Store(StateRef, Resource),
 }
 
-/// Counts shared between the exporter (queue side) and this task.
+/// The two kinds of target, as indexes of [`TraceCounters`]' per-target counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceTarget {
+    Otlp = 0,
+    Store = 1,
+}
+
+impl TraceTarget {
+    pub fn name(self) -> &'static str {
+        match self {
+            TraceTarget::Otlp => "otlp",
+            TraceTarget::Store => "store",
+        }
+    }
+}
+
+/// Counts shared between the exporter (queue side) and the export thread.
 #[derive(Debug, Default)]
 pub struct TraceCounters {
-    /// Traces waiting in the queue.
+    /// Traces and spans waiting in the queue.
     pub queued: AtomicU64,
-    pub exported_spans: AtomicU64,
-    /// Spans of traces the full queue refused.
-    pub dropped_spans: AtomicU64,
-    /// Spans an export call failed to deliver (endpoint down, slow, refusing).
-    pub failed_spans: AtomicU64,
+    pub queued_spans: AtomicU64,
+    /// Spans delivered, and spans an export call failed to deliver (endpoint down, slow,
+    /// refusing), by [`TraceTarget`].
+    pub exported_spans: [AtomicU64; 2],
+    pub failed_spans: [AtomicU64; 2],
 }
 
 /// Exports what comes from `queue` until it closes and is empty.
@@ -67,24 +81,23 @@ pub async fn run(
     let mut report = FailureReport::default();
     let mut traces = Vec::with_capacity(TRACES_PER_BATCH);
     while queue.recv_many(&mut traces, TRACES_PER_BATCH).await > 0 {
-        counters
-            .queued
-            .fetch_sub(traces.len() as u64, Ordering::Relaxed);
+        let taken = traces.len() as u64;
         let spans: Vec<SpanData> = traces.drain(..).flatten().collect();
+        let count = spans.len() as u64;
         for target in &targets {
-            let count = spans.len() as u64;
+            let index = target.kind() as usize;
             match target.export(spans.clone()).await {
-                Ok(()) => {
-                    if matches!(target, Target::Otlp { .. }) {
-                        counters.exported_spans.fetch_add(count, Ordering::Relaxed);
-                    }
-                }
+                Ok(()) => counters.exported_spans[index].fetch_add(count, Ordering::Relaxed),
                 Err(e) => {
-                    counters.failed_spans.fetch_add(count, Ordering::Relaxed);
                     report.failed(target.name(), count, &e);
+                    counters.failed_spans[index].fetch_add(count, Ordering::Relaxed)
                 }
-            }
+            };
         }
+        // Out of the queue once every target had them: what is left at an exit cut short
+        // is what was not sent.
+        counters.queued.fetch_sub(taken, Ordering::Relaxed);
+        counters.queued_spans.fetch_sub(count, Ordering::Relaxed);
     }
     report.flush();
 }
@@ -92,17 +105,22 @@ pub async fn run(
 impl Target {
     fn name(&self) -> &str {
         match self {
-            Target::Otlp { endpoint, .. } => endpoint,
-            Target::Store { .. } => "the embedded trace store",
+            Target::Otlp(_, endpoint) => endpoint,
+            Target::Store(..) => "the embedded trace store",
+        }
+    }
+
+    fn kind(&self) -> TraceTarget {
+        match self {
+            Target::Otlp(..) => TraceTarget::Otlp,
+            Target::Store(..) => TraceTarget::Store,
         }
     }
 
     async fn export(&self, spans: Vec<SpanData>) -> Result<(), String> {
         match self {
-            Target::Otlp { exporter, .. } => {
-                exporter.export(spans).await.map_err(|e| e.to_string())
-            }
-            Target::Store { state, resource } => {
+            Target::Otlp(exporter, _) => exporter.export(spans).await.map_err(|e| e.to_string()),
+            Target::Store(state, resource) => {
                 // Our spans in OTLP's own protobuf, read back as the store's generated
                 // types (the same .proto, another prost build).
                 let request = ExportTraceServiceRequest {

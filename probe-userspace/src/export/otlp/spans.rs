@@ -5,7 +5,7 @@
 use std::{collections::HashMap, net::SocketAddr};
 
 use opentelemetry::{
-    InstrumentationScope, KeyValue,
+    InstrumentationScope, KeyValue, Value,
     trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState},
 };
 use opentelemetry_sdk::trace::{IdGenerator, SpanData, SpanEvents, SpanLinks};
@@ -16,6 +16,7 @@ use crate::{
     clock::Clock,
     connections::Exchange,
     decode::StageId,
+    export::labels::{LabelCap, OTHER},
 };
 
 /// The root span's name: the route OpenAI-compatible brokers serve.
@@ -25,13 +26,16 @@ pub const ROOT_NAME: &str = "POST /v1/chat/completions";
 #[derive(Clone, Debug, PartialEq)]
 pub struct TraceStart {
     pub trace_id: TraceId,
-    /// The caller's span, when the request carried a valid traceparent.
+    /// The caller's span (and its tracestate), when the request carried a valid
+    /// traceparent.
     pub remote_parent: Option<SpanContext>,
 }
 
 /// What the sockets told about one upstream call (its exchange, once it ended).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct CallFacts {
+    /// `--upstream`'s name for the peer, else its address.
+    pub upstream: String,
     pub remote: Option<SocketAddr>,
     pub connect_ns: Option<u64>,
     pub read_delay_ns: Option<u64>,
@@ -42,6 +46,7 @@ pub struct CallFacts {
 impl CallFacts {
     pub fn of(exchange: &Exchange) -> Self {
         Self {
+            upstream: exchange.peer_name.clone(),
             remote: exchange.remote,
             connect_ns: exchange.connect_ns,
             read_delay_ns: exchange.read_delay_ns(),
@@ -59,66 +64,89 @@ pub struct SpanBuilder<'a> {
 }
 
 impl SpanBuilder<'_> {
-    /// The request's spans, root first. `facts` are by exchange id.
+    /// The request's spans, root first. `facts` are by exchange id; `models` bounds the
+    /// model names that span names take (clients choose them).
     pub fn spans(
         &self,
         request: &Request,
         start: &TraceStart,
         facts: &HashMap<u64, CallFacts>,
+        models: &mut LabelCap,
     ) -> Vec<SpanData> {
         let root_id = self.ids.new_span_id();
-        let context = |span_id| {
-            SpanContext::new(
-                start.trace_id,
-                span_id,
-                TraceFlags::SAMPLED,
-                false,
-                TraceState::default(),
-            )
+        let trace_state = start
+            .remote_parent
+            .as_ref()
+            .map_or_else(TraceState::default, |caller| caller.trace_state().clone());
+        let span = |span_id, parent, kind, name: String, (begin_ns, end_ns), attributes, status| {
+            SpanData {
+                span_context: SpanContext::new(
+                    start.trace_id,
+                    span_id,
+                    TraceFlags::SAMPLED,
+                    false,
+                    trace_state.clone(),
+                ),
+                parent_span_id: parent,
+                parent_span_is_remote: false,
+                span_kind: kind,
+                name: name.into(),
+                start_time: self.clock.wall(begin_ns),
+                end_time: self.clock.wall(end_ns),
+                attributes,
+                dropped_attributes_count: 0,
+                events: SpanEvents::default(),
+                links: SpanLinks::default(),
+                status,
+                instrumentation_scope: self.scope.clone(),
+            }
         };
-        let failed = request.error_type.is_some() || request.status >= 400;
-        let error_type = request
-            .error_type
-            .clone()
-            .unwrap_or_else(|| request.status.to_string());
         let mut root_attributes = vec![
             KeyValue::new("http.request.method", "POST"),
             KeyValue::new("http.route", "/v1/chat/completions"),
             KeyValue::new("http.response.status_code", i64::from(request.status)),
             KeyValue::new("gen_ai.operation.name", "chat"),
             KeyValue::new("gen_ai.request.model", request.model.clone()),
-            KeyValue::new("brokerprobe.request_id", request.request_id as i64),
-            KeyValue::new("gen_ai.usage.input_tokens", request.input_tokens as i64),
-            KeyValue::new("gen_ai.usage.output_tokens", request.output_tokens as i64),
+            KeyValue::new("brokerprobe.request_id", id_value(request.request_id)),
+            KeyValue::new(
+                "gen_ai.usage.input_tokens",
+                count_value(request.input_tokens),
+            ),
+            KeyValue::new(
+                "gen_ai.usage.output_tokens",
+                count_value(request.output_tokens),
+            ),
         ];
         if let Some(provider) = &request.provider {
             root_attributes.push(KeyValue::new("gen_ai.provider.name", provider.clone()));
         }
-        if failed {
+        let error_type = request
+            .error_type
+            .clone()
+            .unwrap_or_else(|| request.status.to_string());
+        if request.failed() {
             root_attributes.push(KeyValue::new("error.type", error_type.clone()));
         }
-        let mut spans = vec![SpanData {
-            span_context: context(root_id),
-            parent_span_id: start
+        // HTTP conventions: a server span is an error for 5xx, not for a client's 4xx.
+        let root_status = if request.server_failed() {
+            Status::error(error_type)
+        } else {
+            Status::Unset
+        };
+        let mut root = span(
+            root_id,
+            start
                 .remote_parent
                 .as_ref()
                 .map_or(SpanId::INVALID, SpanContext::span_id),
-            parent_span_is_remote: start.remote_parent.is_some(),
-            span_kind: SpanKind::Server,
-            name: ROOT_NAME.into(),
-            start_time: self.clock.wall(request.begin_ns),
-            end_time: self.clock.wall(request.end_ns),
-            attributes: root_attributes,
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
-            status: if failed {
-                Status::error(error_type)
-            } else {
-                Status::Unset
-            },
-            instrumentation_scope: self.scope.clone(),
-        }];
+            SpanKind::Server,
+            ROOT_NAME.to_owned(),
+            (request.begin_ns, request.end_ns),
+            root_attributes,
+            root_status,
+        );
+        root.parent_span_is_remote = start.remote_parent.is_some();
+        let mut spans = vec![root];
 
         // Stages nest by time: each hangs under the innermost stage that contains it.
         let mut order: Vec<&StageSpan> = request.stages.iter().collect();
@@ -130,65 +158,79 @@ impl SpanBuilder<'_> {
             }
             let parent = open.last().map_or(root_id, |(_, id)| *id);
             let span_id = self.ids.new_span_id();
-            let (name, kind, attributes) = self.describe(request, stage, facts);
-            spans.push(SpanData {
-                span_context: context(span_id),
-                parent_span_id: parent,
-                parent_span_is_remote: false,
-                span_kind: kind,
-                name: name.into(),
-                start_time: self.clock.wall(stage.begin_ns),
-                end_time: self.clock.wall(stage.end_ns),
+            let (name, kind, attributes, status) = describe(request, stage, facts, models);
+            spans.push(span(
+                span_id,
+                parent,
+                kind,
+                name,
+                (stage.begin_ns, stage.end_ns),
                 attributes,
-                dropped_attributes_count: 0,
-                events: SpanEvents::default(),
-                links: SpanLinks::default(),
-                status: Status::Unset,
-                instrumentation_scope: self.scope.clone(),
-            });
+                status,
+            ));
             open.push((stage.end_ns, span_id));
         }
         spans
     }
+}
 
-    /// A stage's span name, kind and attributes.
-    fn describe(
-        &self,
-        request: &Request,
-        stage: &StageSpan,
-        facts: &HashMap<u64, CallFacts>,
-    ) -> (String, SpanKind, Vec<KeyValue>) {
-        let mut attributes = vec![KeyValue::new(
-            "brokerprobe.stage",
-            stage.id.name().to_owned(),
-        )];
-        match &stage.id {
-            StageId::Known(Stage::UpstreamChat | Stage::UpstreamChatStream) => {
-                let model = model_at(request, stage.begin_ns);
-                attributes.extend(upstream_attributes(request, stage, model, facts));
-                (format!("chat {model}"), SpanKind::Client, attributes)
-            }
-            StageId::Tool(tool) => {
-                attributes.push(KeyValue::new("gen_ai.operation.name", "execute_tool"));
-                attributes.push(KeyValue::new("gen_ai.tool.name", tool.clone()));
-                (
-                    format!("execute_tool {tool}"),
-                    SpanKind::Internal,
-                    attributes,
-                )
-            }
-            id => (id.name().to_owned(), SpanKind::Internal, attributes),
+/// A stage's span name, kind, attributes and status.
+fn describe(
+    request: &Request,
+    stage: &StageSpan,
+    facts: &HashMap<u64, CallFacts>,
+    models: &mut LabelCap,
+) -> (String, SpanKind, Vec<KeyValue>, Status) {
+    let mut attributes = vec![KeyValue::new(
+        "brokerprobe.stage",
+        stage.id.name().to_owned(),
+    )];
+    match &stage.id {
+        StageId::Known(Stage::UpstreamChat | Stage::UpstreamChatStream) => {
+            let model = request.model_at(stage.begin_ns);
+            attributes.extend(upstream_attributes(request, stage, model, facts));
+            // A client span is an error whenever its call failed.
+            let status = match request.call_error(stage) {
+                Some(error) => {
+                    attributes.push(KeyValue::new("error.type", error.clone()));
+                    Status::error(error)
+                }
+                None => Status::Unset,
+            };
+            let name_model = models.admit(model).unwrap_or(OTHER);
+            (
+                format!("chat {name_model}"),
+                SpanKind::Client,
+                attributes,
+                status,
+            )
         }
+        StageId::Tool(tool) => {
+            attributes.push(KeyValue::new("gen_ai.operation.name", "execute_tool"));
+            attributes.push(KeyValue::new("gen_ai.tool.name", tool.clone()));
+            let name = format!("execute_tool {tool}");
+            (name, SpanKind::Internal, attributes, Status::Unset)
+        }
+        id => (
+            id.name().to_owned(),
+            SpanKind::Internal,
+            attributes,
+            Status::Unset,
+        ),
     }
 }
 
-/// The model the broker asked for at `ns`: the request's, unless a fallback came before.
-fn model_at(request: &Request, ns: u64) -> &str {
-    request
-        .fallbacks
-        .iter()
-        .rfind(|f| f.ts_ns <= ns)
-        .map_or(&request.model, |f| &f.to)
+/// An id as an attribute: an integer where it fits, else its decimal string.
+fn id_value(id: u64) -> Value {
+    i64::try_from(id).map_or_else(|_| Value::from(id.to_string()), Value::I64)
+}
+
+fn count_value(count: u64) -> Value {
+    Value::I64(i64::try_from(count).unwrap_or(i64::MAX))
+}
+
+fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
 }
 
 /// GenAI and socket attributes of an upstream call's span.
@@ -198,7 +240,6 @@ fn upstream_attributes(
     model: &str,
     facts: &HashMap<u64, CallFacts>,
 ) -> Vec<KeyValue> {
-    let seconds = |ns: u64| ns as f64 / 1e9;
     let mut attributes = vec![
         KeyValue::new("gen_ai.operation.name", "chat"),
         KeyValue::new("gen_ai.request.model", model.to_owned()),
@@ -213,14 +254,22 @@ fn upstream_attributes(
         .filter(|u| (stage.begin_ns..=stage.end_ns).contains(&u.ts_ns))
         .fold((0, 0), |(i, o), u| (i + u.input, o + u.output));
     if input + output > 0 {
-        attributes.push(KeyValue::new("gen_ai.usage.input_tokens", input as i64));
-        attributes.push(KeyValue::new("gen_ai.usage.output_tokens", output as i64));
+        attributes.push(KeyValue::new(
+            "gen_ai.usage.input_tokens",
+            count_value(input),
+        ));
+        attributes.push(KeyValue::new(
+            "gen_ai.usage.output_tokens",
+            count_value(output),
+        ));
     }
-    if let Some(first_byte) = request
+    // Streams only: a plain answer's first byte is not its first chunk.
+    let streamed = stage.id == StageId::Known(Stage::UpstreamChatStream);
+    let first_byte = request
         .first_byte_ns
         .iter()
-        .find(|ts| (stage.begin_ns..=stage.end_ns).contains(*ts))
-    {
+        .find(|ts| (stage.begin_ns..=stage.end_ns).contains(*ts));
+    if let (true, Some(first_byte)) = (streamed, first_byte) {
         attributes.push(KeyValue::new(
             "gen_ai.response.time_to_first_chunk",
             seconds(first_byte - stage.begin_ns),
@@ -239,10 +288,9 @@ fn upstream_attributes(
 
 /// What the sockets measured of the call.
 fn call_attributes(call: &UpstreamCall, facts: Option<&CallFacts>) -> Vec<KeyValue> {
-    let seconds = |ns: u64| ns as f64 / 1e9;
     let mut attributes = vec![KeyValue::new(
         "brokerprobe.upstream.exchange_id",
-        call.exchange_id as i64,
+        id_value(call.exchange_id),
     )];
     if let Some(how) = call.attribution {
         attributes.push(KeyValue::new(
@@ -264,13 +312,14 @@ fn call_attributes(call: &UpstreamCall, facts: Option<&CallFacts>) -> Vec<KeyVal
             "http.response.status_code",
             i64::from(status),
         ));
-        if status >= 400 {
-            attributes.push(KeyValue::new("error.type", status.to_string()));
-        }
     }
     let Some(facts) = facts else {
         return attributes;
     };
+    attributes.push(KeyValue::new(
+        "brokerprobe.upstream.name",
+        facts.upstream.clone(),
+    ));
     if let Some(remote) = facts.remote {
         attributes.push(KeyValue::new("server.address", remote.ip().to_string()));
         attributes.push(KeyValue::new("server.port", i64::from(remote.port())));
@@ -289,18 +338,17 @@ fn call_attributes(call: &UpstreamCall, facts: Option<&CallFacts>) -> Vec<KeyVal
     }
     attributes.push(KeyValue::new(
         "brokerprobe.upstream.request_bytes",
-        facts.request_bytes as i64,
+        count_value(facts.request_bytes),
     ));
     attributes.push(KeyValue::new(
         "brokerprobe.upstream.response_bytes",
-        facts.response_bytes as i64,
+        count_value(facts.response_bytes),
     ));
     attributes
 }
 
 #[cfg(test)]
 mod tests {
-    use opentelemetry::Value;
     use opentelemetry_sdk::trace::RandomIdGenerator;
 
     use super::*;
@@ -361,6 +409,7 @@ mod tests {
         let facts = HashMap::from([(
             9,
             CallFacts {
+                upstream: "openai".into(),
                 remote: Some("10.0.0.5:443".parse().unwrap()),
                 request_bytes: 100,
                 response_bytes: 900,
@@ -376,7 +425,7 @@ mod tests {
             ids: &RandomIdGenerator::default(),
             scope: &InstrumentationScope::builder("test").build(),
         };
-        let spans = builder.spans(&request, &start, &facts);
+        let spans = builder.spans(&request, &start, &facts, &mut LabelCap::new(10));
         let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
         assert_eq!(
             names,

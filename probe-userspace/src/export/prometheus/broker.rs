@@ -2,7 +2,6 @@
 //! and the OpenTelemetry GenAI metrics under their Prometheus names (the broker is a
 //! GenAI server to its clients and a GenAI client of its providers).
 
-use probe_common::marker::Stage;
 use prometheus::{HistogramVec, IntCounterVec};
 
 use super::{Label, Labels, Register, seconds};
@@ -111,10 +110,9 @@ impl BrokerMetrics {
         let model = labels.admit(Label::Model, &request.model);
         let provider = labels.admit(Label::Provider, request.provider.as_deref().unwrap_or(""));
         let status = request.status.to_string();
-        let failed = request.error_type.is_some() || request.status >= 400;
         let error_type = match &request.error_type {
             Some(error_type) => labels.admit(Label::ErrorType, error_type),
-            None if failed => &status,
+            None if request.failed() => &status,
             None => "",
         };
         for stage in &request.stages {
@@ -134,7 +132,7 @@ impl BrokerMetrics {
             .with_label_values(&by_status)
             .observe(seconds(request.duration_ns()));
         self.requests.with_label_values(&by_status).inc();
-        if failed {
+        if request.failed() {
             self.errors.with_label_values(&[error_type, model]).inc();
         }
         for fallback in &request.fallbacks {
@@ -149,68 +147,66 @@ impl BrokerMetrics {
                     .observe(seconds(lag));
             }
         }
-        let gen_ai = [OPERATION, provider, model];
-        self.record_gen_ai(request, &gen_ai, error_type);
+        self.record_gen_ai(request, [provider, model], error_type, labels);
     }
 
-    fn record_gen_ai(&self, request: &Request, gen_ai: &[&str; 3], error_type: &str) {
-        let [operation, provider, model] = *gen_ai;
+    /// The GenAI metrics. Client-side ones (the broker calling its providers) name the
+    /// model each call asked for (after a fallback, the new one); server-side ones the
+    /// model the client asked for.
+    fn record_gen_ai(
+        &self,
+        request: &Request,
+        [provider, model]: [&str; 2],
+        error_type: &str,
+        labels: &mut Labels,
+    ) {
         for usage in &request.token_usage {
+            let model = labels.admit(Label::Model, request.model_at(usage.ts_ns));
             for (kind, tokens) in [("input", usage.input), ("output", usage.output)] {
                 self.token_usage
-                    .with_label_values(&[operation, provider, model, kind])
+                    .with_label_values(&[OPERATION, provider, model, kind])
                     .observe(tokens as f64);
             }
         }
-        for stage in request.stages.iter().filter(|s| is_upstream_call(&s.id)) {
-            // An upstream call failed if its response said so; the request's own error
-            // is the last call's, when the sockets could not tell.
-            let call = request
-                .upstream_calls
-                .iter()
-                .find(|c| c.stage_begin_ns == stage.begin_ns);
-            let status_error = call
-                .and_then(|c| c.status)
-                .filter(|status| *status >= 400)
-                .map(|status| status.to_string());
-            let is_last = request
-                .stages
-                .iter()
-                .rfind(|s| is_upstream_call(&s.id))
-                .is_some_and(|last| last.begin_ns == stage.begin_ns);
-            let call_error = match (&status_error, call.and_then(|c| c.status)) {
-                (Some(status), _) => status.as_str(),
-                (None, None) if is_last => error_type,
-                _ => "",
+        let last_call = request
+            .stages
+            .iter()
+            .rfind(|s| s.is_upstream_call())
+            .map(|s| s.begin_ns);
+        for stage in request.stages.iter().filter(|s| s.is_upstream_call()) {
+            let model = labels.admit(Label::Model, request.model_at(stage.begin_ns));
+            // When nothing tells how the call went, the request's failure is its last
+            // call's.
+            let call_error = request.call_error(stage);
+            let call_error = match &call_error {
+                Some(error) => error.as_str(),
+                None if last_call == Some(stage.begin_ns) => error_type,
+                None => "",
             };
             self.client_operation_duration
-                .with_label_values(&[operation, provider, model, call_error])
+                .with_label_values(&[OPERATION, provider, model, call_error])
                 .observe(seconds(stage.duration_ns()));
         }
+        let gen_ai = [OPERATION, provider, model];
         self.server_request_duration
-            .with_label_values(&[operation, provider, model, error_type])
+            .with_label_values(&[OPERATION, provider, model, error_type])
             .observe(seconds(request.duration_ns()));
-        if let Some(first) = request.first_chunk_ns {
-            self.server_time_to_first_token
-                .with_label_values(gen_ai)
-                .observe(seconds(first.saturating_sub(request.begin_ns)));
-            let after_first = request.output_tokens.saturating_sub(1);
-            if let (Some(last), true) = (
-                request.last_chunk_ns,
-                after_first > 0 && error_type.is_empty(),
-            ) {
-                let per_token = last.saturating_sub(first) / after_first;
-                self.server_time_per_output_token
-                    .with_label_values(gen_ai)
-                    .observe(seconds(per_token));
-            }
+        // Both for successful streamed answers only, as the conventions define them.
+        let (Some(first), false) = (request.first_chunk_ns, request.failed()) else {
+            return;
+        };
+        self.server_time_to_first_token
+            .with_label_values(&gen_ai)
+            .observe(seconds(first.saturating_sub(request.begin_ns)));
+        // The stream forwarded is the last answer's: its output tokens.
+        let tokens_after_first = request
+            .token_usage
+            .last()
+            .map_or(0, |u| u.output.saturating_sub(1));
+        if let (Some(last), true) = (request.last_chunk_ns, tokens_after_first > 0) {
+            self.server_time_per_output_token
+                .with_label_values(&gen_ai)
+                .observe(seconds(last.saturating_sub(first) / tokens_after_first));
         }
     }
-}
-
-fn is_upstream_call(id: &StageId) -> bool {
-    matches!(
-        id,
-        StageId::Known(Stage::UpstreamChat | Stage::UpstreamChatStream)
-    )
 }

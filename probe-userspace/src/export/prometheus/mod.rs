@@ -360,13 +360,13 @@ mod tests {
             // The first call failed with its status; the last one with the request's error.
             "gen_ai_client_operation_duration_seconds_count{error_type=\"500\",gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"p\",gen_ai_request_model=\"m\"} 1",
             "gen_ai_client_operation_duration_seconds_sum{error_type=\"tool_loop_exhausted\",gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"p\",gen_ai_request_model=\"m\"} 0.005",
-            "gen_ai_server_time_to_first_token_seconds_sum{gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"p\",gen_ai_request_model=\"m\"} 0.004",
         ] {
             assert!(text.contains(line), "{line} not in:\n{text}");
         }
         assert!(
-            !text.contains("gen_ai_server_time_per_output_token_seconds_count{"),
-            "only successful requests have a time per output token"
+            !text.contains("gen_ai_server_time_per_output_token_seconds_count{")
+                && !text.contains("gen_ai_server_time_to_first_token_seconds_count{"),
+            "only successful requests have a time to first token and per output token"
         );
     }
 
@@ -378,7 +378,20 @@ mod tests {
             status: 200,
             first_chunk_ns: Some(1_000_000),
             last_chunk_ns: Some(5_000_000),
-            output_tokens: 5,
+            output_tokens: 7,
+            // The last answer (the one streamed to the client) had 5 tokens.
+            token_usage: vec![
+                TokenUsage {
+                    input: 1,
+                    output: 2,
+                    ts_ns: 500_000,
+                },
+                TokenUsage {
+                    input: 1,
+                    output: 5,
+                    ts_ns: 5_000_000,
+                },
+            ],
             ..Request::default()
         };
         exporter.record(&request);

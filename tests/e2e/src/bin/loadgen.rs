@@ -127,9 +127,20 @@ async fn main() -> anyhow::Result<()> {
         errors.join(",")
     };
     let requests = outcomes.len();
+    let mut latencies: Vec<Duration> = outcomes.iter().map(|o| o.latency).collect();
+    latencies.sort_unstable();
+    let micros = |q: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * q).round() as usize)
+            .map_or(0, |d| d.as_micros())
+    };
+    // One line of key=value pairs: `cargo xtask bench` reads it.
     println!(
-        "requests={requests} errors_by_status={errors} elapsed={elapsed:.2}s rate={:.1}/s",
-        requests as f64 / elapsed
+        "requests={requests} errors_by_status={errors} elapsed={elapsed:.2}s rate={:.1}/s \
+         p50_us={} p99_us={}",
+        requests as f64 / elapsed,
+        micros(0.5),
+        micros(0.99)
     );
     Ok(())
 }

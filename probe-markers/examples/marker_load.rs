@@ -1,0 +1,91 @@
+//! Marker hits on demand, for `cargo xtask bench` to attach probes to:
+//! - `marker_load hits N`: prints `ready`, waits for a line on stdin (probes are attached
+//!   meanwhile), then times N calls of `chunk` (a marker: 5-byte NOP entry) and N calls of
+//!   `plain_function` (an ordinary function entry), interleaved over 5 rounds, and prints
+//!   `chunk NS` and `plain_function NS`: the median ns per call.
+//! - `marker_load storm RATE SECONDS`: prints `ready`, waits for a line, then calls
+//!   `chunk` RATE times per second (paced in 1 ms steps) for SECONDS, and prints
+//!   `hits N seconds S`.
+
+use std::{
+    hint::black_box,
+    io::BufRead as _,
+    time::{Duration, Instant},
+};
+
+use probe_markers::{RequestId, Stage};
+
+/// An ordinary function entry (push/mov prologue, no NOP): a uprobe on it traps.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn plain_function(id: u64) -> u64 {
+    black_box(id).wrapping_mul(3)
+}
+
+fn main() {
+    // Every marker once, so the linker keeps them all and brokerprobe finds them.
+    let id = RequestId::from_raw(u64::MAX);
+    probe_markers::request_begin(id, "warm", None);
+    probe_markers::provider(id, "warm");
+    drop(probe_markers::stage(id, Stage::Route));
+    probe_markers::first_byte(id);
+    probe_markers::chunk(id);
+    probe_markers::token_usage(id, 1, 1);
+    probe_markers::fallback(id, "a", "b");
+    probe_markers::request_end(id, 200, None);
+
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let number = |i: usize| -> u64 {
+        args.get(i)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("usage: marker_load hits N | storm RATE SECONDS"))
+    };
+    println!("ready");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).expect("stdin");
+    match args.first().map(String::as_str) {
+        Some("hits") => hits(number(1)),
+        Some("storm") => storm(number(1), number(2)),
+        _ => panic!("usage: marker_load hits N | storm RATE SECONDS"),
+    }
+}
+
+fn hits(calls: u64) {
+    let time = |case: &dyn Fn(u64)| {
+        let start = Instant::now();
+        for i in 0..calls {
+            case(black_box(i));
+        }
+        start.elapsed().as_nanos() as f64 / calls as f64
+    };
+    let (mut marker, mut plain) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        marker.push(time(&|i| probe_markers::chunk(RequestId::from_raw(i))));
+        plain.push(time(&|i| {
+            black_box(plain_function(i));
+        }));
+    }
+    for (name, mut samples) in [("chunk", marker), ("plain_function", plain)] {
+        samples.sort_by(f64::total_cmp);
+        println!("{name} {:.1}", samples[samples.len() / 2]);
+    }
+}
+
+fn storm(rate: u64, seconds: u64) {
+    let start = Instant::now();
+    let end = start + Duration::from_secs(seconds);
+    let per_ms = rate.div_ceil(1000);
+    let mut hits = 0u64;
+    let mut step = start;
+    while step < end {
+        for _ in 0..per_ms {
+            probe_markers::chunk(RequestId::from_raw(black_box(hits)));
+            hits += 1;
+        }
+        step += Duration::from_millis(1);
+        while Instant::now() < step {
+            std::hint::spin_loop();
+        }
+    }
+    println!("hits {hits} seconds {:.3}", start.elapsed().as_secs_f64());
+}
