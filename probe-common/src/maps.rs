@@ -4,6 +4,15 @@
 /// an event this holds ~40k events: several seconds of a busy broker if userspace stalls.
 pub const EVENTS_BYTES: u32 = 8 << 20;
 
+/// Records pending in the ring buffer before a probe wakes user space. Below it, records
+/// wait for user space's periodic poll (every [`EVENTS_POLL_MS`]): a wake-up costs the traced
+/// thread an interrupt and user space a context switch, per record. At 1 MiB (~5k events) a
+/// burst still leaves seven eighths of the buffer while user space wakes.
+pub const EVENTS_WAKEUP_BYTES: u32 = EVENTS_BYTES / 8;
+
+/// How often user space drains the ring buffer when no probe woke it.
+pub const EVENTS_POLL_MS: u64 = 10;
+
 /// Processes whose sockets are followed at once.
 pub const MAX_TRACED_PROCESSES: u32 = 64;
 

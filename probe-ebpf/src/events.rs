@@ -2,14 +2,29 @@
 //! which they happened) and the per-CPU counters.
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::bpf_get_current_pid_tgid,
     macros::map,
     maps::{Array, PerCpuArray, RingBuf},
 };
-use probe_common::{event::Counter, maps::EVENTS_BYTES};
+use probe_common::{
+    event::Counter,
+    maps::{EVENTS_BYTES, EVENTS_WAKEUP_BYTES},
+};
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Flags for submitting a record: user space polls the ring buffer, so a probe wakes it
+/// only once a batch is pending (see [`EVENTS_WAKEUP_BYTES`]).
+#[inline(always)]
+pub fn submit_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= u64::from(EVENTS_WAKEUP_BYTES) {
+        BPF_RB_FORCE_WAKEUP.into()
+    } else {
+        BPF_RB_NO_WAKEUP.into()
+    }
+}
 
 /// Slot 0 is 1 while user space wants events. Probes are attached and detached one by one;
 /// events are switched on only once all are in place and off before any goes, so no

@@ -15,7 +15,7 @@ use probe_common::{
     marker::{MarkerEvent, MarkerKind, TEXT_CAP},
 };
 
-use crate::events::{EVENTS, armed, count, current_task};
+use crate::events::{EVENTS, armed, count, current_task, submit_flags};
 
 /// A string argument: registers holding (pointer, length).
 type TextArgs = Option<(usize, usize)>;
@@ -88,7 +88,7 @@ fn emit(ctx: &ProbeContext, kind: MarkerKind, values: [u64; 2], texts: [TextArgs
             }
         }
     }
-    entry.submit(0);
+    entry.submit(submit_flags());
     0
 }
 

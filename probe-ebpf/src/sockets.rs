@@ -25,7 +25,7 @@ use probe_common::{
     },
 };
 
-use crate::events::{EVENTS, armed, count, current_task};
+use crate::events::{EVENTS, armed, count, current_task, submit_flags};
 use probe_common::socket::socket_key;
 
 /// tgid → 1 for each process brokerprobe follows (written by user space).
@@ -146,11 +146,14 @@ pub fn io_enter_msghdr(ctx: TracePointContext) -> u32 {
     stash_io(&ctx, SHAPE_MSGHDR)
 }
 
-/// Exit of every syscall the three above enter.
+/// Exit of every syscall the three above enter. Other processes' exits come here too:
+/// they cost a lookup of their PID, not a locked delete in the LRU map.
 #[tracepoint]
 pub fn io_exit(_ctx: TracePointContext) -> u32 {
-    let (_, tid) = current_task();
-    let _ = SYSCALL_IO.remove(&tid);
+    let (tgid, tid) = current_task();
+    if traced(tgid) {
+        let _ = SYSCALL_IO.remove(&tid);
+    }
     0
 }
 
@@ -270,7 +273,7 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     if capture {
         event.prefix_len = read_prefix(event, &io, bytes as u32);
     }
-    entry.submit(0);
+    entry.submit(submit_flags());
     0
 }
 
@@ -436,7 +439,7 @@ fn emit(
         event.local = local;
         event.remote = remote;
     }
-    entry.submit(0);
+    entry.submit(submit_flags());
     0
 }
 
@@ -470,8 +473,10 @@ pub fn connect_enter(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn connect_exit(_ctx: TracePointContext) -> u32 {
-    let (_, tid) = current_task();
-    let _ = CONNECT_FD.remove(&tid);
+    let (tgid, tid) = current_task();
+    if traced(tgid) {
+        let _ = CONNECT_FD.remove(&tid);
+    }
     0
 }
 

@@ -16,9 +16,10 @@ use tokio::{
     io::{Interest, unix::AsyncFd},
     net::TcpListener,
     signal::unix::SignalKind,
+    time::MissedTickBehavior,
 };
 
-use probe_common::event::Counter;
+use probe_common::{event::Counter, maps::EVENTS_POLL_MS};
 
 use crate::{
     assembly::Assembler,
@@ -394,6 +395,9 @@ async fn event_loop(
     };
     tokio::pin!(deadline);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    // Probes wake us only for a batch (EVENTS_WAKEUP_BYTES); anything less is read here.
+    let mut poll = tokio::time::interval(Duration::from_millis(EVENTS_POLL_MS));
+    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut live = options.live_interval.map(tokio::time::interval);
     let proc_dir = PathBuf::from(format!("/proc/{}", options.pid));
 
@@ -404,6 +408,7 @@ async fn event_loop(
                 drain(guard.get_inner_mut(), pipeline);
                 guard.clear_ready();
             }
+            _ = poll.tick() => drain(ring.get_mut(), pipeline),
             guard = readable(&mut kernel_log) => {
                 let mut guard = guard?;
                 guard.get_inner_mut().flush();
