@@ -13,6 +13,13 @@ pub const MARKER_ABI_VERSION: u32 = 1;
 /// Prefix of every marker symbol of [`MARKER_ABI_VERSION`].
 pub const MARKER_SYMBOL_PREFIX: &str = "brokerprobe_v1_";
 
+/// The marker gate: a `u16` the broker's markers test before calling (probe-markers), raised
+/// by the kernel while brokerprobe holds a uprobe with it as reference counter.
+pub const SEMAPHORE_SYMBOL: &str = "brokerprobe_v1_semaphore";
+
+/// An instruction that never runs (it follows a `ret`), where that uprobe sits.
+pub const SEMAPHORE_ANCHOR_SYMBOL: &str = "brokerprobe_v1_semaphore_anchor";
+
 /// Bytes of each string argument copied by the kernel; longer strings are truncated and
 /// the broker-given length is kept so user space can tell.
 pub const TEXT_CAP: usize = 64;

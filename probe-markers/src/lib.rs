@@ -1,8 +1,9 @@
 //! Stage markers for LLM brokers, read from outside by brokerprobe.
 //!
-//! Each marker is a tiny function whose first instruction is a 5-byte NOP: unattached, a
-//! call costs ~1.5 ns, half a nanosecond more than an empty call, and reads no clock; when
-//! brokerprobe attaches, the kernel turns that NOP into a call to its uprobe trampoline and
+//! Each marker is a tiny function whose first instruction is a 5-byte NOP, called only
+//! while brokerprobe is attached: nobody attached, a marker is one load of its semaphore and
+//! a branch (well under a nanosecond, BENCHMARKS.md). When brokerprobe attaches, the kernel
+//! raises the semaphore and turns each NOP into a call to its uprobe trampoline, which
 //! timestamps the hit. Markers only pass identities and values (request id, stage, model).
 //!
 //! Correlation never relies on threads: every marker carries a [`RequestId`], so a request
@@ -98,7 +99,11 @@ const CUSTOM_STAGE: u32 = 0;
 
 #[cfg(not(feature = "disabled"))]
 macro_rules! hit {
-    ($marker:ident($($arg:expr),*)) => { abi::$marker($($arg),*) };
+    ($marker:ident($($arg:expr),*)) => {
+        if abi::attached() {
+            abi::$marker($($arg),*)
+        }
+    };
 }
 #[cfg(feature = "disabled")]
 macro_rules! hit {

@@ -2,7 +2,7 @@
 //! and the socket tracepoints (filtered in the kernel to that process). Dropping
 //! [`Probes`] detaches them.
 
-use std::{fs, num::NonZeroU32};
+use std::{fs, num::NonZeroU32, os::fd::OwnedFd};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
@@ -18,6 +18,7 @@ use probe_common::{
 
 use crate::{
     procnet::OpenSocket,
+    semaphore,
     target::{Target, marker_symbol},
 };
 
@@ -101,6 +102,9 @@ pub struct Attached {
 /// Owns the programs and their links: the probes stay attached until this is dropped.
 /// They report nothing until [`Probes::arm`], and nothing after [`Probes::disarm`].
 pub struct Probes {
+    /// Holds the broker's marker semaphore up (docs/markers.md).
+    #[allow(dead_code, reason = "held for its Drop")]
+    semaphore: Option<OwnedFd>,
     #[allow(dead_code, reason = "held for its Drop")]
     ebpf: Ebpf,
     armed: Array<MapData, u32>,
@@ -159,13 +163,24 @@ impl Attached {
         } else {
             0
         };
+        // After the markers: the broker calls them only once they are probed.
+        let semaphore = match target.semaphore {
+            Some(semaphore) if families.markers => {
+                Some(semaphore::raise(&target.exe, target.pid, semaphore)?)
+            }
+            _ => None,
+        };
         let socket_tracepoints = if families.sockets {
             attach_socket_tracepoints(&mut ebpf)?
         } else {
             0
         };
         Ok(Self {
-            probes: Probes { ebpf, armed },
+            probes: Probes {
+                semaphore,
+                ebpf,
+                armed,
+            },
             events,
             counters: KernelCounters {
                 map: counters,

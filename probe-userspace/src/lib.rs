@@ -15,5 +15,6 @@ pub mod export;
 pub mod http;
 pub mod procnet;
 pub mod run;
+pub mod semaphore;
 pub mod server;
 pub mod target;

@@ -5,11 +5,15 @@ use std::{fmt, fs, io::ErrorKind, path::PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 use object::{
-    Endianness, Object as _, ObjectSymbol as _, ReadCache, SymbolKind,
+    Endianness, Object as _, ObjectSymbol as _, SymbolKind,
     elf::PT_LOAD,
     read::elf::{ElfFile64, ProgramHeader as _},
 };
-use probe_common::marker::{MARKER_ABI_VERSION, MARKER_SYMBOL_PREFIX, MarkerKind};
+use probe_common::marker::{
+    MARKER_ABI_VERSION, MARKER_SYMBOL_PREFIX, MarkerKind, SEMAPHORE_ANCHOR_SYMBOL, SEMAPHORE_SYMBOL,
+};
+
+use crate::semaphore::Semaphore;
 
 /// A running process and the markers found in its executable.
 #[derive(Debug)]
@@ -23,8 +27,18 @@ pub struct Target {
     pub exe: PathBuf,
     pub markers: Vec<FoundMarker>,
     pub missing: Vec<MarkerKind>,
+    /// The gate the markers sit behind, if the broker has one (probe-markers does).
+    pub semaphore: Option<Semaphore>,
     /// Why the markers cannot be used, if they cannot: then only sockets can be followed.
     pub marker_problem: Option<MarkerProblem>,
+}
+
+/// What the symbol tables say about markers.
+#[derive(Debug)]
+pub struct MarkerScan {
+    pub markers: Vec<FoundMarker>,
+    pub semaphore: Option<Semaphore>,
+    pub problem: Option<MarkerProblem>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -44,6 +58,8 @@ pub enum MarkerProblem {
     Missing(Vec<MarkerKind>),
     /// The executable could not be read as a 64-bit ELF file (e.g. a 32-bit binary).
     Unreadable(String),
+    /// A semaphore without its anchor (or the reverse): the gate could not be opened.
+    HalfSemaphore,
 }
 
 impl fmt::Display for MarkerProblem {
@@ -70,6 +86,11 @@ impl fmt::Display for MarkerProblem {
             MarkerProblem::Unreadable(why) => {
                 write!(f, "its executable's symbols cannot be read: {why}")
             }
+            MarkerProblem::HalfSemaphore => write!(
+                f,
+                "it has only one of {SEMAPHORE_SYMBOL} and {SEMAPHORE_ANCHOR_SYMBOL}: its \
+                 markers cannot be switched on (docs/markers.md, \"Semaphore\")"
+            ),
         }
     }
 }
@@ -108,30 +129,34 @@ impl Target {
                 exe_display.display()
             )
         })?;
-        let (markers, marker_problem) = find_markers(&file).unwrap_or_else(|e| {
-            (
-                Vec::new(),
-                Some(MarkerProblem::Unreadable(format!("{e:#}"))),
-            )
+        let scan = find_markers(&file).unwrap_or_else(|e| MarkerScan {
+            markers: Vec::new(),
+            semaphore: None,
+            problem: Some(MarkerProblem::Unreadable(format!("{e:#}"))),
         });
-        let missing = missing_kinds(&markers);
+        let missing = missing_kinds(&scan.markers);
         Ok(Self {
             pid,
             name,
             exe_display,
             exe,
-            markers,
+            markers: scan.markers,
             missing,
-            marker_problem,
+            semaphore: scan.semaphore,
+            marker_problem: scan.problem,
         })
     }
 }
 
-/// Reads the symbol tables (.symtab and .dynsym) of an ELF file for marker symbols.
-/// Returns the markers found and, if they cannot be used, why.
-pub fn find_markers(file: &fs::File) -> Result<(Vec<FoundMarker>, Option<MarkerProblem>)> {
-    let cache = ReadCache::new(file);
-    let elf = ElfFile64::<Endianness, _>::parse(&cache).context("not a 64-bit ELF executable")?;
+/// Reads the symbol tables (.symtab and .dynsym) of an ELF file for marker symbols and
+/// the semaphore that gates them.
+pub fn find_markers(file: &fs::File) -> Result<MarkerScan> {
+    // Mapped, not read: a broker binary can be 100+ MB, of which only the symbol tables
+    // are touched (read piecewise, its many small names cost a syscall each).
+    // SAFETY: the file is a running executable, which the kernel does not let anyone
+    // write to (ETXTBSY); replacing it on disk leaves this inode as it is.
+    let map = unsafe { memmap2::Mmap::map(file) }.context("mapping the executable")?;
+    let elf = ElfFile64::<Endianness, _>::parse(&*map).context("not a 64-bit ELF executable")?;
     let endian = elf.endian();
     let loads: Vec<(u64, u64, u64)> = elf
         .elf_program_headers()
@@ -139,19 +164,40 @@ pub fn find_markers(file: &fs::File) -> Result<(Vec<FoundMarker>, Option<MarkerP
         .filter(|ph| ph.p_type(endian) == PT_LOAD)
         .map(|ph| (ph.p_vaddr(endian), ph.p_filesz(endian), ph.p_offset(endian)))
         .collect();
+    // Only file-backed bytes: the kernel finds code, and the semaphore, by file offset.
+    let file_offset = |name: &str, vaddr: u64| {
+        loads
+            .iter()
+            .find(|(start, size, _)| (*start..start + size).contains(&vaddr))
+            .map(|(start, _, offset)| vaddr - start + offset)
+            .with_context(|| format!("{name} at {vaddr:#x} is in no file-backed segment"))
+    };
 
     let mut markers = Vec::new();
+    let (mut counter, mut anchor) = (None, None);
     let mut other_abi = None;
-    // Only functions defined here: an undefined reference (address 0) is not a marker.
-    let defined_functions = elf
+    // Only symbols defined here: an undefined reference (address 0) is not a marker.
+    let defined = elf
         .symbols()
         .chain(elf.dynamic_symbols())
-        .filter(|sym| !sym.is_undefined() && sym.kind() == SymbolKind::Text);
-    for symbol in defined_functions {
+        .filter(|sym| !sym.is_undefined());
+    for symbol in defined {
         let Ok(name) = symbol.name() else { continue };
         let Some(rest) = name.strip_prefix("brokerprobe_v") else {
             continue;
         };
+        match (name, symbol.kind()) {
+            (SEMAPHORE_SYMBOL, SymbolKind::Data) => {
+                counter = Some(file_offset(name, symbol.address())?);
+                continue;
+            }
+            (SEMAPHORE_ANCHOR_SYMBOL, SymbolKind::Text) => {
+                anchor = Some(file_offset(name, symbol.address())?);
+                continue;
+            }
+            (_, SymbolKind::Text) => {}
+            _ => continue,
+        }
         let Some(suffix) = name.strip_prefix(MARKER_SYMBOL_PREFIX) else {
             if other_abi.is_none() {
                 other_abi = rest.split('_').next().and_then(|v| v.parse().ok());
@@ -167,12 +213,7 @@ pub fn find_markers(file: &fs::File) -> Result<(Vec<FoundMarker>, Option<MarkerP
         if markers.iter().any(|m: &FoundMarker| m.kind == kind) {
             continue; // the same marker in .symtab and .dynsym
         }
-        let vaddr = symbol.address();
-        let file_offset = loads
-            .iter()
-            .find(|(start, size, _)| (*start..start + size).contains(&vaddr))
-            .map(|(start, _, offset)| vaddr - start + offset)
-            .with_context(|| format!("{name} at {vaddr:#x} is in no loadable segment"))?;
+        let file_offset = file_offset(name, symbol.address())?;
         markers.push(FoundMarker { kind, file_offset });
     }
 
@@ -180,13 +221,24 @@ pub fn find_markers(file: &fs::File) -> Result<(Vec<FoundMarker>, Option<MarkerP
     let usable = missing.iter().all(|k| !k.is_required());
     // Markers live in .symtab; .dynsym alone (kept by `strip`) does not list them.
     let stripped = elf.section_by_name(".symtab").is_none();
+    let semaphore = anchor
+        .zip(counter)
+        .map(|(anchor_offset, counter_offset)| Semaphore {
+            anchor_offset,
+            counter_offset,
+        });
+    let half_semaphore = anchor.is_some() != counter.is_some();
     let problem = match (usable, stripped, other_abi) {
-        (true, _, _) => None,
+        (true, _, _) => half_semaphore.then_some(MarkerProblem::HalfSemaphore),
         (false, _, Some(found)) => Some(MarkerProblem::AbiMismatch { found }),
         (false, true, None) => Some(MarkerProblem::Stripped),
         (false, false, None) => Some(MarkerProblem::Missing(missing)),
     };
-    Ok((markers, problem))
+    Ok(MarkerScan {
+        markers,
+        semaphore,
+        problem,
+    })
 }
 
 fn missing_kinds(markers: &[FoundMarker]) -> Vec<MarkerKind> {
@@ -216,16 +268,12 @@ mod tests {
         probe_markers::request_end(id, 200, None);
     }
 
-    fn markers_of(path: &std::path::Path) -> (Vec<FoundMarker>, Option<MarkerProblem>) {
+    fn markers_of(path: &std::path::Path) -> MarkerScan {
         find_markers(&fs::File::open(path).unwrap()).unwrap()
     }
 
     /// Markers of a copy of this test binary changed by `objcopy`/`strip` with `args`.
-    fn markers_of_altered(
-        tool: &str,
-        args: &[&str],
-        name: &str,
-    ) -> (Vec<FoundMarker>, Option<MarkerProblem>) {
+    fn markers_of_altered(tool: &str, args: &[&str], name: &str) -> MarkerScan {
         let out = std::env::temp_dir().join(format!(
             "brokerprobe-target-test-{}-{name}",
             std::process::id()
@@ -246,10 +294,26 @@ mod tests {
     fn finds_every_marker_at_its_nop() {
         call_every_marker();
         let exe = std::env::current_exe().unwrap();
-        let (markers, problem) = markers_of(&exe);
+        let MarkerScan {
+            markers,
+            semaphore,
+            problem,
+        } = markers_of(&exe);
         assert!(problem.is_none(), "{problem:?}");
         assert_eq!(markers.len(), MarkerKind::ALL.len());
         let mut file = fs::File::open(&exe).unwrap();
+        // The semaphore is a file-backed u16 that starts at 0; its anchor never runs: it
+        // follows a `ret`.
+        let semaphore = semaphore.expect("probe-markers has a semaphore");
+        let mut bytes = [0xffu8; 2];
+        file.seek(std::io::SeekFrom::Start(semaphore.counter_offset))
+            .unwrap();
+        file.read_exact(&mut bytes).unwrap();
+        assert_eq!(bytes, [0, 0]);
+        file.seek(std::io::SeekFrom::Start(semaphore.anchor_offset - 1))
+            .unwrap();
+        file.read_exact(&mut bytes).unwrap();
+        assert_eq!(bytes[0], 0xc3, "the anchor does not follow a ret");
         for marker in markers {
             let mut entry = [0u8; 5];
             file.seek(std::io::SeekFrom::Start(marker.file_offset))
@@ -267,7 +331,7 @@ mod tests {
     #[test]
     fn stripped_binary_is_named_as_such() {
         call_every_marker();
-        let (_, problem) = markers_of_altered("strip", &[], "stripped");
+        let problem = markers_of_altered("strip", &[], "stripped").problem;
         assert!(
             matches!(problem, Some(MarkerProblem::Stripped)),
             "{problem:?}"
@@ -292,7 +356,7 @@ mod tests {
             })
             .collect();
         let args: Vec<&str> = renames.iter().map(String::as_str).collect();
-        let (_, problem) = markers_of_altered("objcopy", &args, "v2");
+        let problem = markers_of_altered("objcopy", &args, "v2").problem;
         assert!(
             matches!(problem, Some(MarkerProblem::AbiMismatch { found: 2 })),
             "{problem:?}"
@@ -303,14 +367,26 @@ mod tests {
     fn missing_required_marker_is_named() {
         call_every_marker();
         let symbol = marker_symbol(MarkerKind::RequestEnd);
-        let (markers, problem) =
-            markers_of_altered("objcopy", &["--strip-symbol", &symbol], "missing");
-        assert_eq!(markers.len(), MarkerKind::ALL.len() - 1);
-        let message = problem.expect("request_end is required").to_string();
+        let scan = markers_of_altered("objcopy", &["--strip-symbol", &symbol], "missing");
+        assert_eq!(scan.markers.len(), MarkerKind::ALL.len() - 1);
+        let message = scan.problem.expect("request_end is required").to_string();
         assert!(
             message.contains(&symbol) && !message.contains("request_begin"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn semaphore_without_anchor_is_named() {
+        call_every_marker();
+        let scan = markers_of_altered(
+            "objcopy",
+            &["--strip-symbol", SEMAPHORE_ANCHOR_SYMBOL],
+            "half-semaphore",
+        );
+        assert!(scan.semaphore.is_none());
+        let message = scan.problem.expect("half a semaphore").to_string();
+        assert!(message.contains(SEMAPHORE_ANCHOR_SYMBOL), "{message}");
     }
 
     #[test]

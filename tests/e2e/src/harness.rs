@@ -273,19 +273,44 @@ pub fn counter_sum(scrape: &Scrape, metric: &str) -> f64 {
 /// The first 5 bytes of each marker function as they are in `pid`'s memory now: the NOP
 /// when nothing is attached, a breakpoint or trampoline call while a uprobe is on it.
 pub fn marker_entry_bytes(pid: u32) -> Result<Vec<[u8; 5]>> {
-    use std::{
-        fs::File,
-        io::{Read as _, Seek as _, SeekFrom},
-    };
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
-    let (markers, problem) =
-        probe_userspace::target::find_markers(&File::open(format!("/proc/{pid}/exe"))?)?;
-    if let Some(problem) = problem {
+    let scan = marker_scan(pid)?;
+    scan.markers
+        .iter()
+        .map(|marker| {
+            let mut entry = [0u8; 5];
+            read_mapped(pid, marker.file_offset, &mut entry)
+                .with_context(|| format!("reading {:?}", marker.kind))?;
+            Ok(entry)
+        })
+        .collect()
+}
+
+/// The broker's marker semaphore as it is in `pid`'s memory now (non-zero: markers on).
+pub fn marker_semaphore(pid: u32) -> Result<u16> {
+    let semaphore = marker_scan(pid)?
+        .semaphore
+        .context("the broker has no marker semaphore")?;
+    let mut value = [0u8; 2];
+    read_mapped(pid, semaphore.counter_offset, &mut value)?;
+    Ok(u16::from_ne_bytes(value))
+}
+
+fn marker_scan(pid: u32) -> Result<probe_userspace::target::MarkerScan> {
+    let scan =
+        probe_userspace::target::find_markers(&std::fs::File::open(format!("/proc/{pid}/exe"))?)?;
+    if let Some(problem) = &scan.problem {
         bail!("{problem}");
     }
+    Ok(scan)
+}
+
+/// Reads `pid`'s memory where its executable's `file_offset` is mapped.
+fn read_mapped(pid: u32, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
     // Mappings of the executable: "start-end perms offset dev inode path".
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let mappings: Vec<(u64, u64, u64)> = maps
+    let address = maps
         .lines()
         .filter(|l| l.ends_with(exe.to_str().unwrap_or_default()))
         .filter_map(|l| {
@@ -295,23 +320,13 @@ pub fn marker_entry_bytes(pid: u32) -> Result<Vec<[u8; 5]>> {
             let hex = |s: &str| u64::from_str_radix(s, 16).ok();
             Some((hex(start)?, hex(end)?, hex(offset)?))
         })
-        .collect();
-    let mut mem = File::open(format!("/proc/{pid}/mem"))?;
-    markers
-        .iter()
-        .map(|marker| {
-            let (start, _, offset) = mappings
-                .iter()
-                .find(|(start, end, offset)| {
-                    (*offset..offset + (end - start)).contains(&marker.file_offset)
-                })
-                .with_context(|| format!("{:?} is not mapped", marker.kind))?;
-            let mut entry = [0u8; 5];
-            mem.seek(SeekFrom::Start(start + marker.file_offset - offset))?;
-            mem.read_exact(&mut entry)?;
-            Ok(entry)
-        })
-        .collect()
+        .find(|(start, end, offset)| (*offset..offset + (end - start)).contains(&file_offset))
+        .map(|(start, _, offset)| start + file_offset - offset)
+        .with_context(|| format!("file offset {file_offset:#x} is not mapped"))?;
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+    mem.seek(SeekFrom::Start(address))?;
+    mem.read_exact(buf)?;
+    Ok(())
 }
 
 /// A fresh directory for one test's files, under the system's temp dir.

@@ -8,8 +8,8 @@ use std::{
 
 use e2e::{
     harness::{
-        attach_brokerprobe, counter_sum, marker_entry_bytes, read_jsonl, require_root, scratch_dir,
-        start_demo_broker, wait_for_requests,
+        attach_brokerprobe, counter_sum, marker_entry_bytes, marker_semaphore, read_jsonl,
+        require_root, scratch_dir, start_demo_broker, wait_for_requests,
     },
     load::{self, Mix, Outcome, Target},
     prometheus::promtool_check,
@@ -46,6 +46,8 @@ fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
         entries.iter().all(|e| *e == NOP5),
         "markers not NOPs before attach: {entries:x?}"
     );
+    // Nobody attached: the broker does not even call its markers.
+    assert_eq!(marker_semaphore(broker.pid()).unwrap(), 0);
     let (mut probe, metrics_url) = attach_brokerprobe(
         broker.pid(),
         &["--requests-out", observed_path.to_str().unwrap()],
@@ -55,6 +57,11 @@ fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
     assert!(
         entries.iter().all(|e| *e != NOP5),
         "a marker without its uprobe: {entries:x?}"
+    );
+    assert_eq!(
+        marker_semaphore(broker.pid()).unwrap(),
+        1,
+        "markers not switched on"
     );
     let started = Instant::now();
     let attached = rt
@@ -97,6 +104,11 @@ fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
     assert!(
         entries.iter().all(|e| *e == NOP5),
         "a uprobe left behind: {entries:x?}"
+    );
+    assert_eq!(
+        marker_semaphore(broker.pid()).unwrap(),
+        0,
+        "markers left switched on"
     );
     let after = rt
         .block_on(load::drive(&url, 300, CONCURRENCY, &mix, 3))
@@ -434,4 +446,34 @@ fn attach_and_detach_under_load_report_only_whole_requests() {
     );
     assert!(quantile(&report.stage_diffs, 0.99) <= MAX_P99_DIFF_NS);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// brokerprobe killed outright (no chance to clean up): the kernel still switches the
+/// markers off and restores their NOPs, and the broker serves on.
+#[test]
+fn killed_brokerprobe_leaves_the_broker_as_it_was() {
+    require_root();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mix = Mix::default();
+    let (broker, url) = start_demo_broker(&[]).unwrap();
+    let (mut probe, _) = attach_brokerprobe(broker.pid(), &[]).unwrap();
+    assert_eq!(marker_semaphore(broker.pid()).unwrap(), 1);
+    probe.signal("KILL").unwrap();
+    probe.wait_exit(Duration::from_secs(10)).unwrap();
+    // The kernel drops the uprobes as it closes the dead process's files: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while marker_semaphore(broker.pid()).unwrap() != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        marker_semaphore(broker.pid()).unwrap(),
+        0,
+        "markers left on"
+    );
+    let entries = marker_entry_bytes(broker.pid()).unwrap();
+    assert!(
+        entries.iter().all(|e| *e == NOP5),
+        "a uprobe left behind: {entries:x?}"
+    );
+    check_statuses(&rt.block_on(load::drive(&url, 100, 8, &mix, 4)).unwrap());
 }
