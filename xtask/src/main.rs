@@ -27,7 +27,7 @@ enum Task {
     /// Set up, check formatting and lints, build, and run every test (needs root).
     Test,
     /// Run the benchmarks and write BENCHMARKS.md with what they measured.
-    Bench,
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -40,7 +40,7 @@ fn main() -> Result<()> {
             demo::demo(&args)
         }
         Task::Test => test(),
-        Task::Bench => bench::bench(),
+        Task::Bench(args) => bench::bench(&args),
     }
 }
 

@@ -22,6 +22,9 @@ const APT_PACKAGES: &[&str] = &[
     "protobuf-compiler",
 ];
 
+/// Only the benchmarks need these (bpftrace: the least-work uprobe to compare against).
+pub const BENCH_APT_PACKAGES: &[&str] = &["bpftrace"];
+
 /// The name under which rustup knows Debian's toolchain; probe-userspace/build.rs uses it.
 pub const EBPF_TOOLCHAIN: &str = "debian-bpf";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -29,8 +32,13 @@ const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 
 /// Runs every set-up step; returns quickly when all is in place.
 pub fn setup() -> Result<()> {
+    setup_with(&[])
+}
+
+/// Set-up plus some extra Debian packages (the benchmarks' tools).
+pub fn setup_with(extra_packages: &[&'static str]) -> Result<()> {
     let mut done = Vec::new();
-    install_apt_packages(&mut done)?;
+    install_apt_packages(extra_packages, &mut done)?;
     link_rustup_toolchain(&mut done)?;
     install_bpf_linker(&mut done)?;
     check_kernel()?;
@@ -46,14 +54,15 @@ pub fn setup() -> Result<()> {
 
 /// True when nothing needs installing, so callers can skip the (slower) full setup.
 pub fn is_complete() -> bool {
-    missing_apt_packages().is_empty()
+    missing_apt_packages(&[]).is_empty()
         && rustup_has_toolchain().unwrap_or(true)
         && bpf_linker_matches(&debian_llvm_major().unwrap_or_default())
 }
 
-fn missing_apt_packages() -> Vec<&'static str> {
+fn missing_apt_packages(extra: &[&'static str]) -> Vec<&'static str> {
     APT_PACKAGES
         .iter()
+        .chain(extra)
         .copied()
         .filter(|pkg| {
             let status = Command::new("dpkg-query")
@@ -64,8 +73,8 @@ fn missing_apt_packages() -> Vec<&'static str> {
         .collect()
 }
 
-fn install_apt_packages(done: &mut Vec<String>) -> Result<()> {
-    let missing = missing_apt_packages();
+fn install_apt_packages(extra: &[&'static str], done: &mut Vec<String>) -> Result<()> {
+    let missing = missing_apt_packages(extra);
     if missing.is_empty() {
         return Ok(());
     }

@@ -1,0 +1,193 @@
+//! brokerprobe's own cost: CPU and memory while it follows a broker at 100 and 1,000
+//! requests per second, and how long attaching takes on a binary with many symbols.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use super::run::{Service, cpu_time, listening, median, rss_kb};
+use crate::{cargo, run, workspace_root};
+
+/// Requests per second of the two measured loads.
+pub const RATES: [u64; 2] = [100, 1_000];
+const SECONDS: u64 = 10;
+/// Symbols of the generated large binary.
+pub const SYMBOLS: usize = 120_000;
+
+pub struct Load {
+    pub rate: u64,
+    /// Requests per second the broker served.
+    pub served: f64,
+    /// brokerprobe's CPU, percent of one core.
+    pub cpu_percent: f64,
+    pub rss_kb: u64,
+}
+
+pub fn loads(bins: &Path) -> Result<Vec<Load>> {
+    let (store, _) = listening("trace-store", &mut Command::new(bins.join("trace-store")))?;
+    let otlp = store
+        .seen
+        .iter()
+        .find_map(|l| l.strip_prefix("http on "))
+        .context("trace-store printed no http address")?
+        .to_owned();
+    let (broker, addr) = listening(
+        "demo-broker",
+        Command::new(bins.join("demo-broker"))
+            .args(["--fake", "--listen", "127.0.0.1:0"])
+            .args(["--keys", "64", "--per-key-concurrency", "64"]),
+    )?;
+    let url = format!("http://{addr}");
+    RATES
+        .iter()
+        .map(|rate| {
+            let mut probe = Service::start(
+                "brokerprobe",
+                Command::new(bins.join("brokerprobe")).args([
+                    "attach",
+                    "--pid",
+                    &broker.pid().to_string(),
+                    "--metrics-addr",
+                    "127.0.0.1:0",
+                    "--otlp-endpoint",
+                    &format!("http://{otlp}/v1/traces"),
+                ]),
+            )?;
+            probe.wait_for("brokerprobe: attached", Duration::from_secs(60))?;
+            let cpu_before = cpu_time(probe.pid())?;
+            let out = Command::new(bins.join("loadgen"))
+                .args([
+                    "--url",
+                    &url,
+                    "--rate",
+                    &rate.to_string(),
+                    "--models",
+                    "gpt-fast",
+                ])
+                .args(["--concurrency", "256", "--duration", &format!("{SECONDS}s")])
+                .output()?;
+            let cpu = cpu_time(probe.pid())?.saturating_sub(cpu_before);
+            let rss_kb = rss_kb(probe.pid())?;
+            probe.stop(libc::SIGINT)?;
+            let summary = String::from_utf8_lossy(&out.stdout).into_owned();
+            Ok(Load {
+                rate: *rate,
+                served: super::run::field(&summary, "rate").unwrap_or(0.0),
+                cpu_percent: cpu.as_secs_f64() * 100.0 / SECONDS as f64,
+                rss_kb,
+            })
+        })
+        .collect()
+}
+
+pub struct Attach {
+    pub symbols: usize,
+    pub binary_mb: f64,
+    /// Medians over runs: spawn → probes in place, spawn → first event (ms).
+    pub attached_ms: f64,
+    pub first_event_ms: f64,
+}
+
+/// Builds a broker with [`SYMBOLS`] extra symbols (generated assembly) that hits a marker
+/// every millisecond, and times `brokerprobe attach` on it.
+pub fn attach(bins: &Path) -> Result<Attach> {
+    let binary = big_binary()?;
+    let mut broker = Service::start("big-broker", &mut Command::new(&binary))?;
+    broker.wait_for("ready", Duration::from_secs(10))?;
+    let (mut attached, mut first) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let started = Instant::now();
+        let mut probe = Service::start(
+            "brokerprobe",
+            Command::new(bins.join("brokerprobe")).args([
+                "attach",
+                "--pid",
+                &broker.pid().to_string(),
+                "--no-sockets",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ]),
+        )?;
+        probe.wait_for("brokerprobe: attached", Duration::from_secs(60))?;
+        attached.push(started.elapsed().as_secs_f64() * 1e3);
+        probe.wait_for("first event", Duration::from_secs(60))?;
+        first.push(started.elapsed().as_secs_f64() * 1e3);
+        probe.stop(libc::SIGINT)?;
+    }
+    let symbols = symbol_count(&binary)?;
+    Ok(Attach {
+        symbols,
+        binary_mb: fs::metadata(&binary)?.len() as f64 / 1e6,
+        attached_ms: median(&mut attached),
+        first_event_ms: median(&mut first),
+    })
+}
+
+fn symbol_count(binary: &Path) -> Result<usize> {
+    let out = Command::new("nm").arg(binary).output().context("nm")?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+}
+
+/// A crate outside the workspace (under target/), built into the shared target dir.
+fn big_binary() -> Result<PathBuf> {
+    let root = workspace_root();
+    let dir = root.join("target/bench-big");
+    fs::create_dir_all(dir.join("src"))?;
+    fs::write(
+        dir.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"big-broker\"\nversion = \"0.0.0\"\nedition = \"2024\"\n\
+             publish = false\n\n[dependencies]\nprobe-markers = {{ path = \"{}\" }}\n\n\
+             [workspace]\n",
+            root.join("probe-markers").display()
+        ),
+    )?;
+    let mut asm = String::from(".text\n");
+    for i in 0..SYMBOLS {
+        let _ = writeln!(
+            asm,
+            ".globl big_symbol_{i}\n.type big_symbol_{i},@function\nbig_symbol_{i}:\n ret\n\
+             .size big_symbol_{i}, 1"
+        );
+    }
+    fs::write(dir.join("src/symbols.s"), asm)?;
+    fs::write(
+        dir.join("src/main.rs"),
+        r#"//! Generated by `cargo xtask bench`: a broker-sized symbol table and a marker hit
+//! every millisecond.
+use probe_markers::{RequestId, Stage};
+core::arch::global_asm!(include_str!("symbols.s"));
+unsafe extern "C" {
+    fn big_symbol_0();
+}
+fn main() {
+    let id = RequestId::from_raw(1);
+    probe_markers::request_begin(id, "m", None);
+    probe_markers::provider(id, "p");
+    drop(probe_markers::stage(id, Stage::Route));
+    probe_markers::first_byte(id);
+    probe_markers::token_usage(id, 1, 1);
+    probe_markers::fallback(id, "a", "b");
+    probe_markers::request_end(id, 200, None);
+    // SAFETY: a bare `ret`; called so that the linker keeps the symbols' section.
+    unsafe { big_symbol_0() };
+    println!("ready");
+    loop {
+        probe_markers::chunk(id);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+"#,
+    )?;
+    run(cargo()
+        .args(["build", "--release", "--quiet", "--manifest-path"])
+        .arg(dir.join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", root.join("target")))?;
+    Ok(root.join("target/release/big-broker"))
+}

@@ -1,0 +1,332 @@
+//! What profiling costs the broker: the demo broker against a zero-delay upstream, driven
+//! by the same load generator, under five set-ups measured in interleaved rounds:
+//! A nothing attached; B brokerprobe, markers only; C brokerprobe, markers + sockets +
+//! OTLP export; D the broker instrumented in-process (tracing + OpenTelemetry SDK +
+//! Prometheus registry; feature `inprocess`); E bpftrace on the same markers, building
+//! per-stage histograms.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::run::{Service, cpu_time, field, listening, median, set_semaphore};
+
+pub const SETUPS: [Setup; 5] = [Setup::A, Setup::B, Setup::C, Setup::D, Setup::E];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setup {
+    A,
+    B,
+    C,
+    D,
+    E,
+}
+
+impl Setup {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Setup::A => "A: nothing attached",
+            Setup::B => "B: brokerprobe, markers only",
+            Setup::C => "C: brokerprobe, markers + sockets + OTLP export",
+            Setup::D => "D: in-process tracing + OTel SDK export + Prometheus",
+            Setup::E => "E: bpftrace on the markers, per-stage histograms",
+        }
+    }
+}
+
+/// Seconds of each measured load.
+const SECONDS: u64 = 5;
+/// Requests in flight at saturation.
+const CONCURRENCY: &str = "32";
+const ROUNDS: usize = 3;
+
+/// One set-up's medians over the rounds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Figures {
+    /// At saturation: requests per second and broker CPU per request (µs).
+    pub rps: f64,
+    pub cpu_us: f64,
+    /// At a fixed rate (a quarter of A's saturation): latency percentiles (µs).
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// Events brokerprobe received per request (its exit report; B and C only).
+    pub events_per_request: f64,
+}
+
+pub struct Overhead {
+    pub fixed_rate: f64,
+    pub figures: Vec<(Setup, Figures)>,
+}
+
+/// Everything the set-ups share: the upstream, the trace receiver, both brokers.
+struct Bench<'a> {
+    bins: &'a Path,
+    broker: Service,
+    broker_url: String,
+    inprocess: Service,
+    inprocess_url: String,
+    otlp_http: String,
+    _upstream: Service,
+    _store: Service,
+}
+
+pub fn run(bins: &Path) -> Result<Overhead> {
+    let (upstream, upstream_addr) = listening(
+        "fake-upstream",
+        Command::new(bins.join("fake-upstream")).args([
+            "--listen",
+            "127.0.0.1:0",
+            "--ttfb-ms",
+            "0",
+            "--chunks",
+            "1",
+            "--chunk-interval-ms",
+            "0",
+        ]),
+    )?;
+    let (store, _) = listening("trace-store", &mut Command::new(bins.join("trace-store")))?;
+    let otlp_http = store
+        .seen
+        .iter()
+        .find_map(|l| l.strip_prefix("http on "))
+        .context("trace-store printed no http address")?
+        .to_owned();
+    let upstream_url = format!("http://{upstream_addr}");
+    let broker_args = |command: &mut Command| {
+        command.args(["--listen", "127.0.0.1:0", "--upstream", &upstream_url]);
+        // Keys never hold requests back here: the broker's own work is measured.
+        command.args(["--keys", "64", "--per-key-concurrency", "64"]);
+    };
+    let mut broker = Command::new(bins.join("demo-broker"));
+    broker_args(&mut broker);
+    let (broker, broker_addr) = listening("demo-broker", &mut broker)?;
+    let mut inprocess = Command::new(bins.join("demo-broker-inprocess"));
+    broker_args(&mut inprocess);
+    inprocess.args(["--inprocess-otlp", &format!("http://{otlp_http}/v1/traces")]);
+    let (inprocess, inprocess_addr) = listening("demo-broker (inprocess)", &mut inprocess)?;
+    let bench = Bench {
+        bins,
+        broker,
+        broker_url: format!("http://{broker_addr}"),
+        inprocess,
+        inprocess_url: format!("http://{inprocess_addr}"),
+        otlp_http,
+        _upstream: upstream,
+        _store: store,
+    };
+    for url in [&bench.broker_url, &bench.inprocess_url] {
+        load(
+            bins,
+            url,
+            &["--duration", "2s", "--concurrency", CONCURRENCY],
+        )?;
+    }
+    // The fixed rate: a quarter of what the bare broker sustains.
+    let (bare, _) = bench.saturation(Setup::A)?;
+    let fixed_rate = (bare.rps / 4.0).round().max(10.0);
+
+    let mut samples: Vec<(Setup, Vec<Figures>)> = SETUPS.iter().map(|s| (*s, Vec::new())).collect();
+    for round in 0..ROUNDS {
+        for i in 0..SETUPS.len() {
+            let setup = SETUPS[(i + round) % SETUPS.len()];
+            eprintln!("bench: round {}/{ROUNDS}, {}", round + 1, setup.describe());
+            let figures = bench.measure(setup, fixed_rate)?;
+            samples
+                .iter_mut()
+                .find(|(s, _)| *s == setup)
+                .expect("every setup has a slot")
+                .1
+                .push(figures);
+        }
+    }
+    let figures = samples
+        .into_iter()
+        .map(|(setup, rounds)| {
+            let pick =
+                |f: fn(&Figures) -> f64| median(&mut rounds.iter().map(f).collect::<Vec<_>>());
+            let figures = Figures {
+                rps: pick(|f| f.rps),
+                cpu_us: pick(|f| f.cpu_us),
+                p50_us: pick(|f| f.p50_us),
+                p99_us: pick(|f| f.p99_us),
+                events_per_request: pick(|f| f.events_per_request),
+            };
+            (setup, figures)
+        })
+        .collect();
+    Ok(Overhead {
+        fixed_rate,
+        figures,
+    })
+}
+
+impl Bench<'_> {
+    /// One round of one set-up: attach what it needs, load at saturation and at the fixed
+    /// rate, detach.
+    fn measure(&self, setup: Setup, fixed_rate: f64) -> Result<Figures> {
+        let attached = self.attach(setup)?;
+        let (mut figures, _) = self.saturation(setup)?;
+        let line = load(
+            self.bins,
+            self.url(setup),
+            &[
+                "--duration",
+                &format!("{SECONDS}s"),
+                "--concurrency",
+                "64",
+                "--rate",
+                &fixed_rate.to_string(),
+            ],
+        )?;
+        figures.p50_us = field(&line, "p50_us").unwrap_or(f64::NAN);
+        figures.p99_us = field(&line, "p99_us").unwrap_or(f64::NAN);
+        figures.events_per_request = f64::NAN;
+        if let Some(attached) = attached {
+            let lines = attached.stop(libc::SIGINT)?;
+            if matches!(setup, Setup::B | Setup::C) {
+                figures.events_per_request = events_per_request(&lines)?;
+            }
+        }
+        if setup == Setup::E {
+            set_semaphore(self.broker.pid(), 0)?;
+        }
+        Ok(figures)
+    }
+
+    fn url(&self, setup: Setup) -> &str {
+        match setup {
+            Setup::D => &self.inprocess_url,
+            _ => &self.broker_url,
+        }
+    }
+
+    fn broker_pid(&self, setup: Setup) -> u32 {
+        match setup {
+            Setup::D => self.inprocess.pid(),
+            _ => self.broker.pid(),
+        }
+    }
+
+    /// Throughput and broker CPU per request at saturation.
+    fn saturation(&self, setup: Setup) -> Result<(Figures, String)> {
+        let pid = self.broker_pid(setup);
+        let cpu_before = cpu_time(pid)?;
+        let line = load(
+            self.bins,
+            self.url(setup),
+            &[
+                "--duration",
+                &format!("{SECONDS}s"),
+                "--concurrency",
+                CONCURRENCY,
+            ],
+        )?;
+        let cpu = cpu_time(pid)?.saturating_sub(cpu_before);
+        let requests = field(&line, "requests").context("loadgen: no request count")?;
+        let figures = Figures {
+            rps: field(&line, "rate").context("loadgen: no rate")?,
+            cpu_us: cpu.as_secs_f64() * 1e6 / requests.max(1.0),
+            ..Figures::default()
+        };
+        Ok((figures, line))
+    }
+
+    /// What the set-up attaches to the broker, attached.
+    fn attach(&self, setup: Setup) -> Result<Option<Service>> {
+        let pid = self.broker.pid().to_string();
+        let brokerprobe = |extra: &[&str]| -> Result<Service> {
+            let mut probe = Service::start(
+                "brokerprobe",
+                Command::new(self.bins.join("brokerprobe"))
+                    .args(["attach", "--pid", &pid, "--metrics-addr", "127.0.0.1:0"])
+                    .args(extra),
+            )?;
+            probe.wait_for("brokerprobe: attached", Duration::from_secs(60))?;
+            Ok(probe)
+        };
+        Ok(match setup {
+            Setup::A | Setup::D => None,
+            Setup::B => Some(brokerprobe(&["--no-sockets"])?),
+            Setup::C => {
+                let endpoint = format!("http://{}/v1/traces", self.otlp_http);
+                Some(brokerprobe(&[
+                    "--otlp-endpoint",
+                    &endpoint,
+                    "--exchange-idle",
+                    "300ms",
+                ])?)
+            }
+            Setup::E => {
+                set_semaphore(self.broker.pid(), 1)?;
+                let mut bpftrace = Service::start(
+                    "bpftrace",
+                    Command::new("bpftrace").args(["-p", &pid, "-e", &bpftrace_script(&pid)]),
+                )?;
+                bpftrace.wait_for("Attaching", Duration::from_secs(60))?;
+                std::thread::sleep(Duration::from_millis(500));
+                Some(bpftrace)
+            }
+        })
+    }
+}
+
+/// From brokerprobe's health line: `events N (...); requests M complete, ...`.
+fn events_per_request(lines: &[String]) -> Result<f64> {
+    let health = lines
+        .iter()
+        .find(|l| l.starts_with("events "))
+        .context("brokerprobe printed no health line")?;
+    let number = |after: &str| {
+        health
+            .split(after)
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse::<f64>().ok())
+            .with_context(|| format!("no {after:?} in {health}"))
+    };
+    Ok(number("events ")? / number("requests ")?.max(1.0))
+}
+
+/// The same histograms brokerprobe keeps, the bpftrace way: per-stage and per-request
+/// durations from the markers' begin/end hits, keyed by request id.
+fn bpftrace_script(pid: &str) -> String {
+    let exe = format!("/proc/{pid}/exe");
+    format!(
+        "uprobe:{exe}:brokerprobe_v1_request_begin {{ @request_begin[arg0] = nsecs; }}\n\
+         uprobe:{exe}:brokerprobe_v1_request_end /@request_begin[arg0]/ {{ \
+            @request = hist(nsecs - @request_begin[arg0]); delete(@request_begin[arg0]); }}\n\
+         uprobe:{exe}:brokerprobe_v1_stage_begin {{ @stage_begin[arg0, arg1] = nsecs; }}\n\
+         uprobe:{exe}:brokerprobe_v1_stage_end /@stage_begin[arg0, arg1]/ {{ \
+            @stage[arg1] = hist(nsecs - @stage_begin[arg0, arg1]); \
+            delete(@stage_begin[arg0, arg1]); }}\n"
+    )
+}
+
+/// Runs the load generator; returns its summary line.
+fn load(bins: &Path, url: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(bins.join("loadgen"))
+        .args(["--url", url])
+        .args(["--streaming", "0.5", "--tools", "0", "--fallback", "0"])
+        .args([
+            "--unknown-model",
+            "0",
+            "--traceparent",
+            "0",
+            "--models",
+            "gpt-fast",
+        ])
+        .args(args)
+        .output()
+        .context("starting loadgen")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "loadgen failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    text.lines()
+        .find(|l| l.starts_with("requests="))
+        .map(str::to_owned)
+        .context("loadgen printed no summary")
+}
