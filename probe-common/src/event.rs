@@ -35,6 +35,10 @@ pub struct EventHeader {
     pub tid: u32,
     /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC.
     pub ts_ns: u64,
+    /// Records any probe failed to write (ring buffer full) before this one was written.
+    /// Two records of one request with different values may have lost one of its records
+    /// in between: user space then reports the request as incomplete, not as whole.
+    pub losses: u64,
 }
 
 impl EventHeader {
@@ -44,6 +48,7 @@ impl EventHeader {
         pid: 0,
         tid: 0,
         ts_ns: 0,
+        losses: 0,
     };
 }
 

@@ -58,6 +58,38 @@ pub fn count(counter: Counter) -> u64 {
     }
 }
 
+/// Slot 0 counts every record lost, all families together, so that each record can carry
+/// the count so far ([`probe_common::event::EventHeader::losses`]). Written only when the
+/// ring buffer is full; read by every record.
+#[map]
+static LOSSES: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Losses so far, for a record's header.
+#[inline(always)]
+pub fn losses() -> u64 {
+    match LOSSES.get_ptr(0) {
+        // SAFETY: an aligned u64 in a map value that lives as long as the map; a racing
+        // increment makes the read old or new, either is a valid value.
+        Some(slot) => unsafe { core::ptr::read_volatile(slot) },
+        None => 0,
+    }
+}
+
+/// A record could not be written: counted per family in [`COUNTERS`] and, for the
+/// headers of later records, in [`LOSSES`].
+#[inline(always)]
+pub fn count_loss(counter: Counter) -> u64 {
+    if let Some(slot) = LOSSES.get_ptr_mut(0) {
+        // SAFETY: an aligned u64 in a map value that lives as long as the map. CPUs add to
+        // it concurrently, so the add is the BPF atomic one (Debian's core for bpfel has no
+        // atomic read-modify-write: hence the instruction itself).
+        unsafe {
+            core::arch::asm!("lock *(u64 *)({slot} + 0) += {one}", slot = in(reg) slot, one = in(reg) 1u64);
+        }
+    }
+    count(counter)
+}
+
 /// (tgid, tid) of the current task.
 #[inline(always)]
 pub fn current_task() -> (u32, u32) {

@@ -1,6 +1,7 @@
 //! brokerprobe's kernel side. One module per probe family; map sizes live in
 //! probe_common::maps.
 #![no_std]
+#![feature(asm_experimental_arch)]
 #![no_main]
 
 mod events;

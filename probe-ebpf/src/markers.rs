@@ -15,7 +15,7 @@ use probe_common::{
     marker::{MarkerEvent, MarkerKind, TEXT_CAP},
 };
 
-use crate::events::{EVENTS, armed, count, current_task, submit_flags};
+use crate::events::{EVENTS, armed, count_loss, current_task, losses, submit_flags};
 
 /// A string argument: registers holding (pointer, length).
 type TextArgs = Option<(usize, usize)>;
@@ -49,7 +49,7 @@ fn emit(ctx: &ProbeContext, kind: MarkerKind, values: [u64; 2], texts: [TextArgs
     let (pid, tid) = current_task();
     let request_id = arg(ctx, 0);
     let Some(mut entry) = EVENTS.reserve::<MarkerEvent>(0) else {
-        if count(Counter::MarkerEventsLost) == 0 {
+        if count_loss(Counter::MarkerEventsLost) == 0 {
             warn!(
                 ctx,
                 "ring buffer full: marker events are being dropped (counted)"
@@ -65,6 +65,7 @@ fn emit(ctx: &ProbeContext, kind: MarkerKind, values: [u64; 2], texts: [TextArgs
     event.header.pid = pid;
     event.header.tid = tid;
     event.header.ts_ns = ts_ns;
+    event.header.losses = losses();
     event.request_id = request_id;
     event.values = values;
     event.read_failed = 0;

@@ -25,7 +25,7 @@ use probe_common::{
     },
 };
 
-use crate::events::{EVENTS, armed, count, current_task, submit_flags};
+use crate::events::{EVENTS, armed, count, count_loss, current_task, losses, submit_flags};
 use probe_common::socket::socket_key;
 
 /// tgid → 1 for each process brokerprobe follows (written by user space).
@@ -348,6 +348,7 @@ fn fill(event: &mut SocketEvent, kind: SocketKind, tgid: u32, tid: u32, fd: i32)
     event.header.tid = tid;
     // SAFETY: reading the clock has no preconditions.
     event.header.ts_ns = unsafe { bpf_ktime_get_ns() };
+    event.header.losses = losses();
     event.ready_ns = 0;
     event.last_ready_ns = 0;
     event.fd = fd;
@@ -407,7 +408,7 @@ fn first_iovec(iov: u64) -> Option<(u64, u64)> {
 
 #[inline(always)]
 fn count_lost(ctx: &TracePointContext) {
-    if count(Counter::SocketEventsLost) == 0 {
+    if count_loss(Counter::SocketEventsLost) == 0 {
         warn!(
             ctx,
             "ring buffer full: socket events are being dropped (counted)"

@@ -187,6 +187,9 @@ pub struct AssemblyStats {
     pub orphan_events: u64,
     /// Requests whose end never came within the timeout.
     pub expired: u64,
+    /// Requests that ran while the ring buffer was full: some of their events may be
+    /// missing, so they are not reported as if whole.
+    pub incomplete: u64,
     /// Requests not tracked because `max_open` were already open.
     pub overflow: u64,
     /// A second begin for an open request id: the first is abandoned.
@@ -249,6 +252,8 @@ impl OpenStage {
 struct OpenRequest {
     request: Request,
     stages: Vec<OpenStage>,
+    /// Ring-buffer losses before its begin: more at its end, and it may miss events.
+    losses_at_begin: u64,
 }
 
 /// The requests being assembled, and which of them wait for an upstream exchange.
@@ -406,6 +411,7 @@ impl Assembler {
             let open = OpenRequest {
                 request,
                 stages: Vec::new(),
+                losses_at_begin: event.losses,
             };
             if open_requests.insert(key, open).is_some() {
                 self.stats.duplicate_begins += 1;
@@ -431,6 +437,10 @@ impl Assembler {
                 // the request can still take them.
                 self.attributor.on_request_end(key, &mut self.requests);
                 let open = self.requests.remove(key)?;
+                if event.losses != open.losses_at_begin {
+                    self.stats.incomplete += 1;
+                    return None;
+                }
                 return Some(self.close(open));
             }
             What::StageBegin(id) => {
@@ -499,6 +509,7 @@ impl Assembler {
         let OpenRequest {
             mut request,
             stages,
+            ..
         } = open;
         for stage in stages {
             match stage.end_ns {
@@ -599,6 +610,7 @@ mod tests {
             pid: 1,
             tid: 1,
             request_id,
+            losses: 0,
             what,
         }
     }
@@ -720,6 +732,28 @@ mod tests {
             (stats.orphan_events, stats.partial, stats.completed),
             (1, 1, 0)
         );
+    }
+
+    /// A record lost while a request ran may have been one of its own: it is counted as
+    /// incomplete, never reported with a stage missing.
+    #[test]
+    fn requests_spanning_a_loss_are_counted_not_reported() {
+        let mut asm = Assembler::new(10);
+        let with_losses = |mut event: Event, losses| {
+            event.losses = losses;
+            event
+        };
+        asm.on_event(with_losses(begin(0, 1), 3));
+        asm.on_event(with_losses(begin(1, 2), 3));
+        asm.on_event(with_losses(stage(2, 1, true, ROUTE), 3));
+        // The ring buffer overflowed here: request 1's stage end may be what was lost.
+        assert!(asm.on_event(with_losses(end(5, 1), 4)).is_none());
+        asm.on_event(with_losses(begin(6, 3), 4));
+        assert!(asm.on_event(with_losses(end(7, 2), 4)).is_none());
+        assert!(asm.on_event(with_losses(end(8, 3), 4)).is_some());
+        let stats = asm.stats();
+        assert_eq!((stats.incomplete, stats.completed), (2, 1));
+        assert_eq!(asm.in_flight(), 0);
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub struct Event {
     /// I/O a request causes is usually done by the same thread right after.
     pub tid: u32,
     pub request_id: u64,
+    /// Ring-buffer losses before this event ([`EventHeader::losses`]).
+    pub losses: u64,
     pub what: What,
 }
 
@@ -293,6 +295,7 @@ fn decode_marker(raw: MarkerEvent) -> Result<Event, DecodeError> {
         pid: raw.header.pid,
         tid: raw.header.tid,
         request_id: raw.request_id,
+        losses: raw.header.losses,
         what,
     })
 }
@@ -336,6 +339,7 @@ mod tests {
             pid: 42,
             tid: 43,
             ts_ns: 100,
+            losses: 0,
         }
     }
 

@@ -34,6 +34,7 @@ use crate::{
         prometheus::{MetricsConfig, PrometheusExporter, TargetInfo},
         summary::{SharedSummary, Summary, lock},
     },
+    pidfd::ExitWatch,
     procnet, server,
     target::{Target, marker_symbol},
 };
@@ -243,6 +244,9 @@ enum Stop {
 pub async fn attach(mut options: AttachOptions) -> Result<()> {
     let started = Instant::now();
     let target = Target::open(options.pid)?;
+    // From here on this names the process found, whatever later reuses its PID.
+    let target_exit = ExitWatch::new(target.pid)
+        .with_context(|| format!("watching PID {} for its exit", target.pid))?;
     // Before creating any output file or port: a refused run leaves nothing changed.
     check_privileges()?;
     // Bind before attaching, so a taken port fails before touching the broker.
@@ -347,12 +351,12 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
         pipeline.prometheus.registry(),
         pipeline.summary.clone(),
     ));
-    let (stop, health) = event_loop(&options, attached, &mut pipeline).await?;
+    let (stop, health) = event_loop(&options, attached, &target_exit, &mut pipeline).await?;
     server.abort();
     match stop {
         Stop::Signal(name) => log::info!("{name}: detached"),
         Stop::Duration => log::info!("duration elapsed: detached"),
-        Stop::TargetExited => println!("brokerprobe: PID {} exited; detached", options.pid),
+        Stop::TargetExited => log::info!("broker exited: detached"),
     }
     if let Some(out) = &mut pipeline.requests_out {
         out.finish().context("writing --requests-out")?;
@@ -370,6 +374,7 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
 async fn event_loop(
     options: &AttachOptions,
     attached: Attached,
+    target_exit: &ExitWatch,
     pipeline: &mut Pipeline,
 ) -> Result<(Stop, ProbeHealth)> {
     let counts = AttachedCounts {
@@ -399,7 +404,6 @@ async fn event_loop(
     let mut poll = tokio::time::interval(Duration::from_millis(EVENTS_POLL_MS));
     poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut live = options.live_interval.map(tokio::time::interval);
-    let proc_dir = PathBuf::from(format!("/proc/{}", options.pid));
 
     let stop = loop {
         tokio::select! {
@@ -419,9 +423,16 @@ async fn event_loop(
                 let health = pipeline.health(&counts, &mut counters);
                 pipeline.prometheus.update_health(&health);
                 lock(&pipeline.summary).update_health(&health);
-                if !proc_dir.exists() {
-                    break Stop::TargetExited;
-                }
+            }
+            exited = target_exit.exited() => {
+                exited?;
+                // Said now: detaching and the last exports take a while.
+                println!(
+                    "brokerprobe: PID {} exited; detaching and writing out what was seen",
+                    options.pid
+                );
+                std::io::stdout().flush()?;
+                break Stop::TargetExited;
             }
             _ = tick(&mut live) => print_live(pipeline),
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
@@ -512,8 +523,8 @@ fn health_line(health: &ProbeHealth) -> String {
     let c = &health.connections;
     let mut line = format!(
         "events {} (lost: {} marker, {} socket; undecodable {}, {} of untracked requests); \
-         requests {} complete, {} ended untracked, {} still open, {} expired, {} over the \
-         open-request bound, {} duplicate begins; stages {} unclosed, {} unmatched, {} over a \
+         requests {} complete, {} ended untracked, {} still open, {} expired, {} incomplete \
+         (records lost while they ran), {} over the open-request bound, {} duplicate begins; stages {} unclosed, {} unmatched, {} over a \
          request's bounds; {} events while detaching (ignored)",
         health.events,
         health.marker_events_lost,
@@ -524,6 +535,7 @@ fn health_line(health: &ProbeHealth) -> String {
         a.partial,
         health.in_flight,
         a.expired,
+        a.incomplete,
         a.overflow,
         a.duplicate_begins,
         a.unclosed_stages,

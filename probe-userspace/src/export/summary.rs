@@ -170,6 +170,7 @@ impl Summary {
                 events: h.events,
                 events_lost: h.marker_events_lost + h.socket_events_lost,
                 requests_expired: h.assembly.expired,
+                requests_incomplete: h.assembly.incomplete,
                 upstream_exchanges_unattributed: h.assembly.attribution.unattributed,
             },
         }
@@ -402,6 +403,7 @@ struct ProbeLine {
     events: u64,
     events_lost: u64,
     requests_expired: u64,
+    requests_incomplete: u64,
     upstream_exchanges_unattributed: u64,
 }
 

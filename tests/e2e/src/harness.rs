@@ -2,9 +2,9 @@
 
 use std::{
     env,
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Child, ChildStdin, Command, ExitStatus, Stdio},
     sync::mpsc::{self, Receiver, RecvTimeoutError},
     time::{Duration, Instant},
 };
@@ -64,6 +64,7 @@ pub fn kernel_thread_pid() -> u32 {
 pub struct Proc {
     pub name: String,
     child: Child,
+    stdin: Option<ChildStdin>,
     lines: Receiver<String>,
     pub stdout: Vec<String>,
 }
@@ -71,6 +72,7 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: &str, command: &mut Command) -> Result<Self> {
         let mut child = command
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -84,9 +86,11 @@ impl Proc {
                 }
             }
         });
+        let stdin = child.stdin.take();
         Ok(Self {
             name: name.to_owned(),
             child,
+            stdin,
             lines,
             stdout: Vec::new(),
         })
@@ -120,6 +124,14 @@ impl Proc {
                 }
             }
         }
+    }
+
+    /// Writes one line to its standard input.
+    pub fn write_line(&mut self, line: &str) -> Result<()> {
+        let stdin = self.stdin.as_mut().context("stdin already closed")?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
+        Ok(())
     }
 
     /// Sends `signal` (a `kill -s` name such as INT or TERM).
@@ -353,4 +365,25 @@ pub fn rss_kb(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// The figure right after `label` in brokerprobe's final health line (e.g. `events `).
+pub fn health_figure(stdout: &[String], label: &str) -> u64 {
+    let health = stdout
+        .iter()
+        .find(|l| l.starts_with("events "))
+        .unwrap_or_else(|| panic!("no health line in {stdout:#?}"));
+    health
+        .split(label)
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no figure after {label:?} in {health}"))
+}
+
+/// Ids of the eBPF programs loaded in the kernel now, whoever loaded them.
+pub fn loaded_bpf_programs() -> std::collections::BTreeSet<u32> {
+    aya::programs::loaded_programs()
+        .map(|info| info.expect("listing loaded eBPF programs").id())
+        .collect()
 }

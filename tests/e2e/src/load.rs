@@ -362,6 +362,22 @@ impl SplitMix64 {
     }
 }
 
+/// Statuses the demo broker must give each kind of request.
+pub fn check_statuses(outcomes: &[Outcome]) {
+    for o in outcomes {
+        let expected = if o.kind.target == Target::UnknownModel {
+            404
+        } else {
+            200
+        };
+        assert_eq!(
+            o.status, expected,
+            "request {} ({:?})",
+            o.request_id, o.kind
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -81,6 +81,12 @@ const HEALTH_COUNTERS: &[HealthCounter] = &[
         |h| h.assembly.expired,
     ),
     (
+        "brokerprobe_requests_incomplete_total",
+        "Requests not reported because the ring buffer lost records while they ran (one may have been theirs).",
+        None,
+        |h| h.assembly.incomplete,
+    ),
+    (
         "brokerprobe_requests_overflow_total",
         "Requests not tracked because too many were open at once.",
         None,
