@@ -592,6 +592,23 @@ impl Assembler {
         stale.len()
     }
 
+    /// Process `pid` exited: its open requests will never end. Dropped and counted as
+    /// expired; returns how many.
+    pub fn end_process(&mut self, pid: u32) -> usize {
+        let open = &mut self.requests;
+        let orphaned: Vec<RequestKey> = open
+            .requests
+            .keys()
+            .filter(|(request_pid, _)| *request_pid == pid)
+            .copied()
+            .collect();
+        for key in &orphaned {
+            open.remove(*key);
+        }
+        self.stats.expired += orphaned.len() as u64;
+        orphaned.len()
+    }
+
     /// Detaching: decides every exchange still held.
     pub fn finish(&mut self) {
         self.attributor.release_held(None, &mut self.requests);

@@ -1,6 +1,6 @@
-//! Loads brokerprobe's eBPF object and attaches it to one process: one uprobe per marker,
-//! and the socket tracepoints (filtered in the kernel to that process). Dropping
-//! [`Probes`] detaches them.
+//! Loads brokerprobe's eBPF object and attaches it to the broker's processes: one uprobe per
+//! marker and process, and the socket tracepoints (filtered in the kernel to those
+//! processes). Dropping [`Probes`] detaches them.
 
 use std::{fs, num::NonZeroU32, os::fd::OwnedFd};
 
@@ -8,11 +8,15 @@ use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{
+        TracePoint, UProbe,
+        uprobe::{UProbeLinkId, UProbeScope},
+    },
 };
 use aya_log::EbpfLogger;
 use probe_common::{
     event::Counter,
+    marker::MarkerKind,
     socket::{SocketState, socket_key},
 };
 
@@ -85,32 +89,213 @@ pub struct Families {
     pub sockets: bool,
 }
 
-/// What attaching yields: the probes, and the maps they write, which outlive them so that
+/// What loading yields: the probes, and the maps they write, which outlive them so that
 /// what was written before the detach can still be read.
-pub struct Attached {
+pub struct Session {
     pub probes: Probes,
     /// Every probe family's events, in the order they happened.
     pub events: RingBuf<MapData>,
     pub counters: KernelCounters,
     /// Kernel-side diagnostics (aya-log), forwarded to our logger.
     pub kernel_log: Option<EbpfLogger<&'static dyn log::Log>>,
-    pub markers: u32,
     pub socket_tracepoints: u32,
-    sockets: HashMap<MapData, u64, SocketState>,
 }
 
-/// Owns the programs and their links: the probes stay attached until this is dropped.
-/// They report nothing until [`Probes::arm`], and nothing after [`Probes::disarm`].
+/// Owns the programs and their links: the probes stay attached until this is dropped (or
+/// their process is [removed](Probes::remove)). They report nothing until
+/// [`Probes::arm`], and nothing after [`Probes::disarm`].
 pub struct Probes {
-    /// Holds the broker's marker semaphore up (docs/markers.md).
-    #[allow(dead_code, reason = "held for its Drop")]
-    semaphore: Option<OwnedFd>,
-    #[allow(dead_code, reason = "held for its Drop")]
     ebpf: Ebpf,
     armed: Array<MapData, u32>,
+    /// The socket probes' process filter.
+    traced: HashMap<MapData, u32, u8>,
+    sockets: HashMap<MapData, u64, SocketState>,
+    processes: std::collections::HashMap<u32, ProcessProbes>,
+}
+
+/// One process's marker uprobes and semaphore hold.
+struct ProcessProbes {
+    links: Vec<(&'static str, UProbeLinkId)>,
+    /// Holds the broker's marker semaphore up (docs/markers.md).
+    semaphore: Option<OwnedFd>,
+}
+
+/// The kernel's per-CPU counters ([`Counter`]), summed.
+pub struct KernelCounters {
+    map: PerCpuArray<MapData, u64>,
+    last: [u64; Counter::COUNT as usize],
+}
+
+impl Session {
+    /// Loads the eBPF object, and attaches the socket tracepoints if `sockets` (they
+    /// follow only the processes [added](Probes::add) later). Call [`check_privileges`]
+    /// first: it says what is missing in one line.
+    pub fn load(sockets: bool) -> Result<Self> {
+        let level = kernel_log_level();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, false)
+            .load(EBPF_OBJECT)
+            .context("loading brokerprobe's eBPF object into the kernel")?;
+        let kernel_log = match EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                log::warn!("kernel-side diagnostics unavailable: {e}");
+                None
+            }
+        };
+        let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?)?;
+        let sockets_map = HashMap::try_from(take_map(&mut ebpf, "SOCKETS")?)?;
+        let armed = Array::try_from(take_map(&mut ebpf, "ARMED")?)?;
+        let traced = HashMap::try_from(take_map(&mut ebpf, "TRACED_PROCESSES")?)?;
+        for kind in MarkerKind::ALL {
+            let program = kind.symbol_suffix();
+            let uprobe: &mut UProbe = ebpf
+                .program_mut(program)
+                .with_context(|| format!("eBPF program {program} missing"))?
+                .try_into()?;
+            uprobe
+                .load()
+                .with_context(|| format!("loading eBPF program {program}"))?;
+        }
+        let socket_tracepoints = if sockets {
+            attach_socket_tracepoints(&mut ebpf)?
+        } else {
+            0
+        };
+        Ok(Self {
+            probes: Probes {
+                ebpf,
+                armed,
+                traced,
+                sockets: sockets_map,
+                processes: std::collections::HashMap::new(),
+            },
+            events,
+            counters: KernelCounters {
+                map: counters,
+                last: [0; Counter::COUNT as usize],
+            },
+            kernel_log,
+            socket_tracepoints,
+        })
+    }
 }
 
 impl Probes {
+    /// Starts following `target`: its sockets, and its markers if `markers`. Returns the
+    /// markers attached. On failure nothing of it stays attached.
+    pub fn add(&mut self, target: &Target, markers: bool) -> Result<u32> {
+        self.traced
+            .insert(target.pid, 1, 0)
+            .context("registering the PID with the socket probes (64 processes at most)")?;
+        self.processes.insert(
+            target.pid,
+            ProcessProbes {
+                links: Vec::new(),
+                semaphore: None,
+            },
+        );
+        let attached = if markers {
+            self.attach_markers(target)
+        } else {
+            Ok(0)
+        };
+        if attached.is_err() {
+            self.remove(target.pid);
+        }
+        attached
+    }
+
+    fn attach_markers(&mut self, target: &Target) -> Result<u32> {
+        let pid = NonZeroU32::new(target.pid).context("PID 0 is not a process")?;
+        // request_begin last: a request is tracked only once every other marker is probed,
+        // so none is seen with some of its markers missing.
+        let mut markers = target.markers.clone();
+        markers.sort_by_key(|marker| marker.kind == MarkerKind::RequestBegin);
+        for marker in &markers {
+            let program = marker.kind.symbol_suffix();
+            let uprobe: &mut UProbe = self
+                .ebpf
+                .program_mut(program)
+                .with_context(|| format!("eBPF program {program} missing"))?
+                .try_into()?;
+            let link = uprobe
+                .attach(
+                    marker.file_offset,
+                    &target.exe,
+                    UProbeScope::OneProcess(pid),
+                )
+                .with_context(|| {
+                    format!(
+                        "attaching to {} at file offset {:#x} of {}",
+                        marker_symbol(marker.kind),
+                        marker.file_offset,
+                        target.exe_display.display()
+                    )
+                })?;
+            if let Some(process) = self.processes.get_mut(&target.pid) {
+                process.links.push((program, link));
+            }
+            log::debug!(
+                "PID {pid}: attached {} at {:#x}",
+                marker_symbol(marker.kind),
+                marker.file_offset
+            );
+        }
+        // After the markers: the broker calls them only once they are probed.
+        if let Some(semaphore) = target.semaphore {
+            let hold = semaphore::raise(&target.exe, target.pid, semaphore)?;
+            if let Some(process) = self.processes.get_mut(&target.pid) {
+                process.semaphore = Some(hold);
+            }
+        }
+        Ok(markers.len() as u32)
+    }
+
+    /// Stops following `pid` (it exited, or attaching it failed). The kernel takes about
+    /// 0.1 s to unregister each uprobe, so they go on a thread of their own while the
+    /// other processes' events keep being read.
+    pub fn remove(&mut self, pid: u32) {
+        let Some(process) = self.processes.remove(&pid) else {
+            return;
+        };
+        let mut links = Vec::new();
+        for (program, link) in process.links {
+            let taken = self
+                .ebpf
+                .program_mut(program)
+                .map(<&mut UProbe>::try_from)
+                .map(|uprobe| uprobe.map(|uprobe| uprobe.take_link(link)));
+            match taken {
+                Some(Ok(Ok(link))) => links.push(link),
+                _ => log::debug!("PID {pid}: detaching {program} failed (already gone?)"),
+            }
+        }
+        let semaphore = process.semaphore;
+        std::thread::spawn(move || drop((links, semaphore)));
+        // A dead process's entry may already be gone: nothing to say then.
+        let _ = self.traced.remove(&pid);
+    }
+
+    /// Marker uprobes attached, all processes together.
+    pub fn markers(&self) -> u32 {
+        self.processes.values().map(|p| p.links.len() as u32).sum()
+    }
+
+    /// Lets the kernel follow sockets opened before the attach, so that their closes and
+    /// the starts of their messages are seen.
+    pub fn follow_open_sockets(&mut self, pid: u32, sockets: &[OpenSocket]) {
+        for socket in sockets {
+            if let Err(e) = self
+                .sockets
+                .insert(socket_key(pid, socket.fd), SocketState::NEW, 0)
+            {
+                log::warn!("following open socket fd {}: {e}", socket.fd);
+            }
+        }
+    }
+
     /// Every probe is in place: events from now on.
     pub fn arm(&mut self) -> Result<()> {
         self.armed
@@ -127,123 +312,9 @@ impl Probes {
     }
 }
 
-/// The kernel's per-CPU counters ([`Counter`]), summed.
-pub struct KernelCounters {
-    map: PerCpuArray<MapData, u64>,
-    last: [u64; Counter::COUNT as usize],
-}
-
-impl Attached {
-    /// Call [`check_privileges`] first: it says what is missing in one line.
-    pub fn attach(target: &Target, families: Families) -> Result<Self> {
-        let level = kernel_log_level();
-        let mut ebpf = EbpfLoader::new()
-            .override_global(aya_log::LEVEL, &level, false)
-            .load(EBPF_OBJECT)
-            .context("loading brokerprobe's eBPF object into the kernel")?;
-        let kernel_log = match EbpfLogger::init(&mut ebpf) {
-            Ok(logger) => Some(logger),
-            Err(e) => {
-                log::warn!("kernel-side diagnostics unavailable: {e}");
-                None
-            }
-        };
-        let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)?;
-        let counters = PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?)?;
-        let sockets = HashMap::try_from(take_map(&mut ebpf, "SOCKETS")?)?;
-        let armed = Array::try_from(take_map(&mut ebpf, "ARMED")?)?;
-        let mut traced: HashMap<_, u32, u8> =
-            HashMap::try_from(take_map(&mut ebpf, "TRACED_PROCESSES")?)?;
-        traced
-            .insert(target.pid, 1, 0)
-            .context("registering the PID with the socket probes")?;
-
-        let markers = if families.markers {
-            attach_markers(&mut ebpf, target)?
-        } else {
-            0
-        };
-        // After the markers: the broker calls them only once they are probed.
-        let semaphore = match target.semaphore {
-            Some(semaphore) if families.markers => {
-                Some(semaphore::raise(&target.exe, target.pid, semaphore)?)
-            }
-            _ => None,
-        };
-        let socket_tracepoints = if families.sockets {
-            attach_socket_tracepoints(&mut ebpf)?
-        } else {
-            0
-        };
-        Ok(Self {
-            probes: Probes {
-                semaphore,
-                ebpf,
-                armed,
-            },
-            events,
-            counters: KernelCounters {
-                map: counters,
-                last: [0; Counter::COUNT as usize],
-            },
-            kernel_log,
-            markers,
-            socket_tracepoints,
-            sockets,
-        })
-    }
-
-    /// Lets the kernel follow sockets opened before the attach, so that their closes and
-    /// the starts of their messages are seen.
-    pub fn follow_open_sockets(&mut self, pid: u32, sockets: &[OpenSocket]) {
-        for socket in sockets {
-            if let Err(e) = self
-                .sockets
-                .insert(socket_key(pid, socket.fd), SocketState::NEW, 0)
-            {
-                log::warn!("following open socket fd {}: {e}", socket.fd);
-            }
-        }
-    }
-}
-
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name)
         .with_context(|| format!("eBPF map {name} missing from the object"))
-}
-
-fn attach_markers(ebpf: &mut Ebpf, target: &Target) -> Result<u32> {
-    let pid = NonZeroU32::new(target.pid).context("PID 0 is not a process")?;
-    for marker in &target.markers {
-        let program = marker.kind.symbol_suffix();
-        let uprobe: &mut UProbe = ebpf
-            .program_mut(program)
-            .with_context(|| format!("eBPF program {program} missing"))?
-            .try_into()?;
-        uprobe
-            .load()
-            .with_context(|| format!("loading eBPF program {program}"))?;
-        uprobe
-            .attach(
-                marker.file_offset,
-                &target.exe,
-                UProbeScope::OneProcess(pid),
-            )
-            .with_context(|| {
-                format!(
-                    "attaching to {} at file offset {:#x} of {}",
-                    marker_symbol(marker.kind),
-                    marker.file_offset,
-                    target.exe_display.display()
-                )
-            })?;
-        log::debug!(
-            "attached {} at {:#x}",
-            marker_symbol(marker.kind),
-            marker.file_offset
-        );
-    }
-    Ok(target.markers.len() as u32)
 }
 
 fn attach_socket_tracepoints(ebpf: &mut Ebpf) -> Result<u32> {

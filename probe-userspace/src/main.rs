@@ -9,7 +9,8 @@ use probe_userspace::{
         otlp::{Protocol, Sampling, TracesConfig, env_var},
         prometheus::{MetricsConfig, check_buckets},
     },
-    run::{self, AttachOptions, Mode},
+    run::{self, AttachOptions, Mode, Targets},
+    target::Selector,
 };
 
 #[derive(Parser)]
@@ -43,7 +44,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach to a running broker and profile it until Ctrl-C (or --duration).
+    /// Attach to a running broker and profile it until Ctrl-C, --duration, or its exit.
     ///
     /// Serves per-stage and per-upstream Prometheus histograms while attached and prints
     /// tables (count, p50, p95, p99, max) on exit. Only whole requests are reported: those
@@ -64,9 +65,21 @@ enum ModeArg {
 
 #[derive(Args)]
 struct AttachArgs {
-    /// PID of the broker process.
-    #[arg(long, short)]
-    pid: u32,
+    /// PID of the broker process; several (comma-separated or repeated) for replicas of one
+    /// broker, reported apart (label `replica`) and together. Ends when the last exits.
+    #[arg(
+        long,
+        short,
+        value_delimiter = ',',
+        required_unless_present = "follow",
+        value_name = "PID"
+    )]
+    pid: Vec<u32>,
+    /// Profile every process running this executable (a name, or a path when it has a
+    /// `/`), now and whenever one starts: a restarted broker is attached again within a
+    /// second, and its series continue. Runs until stopped.
+    #[arg(long, value_name = "NAME|PATH", conflicts_with = "pid", value_parser = Selector::parse)]
+    follow: Option<Selector>,
     /// Which probes to use: markers give stages, sockets give the network's view.
     #[arg(long, value_enum, default_value = "auto")]
     mode: ModeArg,
@@ -337,7 +350,10 @@ impl TryFrom<AttachArgs> for AttachOptions {
             .config(args.exchange_idle, args.max_label_values)
             .map_err(anyhow::Error::msg)?;
         Ok(AttachOptions {
-            pid: args.pid,
+            targets: match args.follow {
+                Some(selector) => Targets::Follow(selector),
+                None => Targets::Pids(args.pid),
+            },
             mode: match args.mode {
                 ModeArg::Auto => Mode::Auto,
                 ModeArg::Markers => Mode::Markers,

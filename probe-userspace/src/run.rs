@@ -1,6 +1,7 @@
 //! `brokerprobe attach`: kernel events → decode → assembly → exporters, until stopped.
 
 use std::{
+    collections::HashSet,
     fmt::Write as _,
     io::{IsTerminal as _, Write as _},
     net::SocketAddr,
@@ -12,10 +13,12 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
+use aya_log::EbpfLogger;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     net::TcpListener,
     signal::unix::SignalKind,
+    sync::mpsc,
     time::MissedTickBehavior,
 };
 
@@ -23,7 +26,7 @@ use probe_common::{event::Counter, maps::EVENTS_POLL_MS};
 
 use crate::{
     assembly::Assembler,
-    attach::{Attached, Families, KernelCounters, check_privileges},
+    attach::{Families, KernelCounters, Probes, Session, check_privileges},
     clock::monotonic_ns,
     connections::{Connections, Progress, UpstreamNames},
     decode::{Record, decode},
@@ -36,7 +39,7 @@ use crate::{
     },
     pidfd::ExitWatch,
     procnet, server,
-    target::{Target, marker_symbol},
+    target::{Selector, Target, marker_symbol},
 };
 
 /// Which probe families to use.
@@ -50,8 +53,17 @@ pub enum Mode {
     Sockets,
 }
 
+/// Which processes to profile.
+#[derive(Clone, Debug)]
+pub enum Targets {
+    /// These processes (replicas of one broker); the run ends when the last has exited.
+    Pids(Vec<u32>),
+    /// Every process matching, now and whenever one starts, until stopped.
+    Follow(Selector),
+}
+
 pub struct AttachOptions {
-    pub pid: u32,
+    pub targets: Targets,
     pub mode: Mode,
     /// Follow the broker's TCP sockets (off: markers only).
     pub sockets: bool,
@@ -168,7 +180,7 @@ impl Pipeline {
         }
     }
 
-    fn health(&self, attached: &AttachedCounts, counters: &mut KernelCounters) -> ProbeHealth {
+    fn health(&self, attached: AttachedCounts, counters: &mut KernelCounters) -> ProbeHealth {
         ProbeHealth {
             attached_markers: attached.markers,
             attached_socket_tracepoints: attached.socket_tracepoints,
@@ -190,9 +202,15 @@ impl Pipeline {
     }
 }
 
+#[derive(Clone, Copy)]
 struct AttachedCounts {
     markers: u32,
     socket_tracepoints: u32,
+}
+
+/// Whether the socket tracepoints are wanted at all.
+fn wants_sockets(options: &AttachOptions) -> bool {
+    options.mode == Mode::Sockets || options.sockets
 }
 
 /// The probe families for this target, or why it cannot be profiled.
@@ -238,17 +256,240 @@ fn families(options: &AttachOptions, target: &Target) -> Result<Families> {
 enum Stop {
     Signal(&'static str),
     Duration,
-    TargetExited,
+    /// Every process given by PID has exited.
+    TargetsExited,
+}
+
+/// The broker's processes being profiled, with their `replica` numbers.
+struct Processes {
+    /// Slot i holds the PID of replica i, or None once it exited (the next process
+    /// attached takes the lowest free slot, so series continue across restarts).
+    replicas: Vec<Option<u32>>,
+    /// PIDs whose process exited, from one task per process.
+    exits: mpsc::UnboundedSender<u32>,
+    /// Processes `--follow` found but could not profile: said once, not retried.
+    refused: HashSet<u32>,
+}
+
+impl Processes {
+    fn new() -> (Self, mpsc::UnboundedReceiver<u32>) {
+        let (exits, exited) = mpsc::unbounded_channel();
+        let processes = Self {
+            replicas: Vec::new(),
+            exits,
+            refused: HashSet::new(),
+        };
+        (processes, exited)
+    }
+
+    fn contains(&self, pid: u32) -> bool {
+        self.replicas.contains(&Some(pid))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.replicas.iter().all(Option::is_none)
+    }
+
+    /// Takes the lowest free replica number for `pid`, and reports its exit.
+    fn insert(&mut self, pid: u32, exit: ExitWatch) -> usize {
+        let slot = match self.replicas.iter().position(Option::is_none) {
+            Some(free) => free,
+            None => {
+                self.replicas.push(None);
+                self.replicas.len() - 1
+            }
+        };
+        self.replicas[slot] = Some(pid);
+        let exits = self.exits.clone();
+        tokio::spawn(async move {
+            if let Err(e) = exit.exited().await {
+                log::warn!("watching PID {pid} for its exit: {e}");
+                return;
+            }
+            let _ = exits.send(pid);
+        });
+        slot
+    }
+
+    fn remove(&mut self, pid: u32) {
+        for slot in &mut self.replicas {
+            if *slot == Some(pid) {
+                *slot = None;
+            }
+        }
+    }
+}
+
+/// One process found: opened and checked, nothing attached yet.
+struct Found {
+    target: Target,
+    /// Watches this very process, whatever later reuses its PID.
+    exit: ExitWatch,
+    families: Families,
+}
+
+/// The process `pid`, and a watch on its exit.
+fn open(pid: u32) -> Result<(Target, ExitWatch)> {
+    let target = Target::open(pid)?;
+    let exit = ExitWatch::new(target.pid)
+        .with_context(|| format!("watching PID {} for its exit", target.pid))?;
+    Ok((target, exit))
+}
+
+/// Which probes an opened process gets (said when it cannot have its markers).
+fn find(options: &AttachOptions, (target, exit): (Target, ExitWatch)) -> Result<Found> {
+    let families = families(options, &target)?;
+    Ok(Found {
+        target,
+        exit,
+        families,
+    })
+}
+
+/// `--follow`: a process that matches but cannot be profiled is said, not fatal.
+fn refused<T>(selector: &Selector, pid: u32, result: Result<T>) -> Option<T> {
+    result
+        .inspect_err(|e| {
+            println!("brokerprobe: PID {pid} matches {selector} but is not profiled: {e:#}");
+        })
+        .ok()
+}
+
+/// Everything a run holds besides the pipeline.
+struct Run<'a> {
+    options: &'a AttachOptions,
+    probes: Probes,
+    processes: Processes,
+    metrics_url: String,
+    socket_tracepoints: u32,
+}
+
+impl Run<'_> {
+    /// Attaches to one process and announces it.
+    fn follow(&mut self, found: Found, pipeline: &mut Pipeline) -> Result<()> {
+        let Found {
+            target,
+            exit,
+            families,
+        } = found;
+        let pid = target.pid;
+        let markers = self.probes.add(&target, families.markers)?;
+        if self.socket_tracepoints > 0 {
+            // After attaching: a connection opened meanwhile is listed here or, if its
+            // handshake was not done yet, learned from /proc at its first I/O.
+            let open = match procnet::established_sockets(pid) {
+                Ok(open) => open,
+                Err(e) => {
+                    self.probes.remove(pid);
+                    return Err(e)
+                        .with_context(|| format!("listing the open sockets of PID {pid}"));
+                }
+            };
+            self.probes.follow_open_sockets(pid, &open);
+            log::info!("PID {pid}: {} TCP connections already open", open.len());
+            for socket in open {
+                pipeline.connections.learn(pid, socket);
+            }
+        }
+        let replica = self.processes.insert(pid, exit);
+        let mode = match (families.markers, self.socket_tracepoints > 0) {
+            (true, true) => "markers+sockets",
+            (true, false) => "markers",
+            _ => "sockets",
+        };
+        pipeline.prometheus.process_attached(&TargetInfo {
+            pid,
+            replica,
+            name: target.name.clone(),
+            mode,
+        });
+        let what = match (families.markers, self.socket_tracepoints > 0) {
+            (true, true) => format!(
+                "{markers} markers and {} socket tracepoints",
+                self.socket_tracepoints
+            ),
+            (true, false) => format!("{markers} markers"),
+            _ => format!("{} socket tracepoints", self.socket_tracepoints),
+        };
+        println!(
+            "brokerprobe: attached {what} to PID {pid} ({}, {}, replica {replica}); metrics on {}",
+            target.name,
+            target.exe_display.display(),
+            self.metrics_url
+        );
+        if families.markers && !target.missing.is_empty() {
+            let names: Vec<String> = target.missing.iter().map(|k| marker_symbol(*k)).collect();
+            log::info!("not in PID {pid} (never called): {}", names.join(", "));
+        }
+        std::io::stdout().flush()?;
+        Ok(())
+    }
+
+    /// `--follow`: attaches to processes that started matching since the last look.
+    fn look_for_new(&mut self, selector: &Selector, pipeline: &mut Pipeline) {
+        for pid in selector.scan() {
+            if self.processes.contains(pid) || self.processes.refused.contains(&pid) {
+                continue;
+            }
+            let followed = open(pid)
+                .and_then(|opened| find(self.options, opened))
+                .and_then(|found| self.follow(found, pipeline));
+            if refused(selector, pid, followed).is_none() {
+                self.processes.refused.insert(pid);
+            }
+        }
+    }
+
+    /// A process exited: its probes go, and its requests still open are dropped (counted).
+    fn exited(&mut self, pid: u32, pipeline: &mut Pipeline) {
+        let dropped = pipeline.assembler.end_process(pid);
+        println!("brokerprobe: PID {pid} exited ({dropped} requests in flight dropped)");
+        let _ = std::io::stdout().flush();
+        self.probes.remove(pid);
+        self.processes.remove(pid);
+        pipeline.prometheus.process_exited(pid);
+    }
+
+    fn counts(&self) -> AttachedCounts {
+        AttachedCounts {
+            markers: self.probes.markers(),
+            socket_tracepoints: self.socket_tracepoints,
+        }
+    }
 }
 
 pub async fn attach(mut options: AttachOptions) -> Result<()> {
     let started = Instant::now();
-    let target = Target::open(options.pid)?;
-    // From here on this names the process found, whatever later reuses its PID.
-    let target_exit = ExitWatch::new(target.pid)
-        .with_context(|| format!("watching PID {} for its exit", target.pid))?;
+    // Every process given is checked before anything changes: a wrong PID is refused whole.
+    let opened: Vec<(Target, ExitWatch)> = match &options.targets {
+        Targets::Pids(pids) => {
+            let mut seen = HashSet::new();
+            pids.iter()
+                .filter(|pid| seen.insert(**pid))
+                .map(|pid| open(*pid))
+                .collect::<Result<_>>()?
+        }
+        Targets::Follow(selector) => selector
+            .scan()
+            .into_iter()
+            .filter_map(|pid| refused(selector, pid, open(pid)))
+            .collect(),
+    };
     // Before creating any output file or port: a refused run leaves nothing changed.
     check_privileges()?;
+    let found: Vec<Found> = match &options.targets {
+        Targets::Pids(_) => opened
+            .into_iter()
+            .map(|opened| find(&options, opened))
+            .collect::<Result<_>>()?,
+        Targets::Follow(selector) => opened
+            .into_iter()
+            .filter_map(|opened| {
+                let pid = opened.0.pid;
+                refused(selector, pid, find(&options, opened))
+            })
+            .collect(),
+    };
     // Bind before attaching, so a taken port fails before touching the broker.
     let listener = TcpListener::bind(options.metrics_addr)
         .await
@@ -259,7 +500,6 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
             )
         })?;
     let metrics_url = format!("http://{}/metrics", listener.local_addr()?);
-    let families = families(&options, &target)?;
     let create = |path: &Option<PathBuf>| {
         path.as_deref()
             .map(|path| {
@@ -269,74 +509,40 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
     };
     let requests_out = create(&options.requests_out)?;
     let exchanges_out = create(&options.exchanges_out)?;
+    let service = match (&options.targets, found.first()) {
+        (_, Some(first)) => first.target.name.clone(),
+        (Targets::Follow(Selector::Name(name)), None) => name.clone(),
+        (Targets::Follow(Selector::Path(path)), None) => path
+            .file_name()
+            .map_or_else(|| "broker".into(), |n| n.to_string_lossy().into_owned()),
+        (Targets::Pids(_), None) => "broker".into(),
+    };
     let traces = match options.traces.take() {
-        Some(config) => Some(TraceExporter::start(config, target.pid, &target.name)?),
+        Some(config) => Some(TraceExporter::start(config, &service)?),
         None => None,
     };
 
-    let mut attached = Attached::attach(&target, families)?;
-    let pid = target.pid;
-    let mut connections = Connections::new(
-        UpstreamNames::new(options.upstream_names.iter().cloned()),
-        options.exchange_idle.as_nanos() as u64,
-        Box::new(|pid, fd| {
-            let sockets = procnet::established_sockets(pid).ok()?;
-            sockets.into_iter().find(|s| s.fd == fd)
-        }),
-    );
-    if families.sockets {
-        // After attaching, before events are on: a connection opened meanwhile is listed
-        // here or, if its handshake was not done yet, learned from /proc at its first I/O.
-        let open = procnet::established_sockets(pid)
-            .with_context(|| format!("listing the open sockets of PID {pid}"))?;
-        attached.follow_open_sockets(pid, &open);
-        log::info!("{} TCP connections already open", open.len());
-        for socket in open {
-            connections.learn(pid, socket);
-        }
-    }
-    let all_attached_ns = monotonic_ns();
-    connections.open_window(all_attached_ns);
-    attached.probes.arm()?;
-    let what = match (families.markers, families.sockets) {
-        (true, true) => format!(
-            "{} markers and {} socket tracepoints",
-            attached.markers, attached.socket_tracepoints
-        ),
-        (true, false) => format!("{} markers", attached.markers),
-        _ => format!("{} socket tracepoints", attached.socket_tracepoints),
-    };
-    if let Some(traces) = &traces {
-        println!(
-            "brokerprobe: traces to {}",
-            traces.destinations.join(" and ")
-        );
-    }
-    println!(
-        "brokerprobe: attached {what} to PID {pid} ({}, {}); metrics on {metrics_url}",
-        target.name,
-        target.exe_display.display()
-    );
-    if families.markers && !target.missing.is_empty() {
-        let names: Vec<String> = target.missing.iter().map(|k| marker_symbol(*k)).collect();
-        log::info!("not in this broker (never called): {}", names.join(", "));
-    }
-    std::io::stdout().flush()?;
-
-    let target_info = TargetInfo {
-        pid,
-        name: target.name.clone(),
-        mode: match (families.markers, families.sockets) {
-            (true, true) => "markers+sockets",
-            (true, false) => "markers",
-            _ => "sockets",
-        },
+    let session = Session::load(wants_sockets(&options))?;
+    let (processes, mut exited) = Processes::new();
+    let mut run = Run {
+        options: &options,
+        probes: session.probes,
+        processes,
+        metrics_url,
+        socket_tracepoints: session.socket_tracepoints,
     };
     let mut pipeline = Pipeline {
-        connections,
+        connections: Connections::new(
+            UpstreamNames::new(options.upstream_names.iter().cloned()),
+            options.exchange_idle.as_nanos() as u64,
+            Box::new(|pid, fd| {
+                let sockets = procnet::established_sockets(pid).ok()?;
+                sockets.into_iter().find(|s| s.fd == fd)
+            }),
+        ),
         assembler: Assembler::new(options.max_open_requests),
         progress: Vec::new(),
-        prometheus: PrometheusExporter::new(&options.metrics, &target_info)?,
+        prometheus: PrometheusExporter::new(&options.metrics)?,
         summary: Arc::new(Mutex::new(Summary::new(options.metrics.max_label_values))),
         requests_out,
         exchanges_out,
@@ -345,18 +551,43 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
         events: 0,
         decode_errors: 0,
     };
+    if let Some(traces) = &pipeline.traces {
+        println!(
+            "brokerprobe: traces to {}",
+            traces.destinations.join(" and ")
+        );
+    }
+    for found in found {
+        run.follow(found, &mut pipeline)?;
+    }
+    if let Targets::Follow(selector) = &options.targets
+        && run.processes.is_empty()
+    {
+        println!(
+            "brokerprobe: waiting for a process with {selector}; metrics on {}",
+            run.metrics_url
+        );
+    }
+    let all_attached_ns = monotonic_ns();
+    pipeline.connections.open_window(all_attached_ns);
     pipeline.assembler.open_window(all_attached_ns);
+    run.probes.arm()?;
     let server = tokio::spawn(server::serve(
         listener,
         pipeline.prometheus.registry(),
         pipeline.summary.clone(),
     ));
-    let (stop, health) = event_loop(&options, attached, &target_exit, &mut pipeline).await?;
+    let kernel = Kernel {
+        events: session.events,
+        counters: session.counters,
+        log: session.kernel_log,
+    };
+    let (stop, health) = event_loop(run, kernel, &mut exited, &mut pipeline).await?;
     server.abort();
     match stop {
         Stop::Signal(name) => log::info!("{name}: detached"),
         Stop::Duration => log::info!("duration elapsed: detached"),
-        Stop::TargetExited => log::info!("broker exited: detached"),
+        Stop::TargetsExited => log::info!("the broker exited: detached"),
     }
     if let Some(out) = &mut pipeline.requests_out {
         out.finish().context("writing --requests-out")?;
@@ -369,25 +600,31 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
     Ok(())
 }
 
+/// What the kernel side writes, read until the end.
+struct Kernel {
+    events: RingBuf<MapData>,
+    counters: KernelCounters,
+    log: Option<EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// How often `--follow` looks for new processes: a restarted broker is attached within
+/// this (plus its attach time).
+const FOLLOW_SCAN: Duration = Duration::from_millis(200);
+
 /// Runs until a signal, the duration, or the broker's exit; detaches, reads what the kernel
 /// wrote up to the detach, and returns why it stopped and the final health figures.
 async fn event_loop(
-    options: &AttachOptions,
-    attached: Attached,
-    target_exit: &ExitWatch,
+    mut run: Run<'_>,
+    kernel: Kernel,
+    exited: &mut mpsc::UnboundedReceiver<u32>,
     pipeline: &mut Pipeline,
 ) -> Result<(Stop, ProbeHealth)> {
-    let counts = AttachedCounts {
-        markers: attached.markers,
-        socket_tracepoints: attached.socket_tracepoints,
-    };
-    let Attached {
-        mut probes,
+    let options = run.options;
+    let Kernel {
         events,
         mut counters,
-        kernel_log,
-        ..
-    } = attached;
+        log: kernel_log,
+    } = kernel;
     let mut ring = watch(events)?;
     let mut kernel_log = kernel_log.map(watch).transpose()?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
@@ -404,6 +641,15 @@ async fn event_loop(
     let mut poll = tokio::time::interval(Duration::from_millis(EVENTS_POLL_MS));
     poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut live = options.live_interval.map(tokio::time::interval);
+    let following = match &options.targets {
+        Targets::Follow(selector) => Some(selector.clone()),
+        Targets::Pids(_) => None,
+    };
+    let mut follow_scan = following.as_ref().map(|_| {
+        let mut scan = tokio::time::interval(FOLLOW_SCAN);
+        scan.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        scan
+    });
 
     let stop = loop {
         tokio::select! {
@@ -420,19 +666,24 @@ async fn event_loop(
             }
             _ = housekeeping.tick() => {
                 pipeline.expire(options);
-                let health = pipeline.health(&counts, &mut counters);
+                let health = pipeline.health(run.counts(), &mut counters);
                 pipeline.prometheus.update_health(&health);
                 lock(&pipeline.summary).update_health(&health);
             }
-            exited = target_exit.exited() => {
-                exited?;
-                // Said now: detaching and the last exports take a while.
-                println!(
-                    "brokerprobe: PID {} exited; detaching and writing out what was seen",
-                    options.pid
-                );
-                std::io::stdout().flush()?;
-                break Stop::TargetExited;
+            Some(pid) = exited.recv() => {
+                // Its last events first.
+                drain(ring.get_mut(), pipeline);
+                run.exited(pid, pipeline);
+                if following.is_none() && run.processes.is_empty() {
+                    println!("brokerprobe: every process profiled has exited; writing out what was seen");
+                    std::io::stdout().flush()?;
+                    break Stop::TargetsExited;
+                }
+            }
+            _ = tick(&mut follow_scan) => {
+                if let Some(selector) = &following {
+                    run.look_for_new(selector, pipeline);
+                }
             }
             _ = tick(&mut live) => print_live(pipeline),
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
@@ -443,11 +694,12 @@ async fn event_loop(
     // Events off, then detach, so no hit lands after the final drain; programs already
     // running on other CPUs finish within microseconds, the grace period lets their
     // records commit.
-    probes.disarm();
+    run.probes.disarm();
     let detach_ns = monotonic_ns();
     pipeline.assembler.close_window(detach_ns);
     pipeline.connections.close_window(detach_ns);
-    drop(probes);
+    let counts = run.counts();
+    drop(run);
     tokio::time::sleep(DETACH_GRACE).await;
     drain(ring.get_mut(), pipeline);
     pipeline.connections.finish_all(&mut pipeline.progress);
@@ -460,7 +712,7 @@ async fn event_loop(
     if let Some(kernel_log) = &mut kernel_log {
         kernel_log.get_mut().flush();
     }
-    let health = pipeline.health(&counts, &mut counters);
+    let health = pipeline.health(counts, &mut counters);
     pipeline.prometheus.update_health(&health);
     Ok((stop, health))
 }

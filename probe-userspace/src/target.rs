@@ -95,6 +95,67 @@ impl fmt::Display for MarkerProblem {
     }
 }
 
+/// Which processes `--follow` attaches to: those running an executable of this name, or
+/// at this path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    /// The executable's file name, or the process name (`comm`, at most 15 bytes).
+    Name(String),
+    /// The executable's path, as the process sees it.
+    Path(PathBuf),
+}
+
+impl Selector {
+    /// A value with a `/` is a path.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "" => Err("an empty name".into()),
+            path if path.contains('/') => Ok(Selector::Path(PathBuf::from(path))),
+            name => Ok(Selector::Name(name.to_owned())),
+        }
+    }
+
+    /// The PIDs of the processes that match now, lowest first; brokerprobe itself never.
+    pub fn scan(&self) -> Vec<u32> {
+        let own = std::process::id();
+        let Ok(entries) = fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let mut pids: Vec<u32> = entries
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|pid| *pid != own && self.matches(*pid))
+            .collect();
+        pids.sort_unstable();
+        pids
+    }
+
+    fn matches(&self, pid: u32) -> bool {
+        // Kernel threads and processes gone meanwhile have no readable executable.
+        let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) else {
+            return false;
+        };
+        match self {
+            Selector::Path(path) => exe == *path,
+            Selector::Name(name) => {
+                let exe_name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                // comm holds the first 15 bytes of the name.
+                let truncated = name.get(..15).unwrap_or(name);
+                exe_name == name || comm.trim_end() == truncated
+            }
+        }
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::Name(name) => write!(f, "name {name}"),
+            Selector::Path(path) => write!(f, "path {}", path.display()),
+        }
+    }
+}
+
 pub fn marker_symbol(kind: MarkerKind) -> String {
     format!("{MARKER_SYMBOL_PREFIX}{}", kind.symbol_suffix())
 }

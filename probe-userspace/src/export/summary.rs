@@ -35,6 +35,9 @@ pub struct Summary {
     started: Instant,
     requests: Latency,
     errors: u64,
+    /// Whole-request durations per process of the broker ("PID n"), bounded like names.
+    processes: Rows<Latency>,
+    process_names: LabelCap,
     stages: Rows<Latency>,
     models: Rows<ModelStats>,
     upstreams: Rows<UpstreamStats>,
@@ -75,6 +78,8 @@ impl Summary {
             started: Instant::now(),
             requests: Latency::default(),
             errors: 0,
+            processes: Rows::default(),
+            process_names: LabelCap::new(max_names),
             stages: Rows::default(),
             models: Rows::default(),
             upstreams: Rows::default(),
@@ -97,6 +102,12 @@ impl Summary {
     pub fn render(&self) -> String {
         let mut stages = Table::new("stage");
         stages.row(REQUEST_ROW, &self.requests);
+        // Replicas apart, when there were several.
+        if self.processes.rows.len() > 1 {
+            for (process, latency) in self.processes.iter() {
+                stages.row(&format!("(request, {process})"), latency);
+            }
+        }
         for (name, latency) in self.stages.iter() {
             stages.row(name, latency);
         }
@@ -129,6 +140,15 @@ impl Summary {
                 in_flight: h.in_flight as u64,
             },
             request_duration: self.requests.quantiles(),
+            processes: self
+                .processes
+                .iter()
+                .map(|(process, latency)| ProcessLine {
+                    process,
+                    requests: latency.count(),
+                    duration: latency.quantiles(),
+                })
+                .collect(),
             stages: self
                 .stages
                 .iter()
@@ -180,6 +200,9 @@ impl Summary {
 impl RequestSink for Summary {
     fn record(&mut self, request: &Request) {
         self.requests.observe(request.duration_ns());
+        let process = format!("PID {}", request.pid);
+        let process = self.process_names.admit(&process).unwrap_or(OTHER);
+        self.processes.get(process).observe(request.duration_ns());
         let failed = request.failed();
         self.errors += u64::from(failed);
         for stage in &request.stages {
@@ -342,6 +365,7 @@ pub struct Stats<'a> {
     uptime_seconds: f64,
     requests: RequestCounts,
     request_duration: Option<Quantiles>,
+    processes: Vec<ProcessLine<'a>>,
     stages: Vec<StageLine<'a>>,
     models: Vec<ModelLine<'a>>,
     upstreams: Vec<UpstreamLine<'a>>,
@@ -364,6 +388,13 @@ struct Quantiles {
     p95_seconds: f64,
     p99_seconds: f64,
     max_seconds: f64,
+}
+
+#[derive(Serialize)]
+struct ProcessLine<'a> {
+    process: &'a str,
+    requests: u64,
+    duration: Option<Quantiles>,
 }
 
 #[derive(Serialize)]

@@ -151,3 +151,82 @@ fn an_otlp_protocol_brokerprobe_cannot_speak_is_named() {
     // ...without one, variables meant for another program are none of brokerprobe's business.
     assert_one_clear_line(&attach(None), &["no process with PID 999999999"]);
 }
+
+/// `setpriv` running `program` as user nobody, with `caps` (e.g. `+bpf,+perfmon`) as its
+/// only capabilities.
+fn as_nobody(caps: &str, program: &std::path::Path) -> Command {
+    let mut command = Command::new("setpriv");
+    command.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+    if !caps.is_empty() {
+        command.args([
+            &format!("--inh-caps={caps}"),
+            &format!("--ambient-caps={caps}"),
+        ]);
+    }
+    command.arg(program);
+    command
+}
+
+#[test]
+fn without_the_capabilities_they_are_named() {
+    require_root();
+    // A process of nobody's own, so that only the missing capabilities stand in the way.
+    let mut sleeper = as_nobody("", std::path::Path::new("/bin/sleep"))
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let out = as_nobody("", &bin("brokerprobe"))
+        .args(["attach", "--pid", &sleeper.id().to_string()])
+        .output()
+        .unwrap();
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    assert_one_clear_line(&out, &["CAP_BPF", "CAP_PERFMON", "sudo"]);
+}
+
+#[test]
+fn a_process_it_may_not_inspect() {
+    require_root();
+    // root's process; brokerprobe may load eBPF but not look into other users' processes.
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    let out = as_nobody("+bpf,+perfmon", &bin("brokerprobe"))
+        .args(["attach", "--pid", &sleeper.id().to_string()])
+        .output()
+        .unwrap();
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    assert_one_clear_line(&out, &["may not inspect PID", "CAP_SYS_PTRACE"]);
+}
+
+/// A broker built against another marker ABI: named, with what to do.
+#[test]
+fn a_marker_abi_mismatch_is_named() {
+    require_root();
+    let dir = e2e::harness::scratch_dir("abi");
+    // The demo broker with its marker symbols renamed to a future ABI version (same
+    // length, so the binary runs as before).
+    let mut bytes = std::fs::read(bin("demo-broker")).unwrap();
+    let (old, new) = (b"brokerprobe_v1_", b"brokerprobe_v7_");
+    let mut renamed = 0;
+    let mut i = 0;
+    while i + old.len() <= bytes.len() {
+        if &bytes[i..i + old.len()] == old {
+            bytes[i..i + old.len()].copy_from_slice(new);
+            renamed += 1;
+        }
+        i += 1;
+    }
+    assert!(renamed > 0);
+    let exe = dir.join("demo-broker-v7");
+    std::fs::write(&exe, bytes).unwrap();
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (broker, _) = e2e::harness::start_listening(
+        "demo-broker-v7",
+        Command::new(&exe).args(["--fake", "--listen", "127.0.0.1:0"]),
+    )
+    .unwrap();
+    let out = attach_with(&broker.pid().to_string(), &["--mode", "markers"]);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(dir);
+    assert_one_clear_line(&out, &["marker ABI v7", "understands v1"]);
+}

@@ -318,3 +318,96 @@ fn a_marker_storm_is_received_or_counted_exactly() {
     assert!(lost > 0, "nothing was lost: the overflow was not tested");
     assert_eq!(received + lost, hits, "hits neither received nor counted");
 }
+
+/// The OTLP receiver accepts and never answers, and scrapers connect and stall (never
+/// finish a request, or never read the answer): brokerprobe's memory stays bounded, every
+/// request is still counted, the lost spans are counted, and /metrics answers again once
+/// the stalled scrapers are gone.
+#[test]
+fn stalled_receiver_and_scrapers_keep_memory_bounded() {
+    require_root();
+    /// brokerprobe's RSS may grow this much while everything downstream stalls (the trace
+    /// queue holds up to --trace-queue traces; /metrics serves 16 connections at once).
+    const RSS_GROWTH_BOUND_KB: u64 = 16 * 1024;
+    const REQUESTS: usize = 3_000;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Accepts every connection and holds it, silent.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming() {
+            held.push(stream);
+        }
+    });
+    let (broker, url) = start_demo_broker(&[]).unwrap();
+    let endpoint = format!("http://{silent_addr}/v1/traces");
+    let (mut probe, metrics_url) = attach_brokerprobe(
+        broker.pid(),
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-timeout",
+            "1s",
+            "--exchange-idle",
+            "300ms",
+        ],
+    )
+    .unwrap();
+    let metrics_addr: std::net::SocketAddr = metrics_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .parse()
+        .unwrap();
+    rt.block_on(load::drive(&url, 200, 16, &Mix::default(), 1))
+        .unwrap();
+    let rss_before = e2e::harness::rss_kb(probe.pid());
+
+    // 300 scrapers that never send a whole request, 100 that ask and never read.
+    let mut stalled = Vec::new();
+    for i in 0..400 {
+        let connect =
+            std::net::TcpStream::connect_timeout(&metrics_addr, Duration::from_millis(100));
+        let Ok(mut stream) = connect else {
+            continue; // the listen backlog is full: that is the bound working
+        };
+        if i >= 300 {
+            use std::io::Write as _;
+            let ask = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(50);
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = stream.write_all(ask.as_bytes());
+        }
+        stalled.push(stream);
+    }
+    let sent = rt
+        .block_on(load::drive(&url, REQUESTS, 16, &Mix::default(), 2))
+        .unwrap();
+    check_statuses(&sent);
+    std::thread::sleep(Duration::from_secs(3));
+    let rss_during = e2e::harness::rss_kb(probe.pid());
+    let held = stalled.len();
+    drop(stalled);
+
+    // Served again once they are gone (the stalled ones are let go within 10 s).
+    let metrics = rt
+        .block_on(wait_for_requests(&metrics_url, REQUESTS + 200))
+        .unwrap();
+    let scrape = Scrape::parse(metrics.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let requests = counter_sum(&scrape, "brokerprobe_requests_total");
+    let spans_dropped = counter_sum(&scrape, "brokerprobe_trace_spans_dropped_total");
+    probe.interrupt().unwrap();
+    drop(broker);
+    let growth = rss_during.saturating_sub(rss_before);
+    println!(
+        "stalled downstream: {held} stalled scraper connections, OTLP receiver silent; RSS \
+         {rss_before} KiB before, {rss_during} KiB after {REQUESTS} requests (+{growth} KiB, \
+         bound {RSS_GROWTH_BOUND_KB} KiB); {requests} requests counted, {spans_dropped} spans \
+         dropped (counted)"
+    );
+    assert_eq!(requests, (REQUESTS + 200) as f64);
+    assert!(
+        spans_dropped > 0.0,
+        "spans sent to a silent receiver not counted"
+    );
+    assert!(growth <= RSS_GROWTH_BOUND_KB, "RSS grew {growth} KiB");
+}

@@ -182,8 +182,8 @@ pub struct TraceExporter {
 impl TraceExporter {
     /// Builds the exporters and the trace UI on their own thread and runtime; fails on a
     /// bad endpoint or a taken UI address, before anything is attached.
-    pub fn start(config: TracesConfig, pid: u32, process_name: &str) -> Result<Self> {
-        let resource = resource(config.service_name.as_deref(), pid, process_name);
+    pub fn start(config: TracesConfig, process_name: &str) -> Result<Self> {
+        let resource = resource(config.service_name.as_deref(), process_name);
         let (queue, receiver) = mpsc::channel(config.queue);
         let counters = Arc::new(TraceCounters::default());
         let (ready, started) = std::sync::mpsc::channel();
@@ -448,9 +448,10 @@ async fn targets(
 }
 
 /// The resource every span shares: service (flag or OTEL_SERVICE_NAME, else
-/// OTEL_RESOURCE_ATTRIBUTES', else the broker's process name), its instance and process
-/// (unless OTEL_RESOURCE_ATTRIBUTES says otherwise).
-fn resource(service_name: Option<&str>, pid: u32, process_name: &str) -> Resource {
+/// OTEL_RESOURCE_ATTRIBUTES', else the broker's process name), its host and executable
+/// (unless OTEL_RESOURCE_ATTRIBUTES says otherwise). One brokerprobe may follow several
+/// processes of the broker: each request span names its own (`process.pid`).
+fn resource(service_name: Option<&str>, process_name: &str) -> Resource {
     let given: Vec<String> = env_var("OTEL_RESOURCE_ATTRIBUTES")
         .map(|attributes| {
             attributes
@@ -463,8 +464,7 @@ fn resource(service_name: Option<&str>, pid: u32, process_name: &str) -> Resourc
     let gives = |key: &str| given.iter().any(|k| k == key);
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let ours = [
-        KeyValue::new("service.instance.id", format!("{}:{pid}", host.trim())),
-        KeyValue::new("process.pid", i64::from(pid)),
+        KeyValue::new("host.name", host.trim().to_owned()),
         KeyValue::new("process.executable.name", process_name.to_owned()),
     ];
     // Detectors read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; ours only fill gaps.

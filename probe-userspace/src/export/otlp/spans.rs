@@ -108,6 +108,7 @@ impl SpanBuilder<'_> {
             KeyValue::new("gen_ai.operation.name", "chat"),
             KeyValue::new("gen_ai.request.model", request.model.clone()),
             KeyValue::new("brokerprobe.request_id", id_value(request.request_id)),
+            KeyValue::new("process.pid", i64::from(request.pid)),
             KeyValue::new(
                 "gen_ai.usage.input_tokens",
                 count_value(request.input_tokens),

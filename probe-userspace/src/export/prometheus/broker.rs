@@ -106,7 +106,7 @@ impl BrokerMetrics {
         })
     }
 
-    pub(super) fn record(&self, request: &Request, labels: &mut Labels) {
+    pub(super) fn record(&self, request: &Request, replica: &str, labels: &mut Labels) {
         let model = labels.admit(Label::Model, &request.model);
         let provider = labels.admit(Label::Provider, request.provider.as_deref().unwrap_or(""));
         let status = request.status.to_string();
@@ -118,36 +118,38 @@ impl BrokerMetrics {
         for stage in &request.stages {
             let name = labels.admit(Label::Stage, stage.id.name());
             self.stage_duration
-                .with_label_values(&[name, model, provider])
+                .with_label_values(&[replica, name, model, provider])
                 .observe(seconds(stage.duration_ns()));
             if let StageId::Tool(tool) = &stage.id {
                 let tool = labels.admit(Label::Tool, tool);
                 self.tool_duration
-                    .with_label_values(&[tool])
+                    .with_label_values(&[replica, tool])
                     .observe(seconds(stage.duration_ns()));
             }
         }
-        let by_status = [model, provider, status.as_str()];
+        let by_status = [replica, model, provider, status.as_str()];
         self.request_duration
             .with_label_values(&by_status)
             .observe(seconds(request.duration_ns()));
         self.requests.with_label_values(&by_status).inc();
         if request.failed() {
-            self.errors.with_label_values(&[error_type, model]).inc();
+            self.errors
+                .with_label_values(&[replica, error_type, model])
+                .inc();
         }
         for fallback in &request.fallbacks {
             let from = labels.admit(Label::Model, &fallback.from);
             let to = labels.admit(Label::Model, &fallback.to);
-            self.fallbacks.with_label_values(&[from, to]).inc();
+            self.fallbacks.with_label_values(&[replica, from, to]).inc();
         }
         for call in &request.upstream_calls {
             if let Some(lag) = call.lag_ns() {
                 self.upstream_lag
-                    .with_label_values(&[provider])
+                    .with_label_values(&[replica, provider])
                     .observe(seconds(lag));
             }
         }
-        self.record_gen_ai(request, [provider, model], error_type, labels);
+        self.record_gen_ai(request, [replica, provider, model], error_type, labels);
     }
 
     /// The GenAI metrics. Client-side ones (the broker calling its providers) name the
@@ -156,7 +158,7 @@ impl BrokerMetrics {
     fn record_gen_ai(
         &self,
         request: &Request,
-        [provider, model]: [&str; 2],
+        [replica, provider, model]: [&str; 3],
         error_type: &str,
         labels: &mut Labels,
     ) {
@@ -164,7 +166,7 @@ impl BrokerMetrics {
             let model = labels.admit(Label::Model, request.model_at(usage.ts_ns));
             for (kind, tokens) in [("input", usage.input), ("output", usage.output)] {
                 self.token_usage
-                    .with_label_values(&[OPERATION, provider, model, kind])
+                    .with_label_values(&[replica, OPERATION, provider, model, kind])
                     .observe(tokens as f64);
             }
         }
@@ -184,12 +186,12 @@ impl BrokerMetrics {
                 None => "",
             };
             self.client_operation_duration
-                .with_label_values(&[OPERATION, provider, model, call_error])
+                .with_label_values(&[replica, OPERATION, provider, model, call_error])
                 .observe(seconds(stage.duration_ns()));
         }
-        let gen_ai = [OPERATION, provider, model];
+        let gen_ai = [replica, OPERATION, provider, model];
         self.server_request_duration
-            .with_label_values(&[OPERATION, provider, model, error_type])
+            .with_label_values(&[replica, OPERATION, provider, model, error_type])
             .observe(seconds(request.duration_ns()));
         // Both for successful streamed answers only, as the conventions define them.
         let (Some(first), false) = (request.first_chunk_ns, request.failed()) else {

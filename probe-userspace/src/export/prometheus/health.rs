@@ -6,10 +6,12 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
 use super::{ProbeHealth, Register};
 
-/// Which process brokerprobe profiles, for `brokerprobe_target_info`.
+/// A process brokerprobe profiles, for `brokerprobe_target_info`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TargetInfo {
     pub pid: u32,
+    /// Its `replica` label value.
+    pub replica: usize,
     /// The process name (comm).
     pub name: String,
     /// `markers+sockets`, `markers` or `sockets`.
@@ -17,6 +19,9 @@ pub struct TargetInfo {
 }
 
 pub(super) struct HealthMetrics {
+    target_info: IntGaugeVec,
+    /// PID → the label values of its `brokerprobe_target_info` series.
+    targets: HashMap<u32, [String; 4]>,
     attached_markers: IntGauge,
     attached_socket_tracepoints: IntGauge,
     in_flight: IntGauge,
@@ -245,17 +250,16 @@ const HEALTH_COUNTERS: &[HealthCounter] = &[
 ];
 
 impl HealthMetrics {
-    pub(super) fn register(r: &Register, target: &TargetInfo) -> prometheus::Result<Self> {
-        let info = IntGaugeVec::new(
+    pub(super) fn register(r: &Register) -> prometheus::Result<Self> {
+        let target_info = IntGaugeVec::new(
             Opts::new(
                 "brokerprobe_target_info",
-                "The process brokerprobe is attached to (value 1) and with which probes.",
+                "A process brokerprobe is attached to (value 1), its replica label and with \
+                 which probes.",
             ),
-            &["pid", "name", "mode"],
+            &["replica", "pid", "name", "mode"],
         )?;
-        r.registry.register(Box::new(info.clone()))?;
-        info.with_label_values(&[&target.pid.to_string(), &target.name, target.mode])
-            .set(1);
+        r.registry.register(Box::new(target_info.clone()))?;
         let mut families: HashMap<&str, IntCounterVec> = HashMap::new();
         let mut counters = Vec::new();
         for (name, help, label, total) in HEALTH_COUNTERS {
@@ -272,6 +276,8 @@ impl HealthMetrics {
             counters.push((family.with_label_values(&values), *total));
         }
         Ok(Self {
+            target_info,
+            targets: HashMap::new(),
             attached_markers: r.gauge(
                 "brokerprobe_attached_markers",
                 "Marker uprobes currently attached.",
@@ -291,6 +297,23 @@ impl HealthMetrics {
             counters,
             last: ProbeHealth::default(),
         })
+    }
+
+    pub(super) fn process_attached(&mut self, process: &TargetInfo) {
+        let values = [
+            process.replica.to_string(),
+            process.pid.to_string(),
+            process.name.clone(),
+            process.mode.to_owned(),
+        ];
+        self.target_info.with_label_values(&values).set(1);
+        self.targets.insert(process.pid, values);
+    }
+
+    pub(super) fn process_exited(&mut self, pid: u32) {
+        if let Some(values) = self.targets.remove(&pid) {
+            let _ = self.target_info.remove_label_values(&values);
+        }
     }
 
     pub(super) fn update(&mut self, now: &ProbeHealth) {

@@ -6,6 +6,8 @@ mod broker;
 mod health;
 mod sockets;
 
+use std::collections::HashMap;
+
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 use super::{
@@ -85,22 +87,48 @@ pub struct PrometheusExporter {
     sockets: sockets::SocketMetrics,
     health: health::HealthMetrics,
     labels: Labels,
+    /// PID → its `replica` label value.
+    replicas: HashMap<u32, String>,
 }
 
+/// The label naming which of the broker's processes a series is about: "0", "1", … in
+/// the order they were attached; a process that replaces an exited one (`--follow`) takes
+/// its number, so series continue across restarts.
+pub const REPLICA_LABEL: &str = "replica";
+
 impl PrometheusExporter {
-    pub fn new(config: &MetricsConfig, target: &TargetInfo) -> prometheus::Result<Self> {
+    pub fn new(config: &MetricsConfig) -> prometheus::Result<Self> {
         let registry = Registry::new();
-        let register = Register {
+        let per_replica = Register {
             registry: &registry,
             config,
+            per_replica: true,
+        };
+        let own = Register {
+            per_replica: false,
+            ..per_replica
         };
         Ok(Self {
-            broker: broker::BrokerMetrics::register(&register)?,
-            sockets: sockets::SocketMetrics::register(&register)?,
-            health: health::HealthMetrics::register(&register, target)?,
-            labels: Labels::register(&register)?,
+            broker: broker::BrokerMetrics::register(&per_replica)?,
+            sockets: sockets::SocketMetrics::register(&per_replica)?,
+            health: health::HealthMetrics::register(&own)?,
+            labels: Labels::register(&own)?,
             registry,
+            replicas: HashMap::new(),
         })
+    }
+
+    /// A process of the broker is followed from now on.
+    pub fn process_attached(&mut self, process: &TargetInfo) {
+        self.replicas
+            .insert(process.pid, process.replica.to_string());
+        self.health.process_attached(process);
+    }
+
+    /// A process of the broker has exited.
+    pub fn process_exited(&mut self, pid: u32) {
+        self.replicas.remove(&pid);
+        self.health.process_exited(pid);
     }
 
     /// What /metrics serves; metrics are shared, so a clone sees every update.
@@ -115,13 +143,21 @@ impl PrometheusExporter {
 
 impl RequestSink for PrometheusExporter {
     fn record(&mut self, request: &Request) {
-        self.broker.record(request, &mut self.labels);
+        let replica = self
+            .replicas
+            .get(&request.pid)
+            .map_or(UNKNOWN, String::as_str);
+        self.broker.record(request, replica, &mut self.labels);
     }
 }
 
 impl ExchangeSink for PrometheusExporter {
     fn record_exchange(&mut self, exchange: &Exchange) {
-        self.sockets.record(exchange, &mut self.labels);
+        let replica = self
+            .replicas
+            .get(&exchange.pid)
+            .map_or(UNKNOWN, String::as_str);
+        self.sockets.record(exchange, replica, &mut self.labels);
     }
 }
 
@@ -129,6 +165,9 @@ impl ExchangeSink for PrometheusExporter {
 struct Register<'a> {
     registry: &'a Registry,
     config: &'a MetricsConfig,
+    /// Whether each metric gets a `replica` label first: the broker's and the sockets'
+    /// metrics do (one series per process, summed for the broker), brokerprobe's own don't.
+    per_replica: bool,
 }
 
 impl Register<'_> {
@@ -140,7 +179,7 @@ impl Register<'_> {
         buckets: &[f64],
     ) -> prometheus::Result<HistogramVec> {
         let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
-        let metric = HistogramVec::new(opts, labels)?;
+        let metric = HistogramVec::new(opts, &self.labels(labels))?;
         self.registry.register(Box::new(metric.clone()))?;
         Ok(metric)
     }
@@ -156,9 +195,14 @@ impl Register<'_> {
         help: &str,
         labels: &[&str],
     ) -> prometheus::Result<IntCounterVec> {
-        let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+        let metric = IntCounterVec::new(Opts::new(name, help), &self.labels(labels))?;
         self.registry.register(Box::new(metric.clone()))?;
         Ok(metric)
+    }
+
+    fn labels<'l>(&self, labels: &[&'l str]) -> Vec<&'l str> {
+        let replica = self.per_replica.then_some(REPLICA_LABEL);
+        replica.into_iter().chain(labels.iter().copied()).collect()
     }
 
     fn gauge(&self, name: &str, help: &str) -> prometheus::Result<IntGauge> {
@@ -258,7 +302,10 @@ mod tests {
             max_label_values,
             ..MetricsConfig::default()
         };
-        PrometheusExporter::new(&config, &TargetInfo::default()).unwrap()
+        let mut exporter = PrometheusExporter::new(&config).unwrap();
+        // Requests below come from PID 0.
+        exporter.process_attached(&TargetInfo::default());
+        exporter
     }
 
     fn span(id: StageId, begin_ns: u64, end_ns: u64) -> StageSpan {
@@ -295,10 +342,10 @@ mod tests {
         exporter.record(&request);
         let text = render(&exporter.registry());
         assert!(text.contains(
-            "brokerprobe_stage_duration_seconds_count{model=\"gpt-fast\",provider=\"openai\",stage=\"route\"} 2"
+            "brokerprobe_stage_duration_seconds_count{model=\"gpt-fast\",provider=\"openai\",replica=\"0\",stage=\"route\"} 2"
         ));
         assert!(text.contains(
-            "brokerprobe_requests_total{model=\"gpt-fast\",provider=\"openai\",status=\"200\"} 2"
+            "brokerprobe_requests_total{model=\"gpt-fast\",provider=\"openai\",replica=\"0\",status=\"200\"} 2"
         ));
         assert!(!text.contains("brokerprobe_errors_total{"), "no error");
     }
@@ -352,14 +399,14 @@ mod tests {
         exporter.record(&request);
         let text = render(&exporter.registry());
         for line in [
-            "brokerprobe_errors_total{error_type=\"tool_loop_exhausted\",model=\"m\"} 1",
-            "brokerprobe_fallbacks_total{from_model=\"flaky\",to_model=\"m\"} 1",
-            "brokerprobe_tool_duration_seconds_sum{tool=\"calc\"} 0.0005",
-            "gen_ai_client_token_usage_sum{gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"p\",gen_ai_request_model=\"m\",gen_ai_token_type=\"input\"} 30",
-            "gen_ai_client_token_usage_count{gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"p\",gen_ai_request_model=\"m\",gen_ai_token_type=\"output\"} 2",
+            "brokerprobe_errors_total{error_type=\"tool_loop_exhausted\",model=\"m\",replica=\"0\"} 1",
+            "brokerprobe_fallbacks_total{from_model=\"flaky\",replica=\"0\",to_model=\"m\"} 1",
+            "brokerprobe_tool_duration_seconds_sum{replica=\"0\",tool=\"calc\"} 0.0005",
+            "gen_ai_client_token_usage_sum{gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"p\",gen_ai_request_model=\"m\",gen_ai_token_type=\"input\",replica=\"0\"} 30",
+            "gen_ai_client_token_usage_count{gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"p\",gen_ai_request_model=\"m\",gen_ai_token_type=\"output\",replica=\"0\"} 2",
             // The first call failed with its status; the last one with the request's error.
-            "gen_ai_client_operation_duration_seconds_count{error_type=\"500\",gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"p\",gen_ai_request_model=\"m\"} 1",
-            "gen_ai_client_operation_duration_seconds_sum{error_type=\"tool_loop_exhausted\",gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"p\",gen_ai_request_model=\"m\"} 0.005",
+            "gen_ai_client_operation_duration_seconds_count{error_type=\"500\",gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"p\",gen_ai_request_model=\"m\",replica=\"0\"} 1",
+            "gen_ai_client_operation_duration_seconds_sum{error_type=\"tool_loop_exhausted\",gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"p\",gen_ai_request_model=\"m\",replica=\"0\"} 0.005",
         ] {
             assert!(text.contains(line), "{line} not in:\n{text}");
         }
@@ -397,7 +444,7 @@ mod tests {
         exporter.record(&request);
         let text = render(&exporter.registry());
         assert!(text.contains(
-            "gen_ai_server_time_per_output_token_seconds_sum{gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"unknown\",gen_ai_request_model=\"m\"} 0.001"
+            "gen_ai_server_time_per_output_token_seconds_sum{gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"unknown\",gen_ai_request_model=\"m\",replica=\"0\"} 0.001"
         ), "{text}");
     }
 
@@ -422,7 +469,7 @@ mod tests {
         );
         assert!(series("brokerprobe_errors_total{") <= 11 * 11);
         assert!(text.contains(
-            "brokerprobe_requests_total{model=\"other\",provider=\"unknown\",status=\"404\"} 990"
+            "brokerprobe_requests_total{model=\"other\",provider=\"unknown\",replica=\"0\",status=\"404\"} 990"
         ));
         assert!(text.contains("brokerprobe_label_values_folded_total{label=\"model\"} 990"));
         assert!(text.contains("brokerprobe_label_values_folded_total{label=\"error_type\"} 990"));

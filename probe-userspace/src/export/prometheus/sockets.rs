@@ -6,8 +6,6 @@ use prometheus::{HistogramVec, IntCounterVec};
 use super::{Label, Labels, Register, SIZE_BUCKETS, UNKNOWN, seconds};
 use crate::{connections::Exchange, procnet::Role};
 
-const NO_LABELS: [&str; 0] = [];
-
 pub(super) struct SocketMetrics {
     upstream_ttfb: HistogramVec,
     upstream_duration: HistogramVec,
@@ -93,7 +91,7 @@ impl SocketMetrics {
             inbound_accept_wait: r.seconds(
                 "brokerprobe_inbound_accept_wait_seconds",
                 "New inbound connection: accept to first request byte read.",
-                &NO_LABELS,
+                &[],
             )?,
             inbound_exchanges: r.counter(
                 "brokerprobe_inbound_exchanges_total",
@@ -103,17 +101,17 @@ impl SocketMetrics {
             inbound_request_bytes: r.counter(
                 "brokerprobe_inbound_request_bytes_total",
                 "Bytes the broker read from clients.",
-                &NO_LABELS,
+                &[],
             )?,
             inbound_response_bytes: r.counter(
                 "brokerprobe_inbound_response_bytes_total",
                 "Bytes the broker wrote to clients.",
-                &NO_LABELS,
+                &[],
             )?,
         })
     }
 
-    pub(super) fn record(&self, exchange: &Exchange, labels: &mut Labels) {
+    pub(super) fn record(&self, exchange: &Exchange, replica: &str, labels: &mut Labels) {
         let status = exchange
             .status
             .map_or_else(|| UNKNOWN.to_owned(), |s| s.to_string());
@@ -124,7 +122,7 @@ impl SocketMetrics {
         };
         match exchange.role {
             Role::Upstream => {
-                let upstream = [labels.admit(Label::Upstream, &exchange.peer_name)];
+                let upstream = [replica, labels.admit(Label::Upstream, &exchange.peer_name)];
                 observe(&self.upstream_ttfb, &upstream, exchange.ttfb_ns());
                 observe(&self.upstream_duration, &upstream, exchange.duration_ns());
                 observe(&self.upstream_connect, &upstream, exchange.connect_ns);
@@ -140,7 +138,7 @@ impl SocketMetrics {
                     .with_label_values(&upstream)
                     .observe(exchange.response_bytes as f64);
                 self.upstream_exchanges
-                    .with_label_values(&[upstream[0], &status])
+                    .with_label_values(&[replica, upstream[1], &status])
                     .inc();
                 self.upstream_request_bytes
                     .with_label_values(&upstream)
@@ -154,19 +152,19 @@ impl SocketMetrics {
             }
             Role::Inbound => {
                 let path = labels.admit(Label::Path, exchange.path.as_deref().unwrap_or(""));
-                let by_request = [exchange.method.unwrap_or(UNKNOWN), path, &status];
+                let by_request = [replica, exchange.method.unwrap_or(UNKNOWN), path, &status];
                 observe(&self.inbound_duration, &by_request, exchange.duration_ns());
                 observe(
                     &self.inbound_accept_wait,
-                    &NO_LABELS,
+                    &[replica],
                     exchange.accept_wait_ns,
                 );
                 self.inbound_exchanges.with_label_values(&by_request).inc();
                 self.inbound_request_bytes
-                    .with_label_values(&NO_LABELS)
+                    .with_label_values(&[replica])
                     .inc_by(exchange.request_bytes);
                 self.inbound_response_bytes
-                    .with_label_values(&NO_LABELS)
+                    .with_label_values(&[replica])
                     .inc_by(exchange.response_bytes);
             }
         }
