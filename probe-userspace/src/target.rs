@@ -217,7 +217,12 @@ pub fn find_markers(file: &fs::File) -> Result<MarkerScan> {
     // SAFETY: the file is a running executable, which the kernel does not let anyone
     // write to (ETXTBSY); replacing it on disk leaves this inode as it is.
     let map = unsafe { memmap2::Mmap::map(file) }.context("mapping the executable")?;
-    let elf = ElfFile64::<Endianness, _>::parse(&*map).context("not a 64-bit ELF executable")?;
+    find_markers_in(&map)
+}
+
+/// [`find_markers`] on an executable's bytes, whatever they are (fuzzed: fuzz/).
+pub fn find_markers_in(data: &[u8]) -> Result<MarkerScan> {
+    let elf = ElfFile64::<Endianness, _>::parse(data).context("not a 64-bit ELF executable")?;
     let endian = elf.endian();
     let loads: Vec<(u64, u64, u64)> = elf
         .elf_program_headers()
@@ -229,8 +234,8 @@ pub fn find_markers(file: &fs::File) -> Result<MarkerScan> {
     let file_offset = |name: &str, vaddr: u64| {
         loads
             .iter()
-            .find(|(start, size, _)| (*start..start + size).contains(&vaddr))
-            .map(|(start, _, offset)| vaddr - start + offset)
+            .find(|(start, size, _)| (*start..start.saturating_add(*size)).contains(&vaddr))
+            .and_then(|(start, _, offset)| (vaddr - start).checked_add(*offset))
             .with_context(|| format!("{name} at {vaddr:#x} is in no file-backed segment"))
     };
 

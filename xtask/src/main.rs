@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::{env, ffi::OsString, path::PathBuf, process::Command};
@@ -24,7 +25,8 @@ enum Task {
     Build,
     /// Start the demo broker under mixed load and attach brokerprobe to it; Ctrl-C stops all.
     Demo(demo::DemoArgs),
-    /// Set up, check formatting and lints, build, and run every test (needs root).
+    /// Set up, check formatting and lints, build, run every test (needs root), then fuzz
+    /// each fuzz target for a minute.
     Test,
     /// Run the benchmarks and write BENCHMARKS.md with what they measured.
     Bench(bench::BenchArgs),
@@ -60,7 +62,8 @@ fn test() -> Result<()> {
     // --nocapture: the end-to-end tests print what they measured; CI logs should show it.
     run(cargo()
         .args(["test", "--release", "--", "--test-threads=1", "--nocapture"])
-        .env("BROKERPROBE_BIN_DIR", bin_dir()))
+        .env("BROKERPROBE_BIN_DIR", bin_dir()))?;
+    fuzz::run_all(cargo, fuzz::TEST_TIME)
 }
 
 fn build() -> Result<()> {

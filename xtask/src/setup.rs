@@ -12,15 +12,19 @@ use anyhow::{Context as _, Result, bail};
 use crate::run;
 
 /// Debian packages: the eBPF-capable toolchain (rustc with a prebuilt bpfel core), the
-/// real Prometheus/promtool the tests check our exposition with, and protoc, which the
-/// embedded trace store (otlp-embedded) needs to build.
+/// real Prometheus/promtool the tests check our exposition with, protoc, which the
+/// embedded trace store (otlp-embedded) needs to build, and a C++ compiler for libFuzzer.
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "libstd-rust-web-dev-bpf",
     "prometheus",
     "protobuf-compiler",
+    "g++",
 ];
+
+/// cargo-fuzz, which `cargo xtask test` fuzzes with (fuzz/).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Only the benchmarks need these (bpftrace: the least-work uprobe to compare against).
 pub const BENCH_APT_PACKAGES: &[&str] = &["bpftrace"];
@@ -41,6 +45,7 @@ pub fn setup_with(extra_packages: &[&'static str]) -> Result<()> {
     install_apt_packages(extra_packages, &mut done)?;
     link_rustup_toolchain(&mut done)?;
     install_bpf_linker(&mut done)?;
+    install_cargo_fuzz(&mut done)?;
     check_kernel()?;
     if done.is_empty() {
         eprintln!("setup: everything already in place");
@@ -57,6 +62,44 @@ pub fn is_complete() -> bool {
     missing_apt_packages(&[]).is_empty()
         && rustup_has_toolchain().unwrap_or(true)
         && bpf_linker_matches(&debian_llvm_major().unwrap_or_default())
+        && cargo_fuzz_installed()
+}
+
+fn cargo_fuzz_installed() -> bool {
+    Command::new(cargo_bin_dir().join("cargo-fuzz"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains(CARGO_FUZZ_VERSION)
+        })
+}
+
+fn install_cargo_fuzz(done: &mut Vec<String>) -> Result<()> {
+    if cargo_fuzz_installed() {
+        return Ok(());
+    }
+    eprintln!("setup: building cargo-fuzz {CARGO_FUZZ_VERSION} (1-3 min)");
+    let cargo_home = cargo_bin_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "--locked",
+            "--force",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ])
+        .arg("--root")
+        .arg(&cargo_home))?;
+    done.push(format!(
+        "installed cargo-fuzz {CARGO_FUZZ_VERSION} in {}",
+        cargo_bin_dir().display()
+    ));
+    Ok(())
 }
 
 fn missing_apt_packages(extra: &[&'static str]) -> Vec<&'static str> {

@@ -93,7 +93,8 @@ fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
         .expect("health line");
     for clean in [
         "lost: 0 marker, 0 socket; undecodable 0, 0 of untracked requests",
-        "0 ended untracked, 0 still open, 0 expired, 0 over the open-request bound, 0 duplicate",
+        "0 ended untracked, 0 still open, 0 expired, 0 incomplete (records lost while they ran), 0 \
+         over the open-request bound, 0 duplicate",
         "stages 0 unclosed, 0 unmatched, 0 over",
     ] {
         assert!(health.contains(clean), "{clean:?} not in: {health}");

@@ -219,8 +219,10 @@ fn hostile_model_names_keep_series_and_memory_bounded() {
     const WARM: usize = 10_000;
     const TOTAL: usize = 100_000;
     const MAX_LABEL_VALUES: usize = 100;
-    /// RSS growth allowed from the first WARM requests to all TOTAL.
-    const RSS_GROWTH_BOUND_KB: u64 = 4 * 1024;
+    /// RSS growth allowed from the first WARM requests to all TOTAL. Measured: a one-time
+    /// step of about 4 MiB as buffers size up (+4.1 MiB after 100k names, +4.3 MiB after
+    /// 250k), then flat.
+    const RSS_GROWTH_BOUND_KB: u64 = 6 * 1024;
     require_root();
     let dir = scratch_dir("prometheus-hostile");
     let rt = tokio::runtime::Runtime::new().unwrap();
