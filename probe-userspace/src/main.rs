@@ -2,8 +2,11 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use opentelemetry_sdk::trace::Sampler;
+use probe_common::marker::Stage;
+mod config_file;
+
 use probe_userspace::{
     export::{
         otlp::{Protocol, Sampling, TracesConfig, env_var},
@@ -46,10 +49,12 @@ struct Cli {
 enum Command {
     /// Attach to a running broker and profile it until Ctrl-C, --duration, or its exit.
     ///
+    ///
     /// Serves per-stage and per-upstream Prometheus histograms while attached and prints
     /// tables (count, p50, p95, p99, max) on exit. Only whole requests are reported: those
     /// that begin once every probe is attached and end before detaching starts. Requests
     /// in flight at either edge are counted in the final health line, not reported.
+    #[command(args_override_self = true)]
     Attach(AttachArgs),
 }
 
@@ -130,6 +135,11 @@ struct AttachArgs {
     /// [default: 1 to 131072].
     #[arg(long, value_name = "TOKENS,...", value_parser = parse_buckets)]
     token_buckets: Option<Buckets>,
+    /// Read settings from FILE (TOML): each key a long flag's name, e.g.
+    /// `metrics-addr = "127.0.0.1:9464"`, `pid = [1234, 1235]`, `[trace-keep-stage]`
+    /// `"upstream.chat" = "5s"`. Flags given here win over the file's.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     traces: TraceArgs,
 }
@@ -168,6 +178,11 @@ struct TraceArgs {
     /// Keep every request at least this slow, whatever the sampler says (0s: off).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     trace_keep_slower_than: Duration,
+    /// Keep every request with a STAGE instance at least this slow, whatever the sampler
+    /// says, e.g. upstream.chat=5s (repeat for more). STAGE is a name from docs/markers.md
+    /// (route, keypool.acquire, upstream.chat, ...) or custom:NAME for a broker's own.
+    #[arg(long, value_name = "STAGE=DURATION", value_parser = parse_stage_bound)]
+    trace_keep_stage: Vec<(String, Duration)>,
     /// Sample failed requests like the others (by default every failed request is kept).
     #[arg(long)]
     trace_sample_errors: bool,
@@ -280,6 +295,7 @@ impl TraceArgs {
                 head,
                 keep_errors: !self.trace_sample_errors,
                 keep_slower_than: Some(self.trace_keep_slower_than).filter(|d| !d.is_zero()),
+                keep_stages_slower_than: self.trace_keep_stage,
             },
             queue: self.trace_queue as usize,
             ui: self.trace_ui,
@@ -291,7 +307,18 @@ impl TraceArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let attach = Cli::command()
+        .find_subcommand("attach")
+        .cloned()
+        .expect("the attach subcommand");
+    let args = match config_file::expand(std::env::args_os().collect(), &attach) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("brokerprobe: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
         (false, 0) => "warn",
@@ -320,6 +347,31 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `STAGE=DURATION`, STAGE a stage name brokerprobe reports (docs/markers.md) or
+/// `custom:NAME`.
+fn parse_stage_bound(text: &str) -> Result<(String, Duration), String> {
+    let (stage, bound) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected STAGE=DURATION, got {text:?}"))?;
+    let known: Vec<&str> = Stage::ALL
+        .iter()
+        .filter(|s| **s != Stage::Custom)
+        .map(|s| s.name())
+        .collect();
+    let stage = match stage.strip_prefix("custom:") {
+        Some(custom) if !custom.is_empty() => custom.to_owned(),
+        _ if known.contains(&stage) => stage.to_owned(),
+        _ => {
+            return Err(format!(
+                "unknown stage {stage:?}: stages are {}, or custom:NAME for a broker's own",
+                known.join(", ")
+            ));
+        }
+    };
+    let bound = humantime::parse_duration(bound).map_err(|e| format!("{bound:?}: {e}"))?;
+    Ok((stage, bound))
 }
 
 /// Histogram bucket bounds from the command line.
@@ -400,4 +452,24 @@ fn parse_upstream(text: &str) -> Result<Vec<(SocketAddr, String)>, String> {
         return Err(format!("{addr} resolves to no address"));
     }
     Ok(addrs.into_iter().map(|a| (a, name.to_owned())).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What serves data binds loopback unless told otherwise: /metrics by default, the
+    /// trace UI only where it is told.
+    #[test]
+    fn endpoints_bind_loopback_by_default() {
+        let cli = Cli::try_parse_from(["brokerprobe", "attach", "--pid", "1"]).unwrap();
+        let Command::Attach(args) = cli.command;
+        assert!(args.metrics_addr.ip().is_loopback());
+        assert!(args.traces.trace_ui.is_none());
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }

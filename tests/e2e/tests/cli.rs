@@ -230,3 +230,95 @@ fn a_marker_abi_mismatch_is_named() {
     let _ = std::fs::remove_dir_all(dir);
     assert_one_clear_line(&out, &["marker ABI v7", "understands v1"]);
 }
+
+#[test]
+fn an_unknown_stage_name_is_explained() {
+    let out = Command::new(bin("brokerprobe"))
+        .args([
+            "attach",
+            "--pid",
+            "1",
+            "--trace-keep-stage",
+            "upstrem.chat=5s",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for needle in [
+        "unknown stage \"upstrem.chat\"",
+        "upstream.chat",
+        "custom:NAME",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
+    }
+}
+
+/// A config file with `lines`; returns its path (in a fresh scratch directory).
+fn config_file(name: &str, lines: &str) -> std::path::PathBuf {
+    let path = e2e::harness::scratch_dir(name).join("brokerprobe.toml");
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
+#[test]
+fn config_file_errors_name_the_file_and_line() {
+    for (name, text, needles) in [
+        (
+            "config-syntax",
+            "pid = [1]\nmetrics-addr = \"127.0.0.1:0\n",
+            &["brokerprobe.toml:2:"][..],
+        ),
+        (
+            "config-unknown",
+            "pid = [1]\n# a comment\nmetrics_addr = \"127.0.0.1:0\"\n",
+            &["brokerprobe.toml:3:", "unknown setting `metrics_addr`"][..],
+        ),
+        (
+            "config-value",
+            "pid = [1]\nrequest-timeout = \"forever\"\n",
+            &["brokerprobe.toml:2:", "`request-timeout`", "forever"][..],
+        ),
+        (
+            "config-stage",
+            "pid = [1]\n\n[trace-keep-stage]\n\"keypool.aquire\" = \"1s\"\n",
+            &["brokerprobe.toml:3:", "unknown stage \"keypool.aquire\""][..],
+        ),
+    ] {
+        let path = config_file(name, text);
+        let out = Command::new(bin("brokerprobe"))
+            .args(["attach", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        assert_one_clear_line(&out, needles);
+    }
+}
+
+/// Settings from the file are used, and flags on the command line win over them.
+#[test]
+fn config_file_settings_apply_and_flags_win() {
+    require_root();
+    let (broker, _) = e2e::harness::start_demo_broker(&[]).unwrap();
+    let path = config_file(
+        "config-ok",
+        &format!(
+            "pid = [{}]\nmetrics-addr = \"127.0.0.1:1\"\nduration = \"1s\"\nno-sockets = true\n",
+            broker.pid()
+        ),
+    );
+    let out = Command::new(bin("brokerprobe"))
+        .args(["attach", "--config", path.to_str().unwrap()])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    drop(broker);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    // --no-sockets from the file; port 1 from the file lost to the flag's 0.
+    assert!(
+        stdout.contains("attached 9 markers to PID") && !stdout.contains("127.0.0.1:1/"),
+        "{stdout}"
+    );
+}

@@ -24,6 +24,8 @@ pub struct Sampling {
     pub keep_errors: bool,
     /// Keep every request at least this slow.
     pub keep_slower_than: Option<Duration>,
+    /// Keep every request with an instance of the stage (by name) at least this slow.
+    pub keep_stages_slower_than: Vec<(String, Duration)>,
 }
 
 /// Why a request is exported, or not.
@@ -74,7 +76,12 @@ impl Sampling {
         let slow = self
             .keep_slower_than
             .is_some_and(|bound| request.duration_ns() >= bound.as_nanos() as u64);
-        (self.keep_errors && failed) || slow
+        let slow_stage = request.stages.iter().any(|stage| {
+            self.keep_stages_slower_than.iter().any(|(name, bound)| {
+                stage.id.name() == name && stage.duration_ns() >= bound.as_nanos() as u64
+            })
+        });
+        (self.keep_errors && failed) || slow || slow_stage
     }
 }
 
@@ -88,8 +95,10 @@ fn caller_context(traceparent: &str) -> Context {
 mod tests {
     use opentelemetry::trace::{SpanId, TraceId};
     use opentelemetry_sdk::trace::RandomIdGenerator;
+    use probe_common::marker::Stage;
 
     use super::*;
+    use crate::{assembly::StageSpan, decode::StageId};
 
     const CALLER: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -107,6 +116,7 @@ mod tests {
             head,
             keep_errors: true,
             keep_slower_than: Some(Duration::from_secs(1)),
+            keep_stages_slower_than: vec![("keypool.acquire".into(), Duration::from_millis(10))],
         }
     }
 
@@ -145,6 +155,21 @@ mod tests {
             ..request(200, Some(&not_sampled))
         };
         assert_eq!(decide(&slow), Verdict::Tail);
+        // A request quick as a whole, with one slow stage named in the tail rule.
+        let stage = |stage, end_ns| StageSpan {
+            id: StageId::Known(stage),
+            begin_ns: 0,
+            end_ns,
+        };
+        let waited = |waited_ns| Request {
+            stages: vec![
+                stage(Stage::Route, 50_000_000),
+                stage(Stage::KeypoolAcquire, waited_ns),
+            ],
+            ..request(200, Some(&not_sampled))
+        };
+        assert_eq!(decide(&waited(20_000_000)), Verdict::Tail);
+        assert_eq!(decide(&waited(5_000_000)), Verdict::Dropped);
     }
 
     #[test]
