@@ -227,7 +227,7 @@ mod tests {
         assert_eq!(MarkerKind::from_wire(0), None);
         assert_eq!(
             core::mem::size_of::<MarkerEvent>(),
-            192,
+            200,
             "wire size changed: update docs/maps.md"
         );
     }

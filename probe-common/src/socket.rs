@@ -162,7 +162,7 @@ mod tests {
         assert_eq!(SocketKind::from_wire(0), None);
         assert_eq!(
             core::mem::size_of::<SocketEvent>(),
-            224,
+            232,
             "wire size changed: update docs/maps.md"
         );
     }

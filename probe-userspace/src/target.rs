@@ -95,11 +95,14 @@ impl fmt::Display for MarkerProblem {
     }
 }
 
+/// Bytes of a process name the kernel keeps (`TASK_COMM_LEN` - 1).
+const COMM_LEN: usize = 15;
+
 /// Which processes `--follow` attaches to: those running an executable of this name, or
 /// at this path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Selector {
-    /// The executable's file name, or the process name (`comm`, at most 15 bytes).
+    /// The executable's file name, or the process name (`comm`) if at most 15 bytes.
     Name(String),
     /// The executable's path, as the process sees it.
     Path(PathBuf),
@@ -138,10 +141,11 @@ impl Selector {
             Selector::Path(path) => exe == *path,
             Selector::Name(name) => {
                 let exe_name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                // comm holds the first 15 bytes of the name.
-                let truncated = name.get(..15).unwrap_or(name);
-                exe_name == name || comm.trim_end() == truncated
+                // The process name is cut to 15 bytes: a longer one cannot be told by it.
+                let by_comm = name.len() <= COMM_LEN
+                    && fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|comm| comm.trim_end() == name);
+                exe_name == name || by_comm
             }
         }
     }
@@ -319,6 +323,28 @@ mod tests {
     use std::{io::Read as _, io::Seek as _, process::Command};
 
     use super::*;
+
+    /// `--follow` values: a path has a `/`; a name matches the executable's file name, or
+    /// the process name when it is short enough for the kernel to keep it whole.
+    #[test]
+    fn follow_selectors_match_by_name_or_path() {
+        let own = std::process::id();
+        let exe = fs::read_link("/proc/self/exe").unwrap();
+        let exe_name = exe.file_name().unwrap().to_str().unwrap().to_owned();
+        assert_eq!(Selector::parse(""), Err("an empty name".into()));
+        assert_eq!(
+            Selector::parse(exe.to_str().unwrap()),
+            Ok(Selector::Path(exe.clone()))
+        );
+        assert!(Selector::Path(exe).matches(own));
+        assert!(Selector::Name(exe_name.clone()).matches(own));
+        assert!(!Selector::Name(format!("{exe_name}-not")).matches(own));
+        assert!(!Selector::Path("/no/such/broker".into()).matches(own));
+        // Never brokerprobe itself, even when it matches.
+        assert!(!Selector::Name(exe_name).scan().contains(&own));
+        // A kernel thread has no executable: never matched.
+        assert!(!Selector::Name("kthreadd".into()).matches(2));
+    }
 
     /// Links every marker into this test binary, so it is itself a target.
     fn call_every_marker() {
