@@ -13,6 +13,7 @@ pub mod connections;
 pub mod decode;
 pub mod export;
 pub mod http;
+pub mod inspect;
 pub mod pidfd;
 pub mod procnet;
 pub mod run;

@@ -12,6 +12,7 @@ use probe_userspace::{
         otlp::{Protocol, Sampling, TracesConfig, env_var},
         prometheus::{MetricsConfig, check_buckets},
     },
+    inspect,
     run::{self, AttachOptions, Mode, Targets},
     target::Selector,
 };
@@ -49,13 +50,56 @@ struct Cli {
 enum Command {
     /// Attach to a running broker and profile it until Ctrl-C, --duration, or its exit.
     ///
-    ///
     /// Serves per-stage and per-upstream Prometheus histograms while attached and prints
     /// tables (count, p50, p95, p99, max) on exit. Only whole requests are reported: those
     /// that begin once every probe is attached and end before detaching starts. Requests
     /// in flight at either edge are counted in the final health line, not reported.
     #[command(args_override_self = true)]
-    Attach(AttachArgs),
+    Attach(Box<AttachArgs>),
+    /// Show what a broker offers to attach to, without attaching: markers and their ABI,
+    /// USDT probes, whether symbols are there, functions of known frameworks (axum, hyper,
+    /// reqwest, tokio, serde_json) that could delimit stages, and the mode attach would use.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// A running broker (its executable as it runs, even if replaced on disk since).
+    #[arg(long, short, conflicts_with = "path", required_unless_present = "path")]
+    pid: Option<u32>,
+    /// A broker's executable.
+    path: Option<PathBuf>,
+}
+
+impl InspectArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let (what, file) = match (self.pid, &self.path) {
+            (Some(pid), _) => {
+                let target = probe_userspace::target::Target::open(pid)?;
+                let file = std::fs::File::open(&target.exe)?;
+                let what = format!(
+                    "PID {pid} ({}): {}",
+                    target.name,
+                    target.exe_display.display()
+                );
+                (what, file)
+            }
+            (None, Some(path)) => {
+                let file = std::fs::File::open(path)
+                    .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+                (path.display().to_string(), file)
+            }
+            (None, None) => unreachable!("clap requires one"),
+        };
+        // SAFETY: read-only map of an executable; a running one cannot be written
+        // (ETXTBSY), and a file changing under an inspect only garbles its report.
+        let map = unsafe { memmap2::Mmap::map(&file) }?;
+        let inspection = inspect::inspect(&map).map_err(|e| anyhow::anyhow!("{what}: {e:#}"))?;
+        println!("{what}\n{inspection}");
+        println!("(inspected in {} ms)", started.elapsed().as_millis());
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -336,7 +380,8 @@ fn main() -> ExitCode {
     let result = runtime.map_err(anyhow::Error::from).and_then(|rt| {
         rt.block_on(async {
             match cli.command {
-                Command::Attach(args) => run::attach(args.try_into()?).await,
+                Command::Attach(args) => run::attach((*args).try_into()?).await,
+                Command::Inspect(args) => args.run(),
             }
         })
     });
@@ -463,7 +508,9 @@ mod tests {
     #[test]
     fn endpoints_bind_loopback_by_default() {
         let cli = Cli::try_parse_from(["brokerprobe", "attach", "--pid", "1"]).unwrap();
-        let Command::Attach(args) = cli.command;
+        let Command::Attach(args) = cli.command else {
+            panic!("attach expected");
+        };
         assert!(args.metrics_addr.ip().is_loopback());
         assert!(args.traces.trace_ui.is_none());
     }

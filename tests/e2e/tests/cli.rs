@@ -322,3 +322,77 @@ fn config_file_settings_apply_and_flags_win() {
         "{stdout}"
     );
 }
+
+fn inspect(args: &[&str]) -> (Output, String) {
+    let out = Command::new(bin("brokerprobe"))
+        .arg("inspect")
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out, stdout)
+}
+
+/// `inspect` tells what a broker offers, by path or PID, stripped or not.
+#[test]
+fn inspect_tells_what_can_be_attached() {
+    let demo = bin("demo-broker");
+    let (out, text) = inspect(&[demo.to_str().unwrap()]);
+    println!("inspect demo-broker:\n{text}");
+    assert!(out.status.success(), "{out:?}");
+    for fact in [
+        "symbol table present",
+        "markers:       ABI v1: 9 of 9",
+        "semaphore: yes",
+        "USDT probes:   none",
+        "framework:     axum",
+        "framework:     reqwest",
+        "[entered once per poll: cannot time a stage]",
+        "attach would use: markers and sockets",
+    ] {
+        assert!(text.contains(fact), "{fact:?} not in:\n{text}");
+    }
+
+    let dir = e2e::harness::scratch_dir("inspect");
+    let stripped = dir.join("demo-broker-stripped");
+    let status = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(&demo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (out, text) = inspect(&[stripped.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    for fact in [
+        "0 in .symtab",
+        "stripped: no symbol table",
+        "markers:       none usable: the binary has no symbol table (stripped)",
+        "frameworks:    none recognised",
+        "attach would use: sockets only",
+    ] {
+        assert!(text.contains(fact), "{fact:?} not in:\n{text}");
+    }
+    let not_elf = dir.join("not-elf");
+    std::fs::write(&not_elf, "#!/bin/sh\n").unwrap();
+    let (out, _) = inspect(&[not_elf.to_str().unwrap()]);
+    assert_one_clear_line(&out, &["not-elf", "not a 64-bit ELF executable"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn inspect_by_pid_reads_the_running_executable() {
+    require_root();
+    let (broker, _) = e2e::harness::start_demo_broker(&[]).unwrap();
+    let (out, text) = inspect(&["--pid", &broker.pid().to_string()]);
+    drop(broker);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.starts_with("PID ") && text.contains("(demo-broker)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("attach would use: markers and sockets"),
+        "{text}"
+    );
+}

@@ -1,0 +1,335 @@
+//! `brokerprobe inspect`: what an executable offers to attach to, without attaching:
+//! markers (and their ABI), SystemTap SDT (USDT) probes, whether symbols are there, and
+//! functions of known frameworks that could delimit stages. One pass over the symbol
+//! tables of the memory-mapped file.
+
+use std::fmt;
+
+use anyhow::{Context as _, Result};
+use object::{
+    Endianness, Object as _, ObjectSymbol as _, SymbolKind,
+    read::elf::{ElfFile64, FileHeader as _, SectionHeader as _},
+};
+
+use crate::target::{MarkerProblem, MarkerScan, find_markers_in};
+
+/// Everything inspect reports about one executable.
+pub struct Inspection {
+    pub size_bytes: u64,
+    pub symtab_symbols: usize,
+    pub dynsym_symbols: usize,
+    pub markers: MarkerScan,
+    pub usdt: Vec<UsdtProbe>,
+    pub frameworks: Vec<Framework>,
+}
+
+/// One `.note.stapsdt` entry.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsdtProbe {
+    pub provider: String,
+    pub name: String,
+    /// Link-time address of the probe point.
+    pub pc: u64,
+    /// Link-time address of its semaphore; 0 when the probe is not gated.
+    pub semaphore: u64,
+    /// Argument specs, e.g. `8@%rdi -4@-12(%rbp)`.
+    pub args: String,
+}
+
+/// Functions of one well-known crate present in the binary.
+pub struct Framework {
+    pub name: &'static str,
+    /// Demangled functions that could begin or end a stage, with why each matters.
+    pub candidates: Vec<Candidate>,
+}
+
+pub struct Candidate {
+    pub function: String,
+    pub stage: &'static str,
+    /// Entered once per poll (an async fn's body, a `poll*` method), so a uprobe on it
+    /// would not time the stage.
+    pub polled: bool,
+}
+
+/// (crate, demangled path prefix, the stage it could delimit).
+const KNOWN_FUNCTIONS: &[(&str, &str, &str)] = &[
+    ("axum", "axum::routing::route::Route", "request routing"),
+    ("axum", "axum::serve::", "inbound connection"),
+    (
+        "hyper",
+        "hyper::proto::h1::dispatch::Dispatcher",
+        "inbound request",
+    ),
+    ("hyper", "hyper::server::conn::", "inbound connection"),
+    (
+        "reqwest",
+        "reqwest::async_impl::client::Client::execute",
+        "upstream call",
+    ),
+    (
+        "reqwest",
+        "reqwest::async_impl::response::Response::chunk",
+        "upstream stream chunk",
+    ),
+    (
+        "reqwest",
+        "reqwest::async_impl::response::Response::bytes",
+        "upstream body",
+    ),
+    (
+        "tokio",
+        "tokio::sync::semaphore::Semaphore::acquire",
+        "key pool wait",
+    ),
+    (
+        "serde_json",
+        "serde_json::ser::to_vec",
+        "response serialization",
+    ),
+    (
+        "serde_json",
+        "serde_json::ser::to_writer",
+        "response serialization",
+    ),
+    (
+        "serde_json",
+        "serde_json::de::from_slice",
+        "request parsing",
+    ),
+];
+
+/// At most this many candidates per framework are listed (generic code repeats).
+const CANDIDATES_SHOWN: usize = 8;
+
+/// Inspects an executable's bytes (malformed ones included: an error, never a panic).
+pub fn inspect(data: &[u8]) -> Result<Inspection> {
+    let markers = find_markers_in(data)?;
+    let elf = ElfFile64::<Endianness, _>::parse(data).context("not a 64-bit ELF executable")?;
+    let mut frameworks: Vec<Framework> = Vec::new();
+    let mut symtab_symbols = 0;
+    for symbol in elf.symbols() {
+        symtab_symbols += 1;
+        if symbol.kind() != SymbolKind::Text || symbol.is_undefined() {
+            continue;
+        }
+        let Ok(name) = symbol.name() else { continue };
+        // Rust paths only; a cheap test before demangling.
+        if !(name.starts_with("_ZN") || name.starts_with("_R")) {
+            continue;
+        }
+        let demangled = format!("{:#}", rustc_demangle::demangle(name));
+        let Some((framework, _, stage)) = KNOWN_FUNCTIONS
+            .iter()
+            .find(|(_, prefix, _)| demangled.starts_with(prefix))
+        else {
+            continue;
+        };
+        let entry = match frameworks.iter_mut().position(|f| f.name == *framework) {
+            Some(i) => &mut frameworks[i],
+            None => {
+                frameworks.push(Framework {
+                    name: framework,
+                    candidates: Vec::new(),
+                });
+                frameworks.last_mut().expect("just pushed")
+            }
+        };
+        let known = entry.candidates.iter().any(|c| c.function == demangled);
+        if !known && entry.candidates.len() < CANDIDATES_SHOWN {
+            entry.candidates.push(Candidate {
+                polled: is_polled(&demangled),
+                function: demangled,
+                stage,
+            });
+        }
+    }
+    Ok(Inspection {
+        size_bytes: data.len() as u64,
+        symtab_symbols,
+        dynsym_symbols: elf.dynamic_symbols().count(),
+        usdt: usdt_probes(&elf, data),
+        frameworks,
+        markers,
+    })
+}
+
+/// An async fn's body (`{{closure}}`) or a `poll*` method: entered once per poll.
+fn is_polled(function: &str) -> bool {
+    let last = function.rsplit("::").next().unwrap_or(function);
+    function.contains("{{closure}}") || last.starts_with("poll")
+}
+
+/// The SystemTap SDT notes: each names a probe point, its semaphore and its arguments.
+fn usdt_probes<'data>(
+    elf: &ElfFile64<'data, Endianness, &'data [u8]>,
+    data: &'data [u8],
+) -> Vec<UsdtProbe> {
+    let endian = elf.endian();
+    let Ok(sections) = elf.elf_header().sections(endian, data) else {
+        return Vec::new();
+    };
+    let mut probes = Vec::new();
+    for section in sections.iter() {
+        if sections.section_name(endian, section) != Ok(b".note.stapsdt".as_slice()) {
+            continue;
+        }
+        let Ok(Some(mut notes)) = section.notes(endian, data) else {
+            continue;
+        };
+        while let Ok(Some(note)) = notes.next() {
+            // NT_STAPSDT (3), owner "stapsdt": pc, base, semaphore, then three strings.
+            if note.name() != b"stapsdt" || note.n_type(endian) != 3 {
+                continue;
+            }
+            if let Some(probe) = parse_sdt_desc(note.desc()) {
+                probes.push(probe);
+            }
+        }
+    }
+    probes
+}
+
+fn parse_sdt_desc(desc: &[u8]) -> Option<UsdtProbe> {
+    let word = |i: usize| -> Option<u64> {
+        let bytes = desc.get(i * 8..i * 8 + 8)?;
+        Some(u64::from_le_bytes(bytes.try_into().ok()?))
+    };
+    let (pc, semaphore) = (word(0)?, word(2)?);
+    let mut strings = desc.get(24..)?.split(|b| *b == 0);
+    let mut text = || {
+        strings
+            .next()
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+    };
+    Some(UsdtProbe {
+        provider: text()?,
+        name: text()?,
+        args: text().unwrap_or_default(),
+        pc,
+        semaphore,
+    })
+}
+
+impl Inspection {
+    /// Which probes `brokerprobe attach` would use.
+    pub fn attach_mode(&self) -> &'static str {
+        match self.markers.problem {
+            None => "markers and sockets",
+            Some(_) => "sockets only",
+        }
+    }
+}
+
+impl fmt::Display for Inspection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let size = match self.size_bytes {
+            bytes if bytes >= 1_000_000 => format!("{:.1} MB", bytes as f64 / 1e6),
+            bytes => format!("{:.1} kB", bytes as f64 / 1e3),
+        };
+        let stripped = if self.symtab_symbols == 0 {
+            "stripped: no symbol table (markers and symbol maps need one)"
+        } else {
+            "symbol table present"
+        };
+        writeln!(f, "size:          {size}")?;
+        writeln!(
+            f,
+            "symbols:       {} in .symtab, {} in .dynsym; {stripped}",
+            self.symtab_symbols, self.dynsym_symbols
+        )?;
+        match &self.markers.problem {
+            None | Some(MarkerProblem::HalfSemaphore) => {
+                let names: Vec<&str> = self
+                    .markers
+                    .markers
+                    .iter()
+                    .map(|m| m.kind.symbol_suffix())
+                    .collect();
+                writeln!(
+                    f,
+                    "markers:       ABI v{}: {} of {} ({}); semaphore: {}",
+                    probe_common::marker::MARKER_ABI_VERSION,
+                    names.len(),
+                    probe_common::marker::MarkerKind::ALL.len(),
+                    names.join(", "),
+                    if self.markers.semaphore.is_some() {
+                        "yes"
+                    } else {
+                        "no"
+                    }
+                )?;
+            }
+            Some(problem) => writeln!(f, "markers:       none usable: {problem}")?,
+        }
+        if self.usdt.is_empty() {
+            writeln!(f, "USDT probes:   none")?;
+        } else {
+            writeln!(f, "USDT probes:   {}", self.usdt.len())?;
+            for probe in &self.usdt {
+                let gate = if probe.semaphore == 0 {
+                    "ungated".to_owned()
+                } else {
+                    format!("semaphore {:#x}", probe.semaphore)
+                };
+                writeln!(
+                    f,
+                    "  {}:{} at {:#x}, {gate}, args: {}",
+                    probe.provider, probe.name, probe.pc, probe.args
+                )?;
+            }
+        }
+        if self.frameworks.is_empty() {
+            writeln!(f, "frameworks:    none recognised")?;
+        }
+        for framework in &self.frameworks {
+            writeln!(f, "framework:     {}", framework.name)?;
+            for candidate in &framework.candidates {
+                let polled = if candidate.polled {
+                    " [entered once per poll: cannot time a stage]"
+                } else {
+                    ""
+                };
+                writeln!(f, "  {} ({}){polled}", candidate.function, candidate.stage)?;
+            }
+        }
+        write!(f, "attach would use: {}", self.attach_mode())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sdt_descriptions_are_read() {
+        let mut desc = Vec::new();
+        for word in [0x1130u64, 0x2000, 0x4010] {
+            desc.extend(word.to_le_bytes());
+        }
+        desc.extend(b"broker\0request_begin\08@%rdi -8@%rsi\0");
+        assert_eq!(
+            parse_sdt_desc(&desc),
+            Some(UsdtProbe {
+                provider: "broker".into(),
+                name: "request_begin".into(),
+                pc: 0x1130,
+                semaphore: 0x4010,
+                args: "8@%rdi -8@%rsi".into(),
+            })
+        );
+        assert_eq!(parse_sdt_desc(&desc[..20]), None);
+    }
+
+    /// This test binary links probe-markers (dev-dependency) and the crates brokers use.
+    #[test]
+    fn this_binary_is_inspected() {
+        let exe = std::fs::read("/proc/self/exe").unwrap();
+        let inspection = inspect(&exe).unwrap();
+        assert!(inspection.symtab_symbols > 1000);
+        assert!(inspection.markers.problem.is_none());
+        assert_eq!(inspection.attach_mode(), "markers and sockets");
+        let text = inspection.to_string();
+        assert!(text.contains("symbol table present"), "{text}");
+        assert!(inspect(b"not an executable").is_err());
+    }
+}
