@@ -4,8 +4,8 @@
 //!   `plain_function` (an ordinary function entry), interleaved over 5 rounds, and prints
 //!   `chunk NS` and `plain_function NS`: the median ns per call.
 //! - `marker_load storm RATE SECONDS`: prints `ready`, waits for a line, then calls
-//!   `chunk` RATE times per second (paced in 1 ms steps) for SECONDS, and prints
-//!   `hits N seconds S`.
+//!   `chunk` RATE times per second (paced in 1 ms steps) for SECONDS, prints
+//!   `hits N seconds S`, and waits for another line (or the end of stdin) to exit.
 
 use std::{
     hint::black_box,
@@ -88,4 +88,8 @@ fn storm(rate: u64, seconds: u64) {
         }
     }
     println!("hits {hits} seconds {:.3}", start.elapsed().as_secs_f64());
+    // Alive until told (or stdin closes): brokerprobe ends its run when its target
+    // exits, and the bench still reads its figures.
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
 }

@@ -82,13 +82,6 @@ const SOCKET_TRACEPOINTS: &[(&str, &str, &[&str])] = &[
 /// it, responses are timed when the broker reads them, and each such read is counted.
 const ARRIVAL_TRACEPOINT: (&str, &str, &str) = ("sk_ready", "sock", "sk_data_ready");
 
-/// What to attach.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Families {
-    pub markers: bool,
-    pub sockets: bool,
-}
-
 /// What loading yields: the probes, and the maps they write, which outlive them so that
 /// what was written before the detach can still be read.
 pub struct Session {

@@ -12,17 +12,16 @@ use clap::{ArgAction, Command};
 /// the command line's own (which, coming later, win). Without `--config`, `args` as is.
 /// `attach` is the subcommand the settings are for.
 pub fn expand(args: Vec<OsString>, attach: &Command) -> Result<Vec<OsString>, String> {
-    let Some(path) = config_path(&args) else {
+    // After the subcommand's name: the settings are its flags.
+    let Some(at) = args.iter().position(|a| a == "attach").map(|i| i + 1) else {
+        return Ok(args);
+    };
+    let Some(path) = config_path(&args[at..]) else {
         return Ok(args);
     };
     let text = std::fs::read_to_string(&path)
         .map_err(|e| format!("reading the config file {}: {e}", path.display()))?;
     let settings = settings(&path, &text, attach)?;
-    // After the subcommand's name: the settings are its flags.
-    let at = args
-        .iter()
-        .position(|a| a == "attach")
-        .map_or(args.len(), |i| i + 1);
     let mut expanded = args[..at].to_vec();
     expanded.extend(settings.into_iter().map(OsString::from));
     expanded.extend_from_slice(&args[at..]);

@@ -26,7 +26,7 @@ use probe_common::{event::Counter, maps::EVENTS_POLL_MS};
 
 use crate::{
     assembly::Assembler,
-    attach::{Families, KernelCounters, Probes, Session, check_privileges},
+    attach::{KernelCounters, Probes, Session, check_privileges},
     clock::monotonic_ns,
     connections::{Connections, Progress, UpstreamNames},
     decode::{Record, decode},
@@ -213,8 +213,9 @@ fn wants_sockets(options: &AttachOptions) -> bool {
     options.mode == Mode::Sockets || options.sockets
 }
 
-/// The probe families for this target, or why it cannot be profiled.
-fn families(options: &AttachOptions, target: &Target) -> Result<Families> {
+/// Whether this target gets its markers probed (its sockets are, if wanted at all), or
+/// why it cannot be profiled.
+fn uses_markers(options: &AttachOptions, target: &Target) -> Result<bool> {
     let problem = target.marker_problem.as_ref();
     let describe = |problem| {
         format!(
@@ -225,14 +226,8 @@ fn families(options: &AttachOptions, target: &Target) -> Result<Families> {
         )
     };
     match (options.mode, problem) {
-        (Mode::Sockets, _) => Ok(Families {
-            markers: false,
-            sockets: true,
-        }),
-        (Mode::Markers | Mode::Auto, None) => Ok(Families {
-            markers: true,
-            sockets: options.sockets,
-        }),
+        (Mode::Sockets, _) => Ok(false),
+        (Mode::Markers | Mode::Auto, None) => Ok(true),
         (Mode::Markers, Some(problem)) => anyhow::bail!("{}", describe(problem)),
         (Mode::Auto, Some(problem)) if !options.sockets => anyhow::bail!(
             "{}; and --no-sockets leaves nothing to follow",
@@ -244,10 +239,7 @@ fn families(options: &AttachOptions, target: &Target) -> Result<Families> {
                  broker's inbound requests and upstream calls from its TCP sockets (no stages)",
                 describe(problem)
             );
-            Ok(Families {
-                markers: false,
-                sockets: true,
-            })
+            Ok(false)
         }
     }
 }
@@ -325,7 +317,8 @@ struct Found {
     target: Target,
     /// Watches this very process, whatever later reuses its PID.
     exit: ExitWatch,
-    families: Families,
+    /// Its markers are probed (else only its sockets).
+    markers: bool,
 }
 
 /// The process `pid`, and a watch on its exit.
@@ -338,11 +331,11 @@ fn open(pid: u32) -> Result<(Target, ExitWatch)> {
 
 /// Which probes an opened process gets (said when it cannot have its markers).
 fn find(options: &AttachOptions, (target, exit): (Target, ExitWatch)) -> Result<Found> {
-    let families = families(options, &target)?;
+    let markers = uses_markers(options, &target)?;
     Ok(Found {
         target,
         exit,
-        families,
+        markers,
     })
 }
 
@@ -366,14 +359,14 @@ struct Run<'a> {
 
 impl Run<'_> {
     /// Attaches to one process and announces it.
-    fn follow(&mut self, found: Found, pipeline: &mut Pipeline) -> Result<()> {
+    fn attach_process(&mut self, found: Found, pipeline: &mut Pipeline) -> Result<()> {
         let Found {
             target,
             exit,
-            families,
+            markers: with_markers,
         } = found;
         let pid = target.pid;
-        let markers = self.probes.add(&target, families.markers)?;
+        let markers = self.probes.add(&target, with_markers)?;
         if self.socket_tracepoints > 0 {
             // After attaching: a connection opened meanwhile is listed here or, if its
             // handshake was not done yet, learned from /proc at its first I/O.
@@ -392,7 +385,7 @@ impl Run<'_> {
             }
         }
         let replica = self.processes.insert(pid, exit);
-        let mode = match (families.markers, self.socket_tracepoints > 0) {
+        let mode = match (with_markers, self.socket_tracepoints > 0) {
             (true, true) => "markers+sockets",
             (true, false) => "markers",
             _ => "sockets",
@@ -403,7 +396,7 @@ impl Run<'_> {
             name: target.name.clone(),
             mode,
         });
-        let what = match (families.markers, self.socket_tracepoints > 0) {
+        let what = match (with_markers, self.socket_tracepoints > 0) {
             (true, true) => format!(
                 "{markers} markers and {} socket tracepoints",
                 self.socket_tracepoints
@@ -417,7 +410,7 @@ impl Run<'_> {
             target.exe_display.display(),
             self.metrics_url
         );
-        if families.markers && !target.missing.is_empty() {
+        if with_markers && !target.missing.is_empty() {
             let names: Vec<String> = target.missing.iter().map(|k| marker_symbol(*k)).collect();
             log::info!("not in PID {pid} (never called): {}", names.join(", "));
         }
@@ -433,7 +426,7 @@ impl Run<'_> {
             }
             let followed = open(pid)
                 .and_then(|opened| find(self.options, opened))
-                .and_then(|found| self.follow(found, pipeline));
+                .and_then(|found| self.attach_process(found, pipeline));
             if refused(selector, pid, followed).is_none() {
                 self.processes.refused.insert(pid);
             }
@@ -558,7 +551,7 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
         );
     }
     for found in found {
-        run.follow(found, &mut pipeline)?;
+        run.attach_process(found, &mut pipeline)?;
     }
     if let Targets::Follow(selector) = &options.targets
         && run.processes.is_empty()
