@@ -185,7 +185,8 @@ pub struct AssemblyStats {
     /// Events of requests not being tracked: begun before the attach, or already dropped
     /// as expired or over the open-request bound.
     pub orphan_events: u64,
-    /// Requests whose end never came within the timeout.
+    /// Requests whose end never came: not within the timeout, or not before their
+    /// process exited.
     pub expired: u64,
     /// Requests that ran while the ring buffer was full: some of their events may be
     /// missing, so they are not reported as if whole.

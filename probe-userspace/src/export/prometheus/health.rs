@@ -81,7 +81,7 @@ const HEALTH_COUNTERS: &[HealthCounter] = &[
     ),
     (
         "brokerprobe_requests_expired_total",
-        "Requests dropped because their end never came.",
+        "Requests dropped because their end never came (timeout, or their process exited).",
         None,
         |h| h.assembly.expired,
     ),
