@@ -9,7 +9,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        TracePoint, UProbe,
+        Program, ProgramError, TracePoint, UProbe,
         uprobe::{UProbeLinkId, UProbeScope},
     },
 };
@@ -142,14 +142,10 @@ impl Session {
         let armed = Array::try_from(take_map(&mut ebpf, "ARMED")?)?;
         let traced = HashMap::try_from(take_map(&mut ebpf, "TRACED_PROCESSES")?)?;
         for kind in MarkerKind::ALL {
-            let program = kind.symbol_suffix();
-            let uprobe: &mut UProbe = ebpf
-                .program_mut(program)
-                .with_context(|| format!("eBPF program {program} missing"))?
-                .try_into()?;
-            uprobe
+            let name = kind.symbol_suffix();
+            program::<UProbe>(&mut ebpf, name)?
                 .load()
-                .with_context(|| format!("loading eBPF program {program}"))?;
+                .with_context(|| format!("loading eBPF program {name}"))?;
         }
         let socket_tracepoints = if sockets {
             attach_socket_tracepoints(&mut ebpf)?
@@ -208,12 +204,7 @@ impl Probes {
         markers.sort_by_key(|marker| marker.kind == MarkerKind::RequestBegin);
         for marker in &markers {
             let program = marker.kind.symbol_suffix();
-            let uprobe: &mut UProbe = self
-                .ebpf
-                .program_mut(program)
-                .with_context(|| format!("eBPF program {program} missing"))?
-                .try_into()?;
-            let link = uprobe
+            let link = self::program::<UProbe>(&mut self.ebpf, program)?
                 .attach(
                     marker.file_offset,
                     &target.exe,
@@ -254,15 +245,12 @@ impl Probes {
             return;
         };
         let mut links = Vec::new();
-        for (program, link) in process.links {
-            let taken = self
-                .ebpf
-                .program_mut(program)
-                .map(<&mut UProbe>::try_from)
-                .map(|uprobe| uprobe.map(|uprobe| uprobe.take_link(link)));
+        for (name, link) in process.links {
+            let taken = program::<UProbe>(&mut self.ebpf, name)
+                .and_then(|uprobe| Ok(uprobe.take_link(link)?));
             match taken {
-                Some(Ok(Ok(link))) => links.push(link),
-                _ => log::debug!("PID {pid}: detaching {program} failed (already gone?)"),
+                Ok(link) => links.push(link),
+                Err(e) => log::debug!("PID {pid}: detaching {name}: {e:#}"),
             }
         }
         let semaphore = process.semaphore;
@@ -305,6 +293,17 @@ impl Probes {
     }
 }
 
+/// Program `name` of the object, as the kind it is.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .with_context(|| format!("eBPF program {name} missing"))?;
+    Ok(program.try_into()?)
+}
+
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name)
         .with_context(|| format!("eBPF map {name} missing from the object"))
@@ -312,14 +311,11 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
 
 fn attach_socket_tracepoints(ebpf: &mut Ebpf) -> Result<u32> {
     let mut attached = 0;
-    for (program, category, tracepoints) in SOCKET_TRACEPOINTS {
-        let tracepoint: &mut TracePoint = ebpf
-            .program_mut(program)
-            .with_context(|| format!("eBPF program {program} missing"))?
-            .try_into()?;
+    for (program_name, category, tracepoints) in SOCKET_TRACEPOINTS {
+        let tracepoint = program::<TracePoint>(ebpf, program_name)?;
         tracepoint
             .load()
-            .with_context(|| format!("loading eBPF program {program}"))?;
+            .with_context(|| format!("loading eBPF program {program_name}"))?;
         for name in *tracepoints {
             tracepoint.attach(category, name).with_context(|| {
                 format!(
@@ -330,14 +326,11 @@ fn attach_socket_tracepoints(ebpf: &mut Ebpf) -> Result<u32> {
             attached += 1;
         }
     }
-    let (program, category, name) = ARRIVAL_TRACEPOINT;
-    let arrivals: &mut TracePoint = ebpf
-        .program_mut(program)
-        .with_context(|| format!("eBPF program {program} missing"))?
-        .try_into()?;
+    let (program_name, category, name) = ARRIVAL_TRACEPOINT;
+    let arrivals = program::<TracePoint>(ebpf, program_name)?;
     arrivals
         .load()
-        .with_context(|| format!("loading eBPF program {program}"))?;
+        .with_context(|| format!("loading eBPF program {program_name}"))?;
     match arrivals.attach(category, name) {
         Ok(_) => attached += 1,
         Err(e) => log::warn!(

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use super::run::{Service, cpu_time, listening, median, rss_kb};
+use super::run::{Service, attached_brokerprobe, cpu_time, listening, median, rss_kb};
 use crate::{cargo, run, workspace_root};
 
 /// Requests per second of the two measured loads.
@@ -47,19 +47,12 @@ pub fn loads(bins: &Path) -> Result<Vec<Load>> {
     RATES
         .iter()
         .map(|rate| {
-            let mut probe = Service::start(
-                "brokerprobe",
-                Command::new(bins.join("brokerprobe")).args([
-                    "attach",
-                    "--pid",
-                    &broker.pid().to_string(),
-                    "--metrics-addr",
-                    "127.0.0.1:0",
-                    "--otlp-endpoint",
-                    &format!("http://{otlp}/v1/traces"),
-                ]),
+            let endpoint = format!("http://{otlp}/v1/traces");
+            let probe = attached_brokerprobe(
+                Command::new(bins.join("brokerprobe")),
+                broker.pid(),
+                &["--otlp-endpoint", &endpoint],
             )?;
-            probe.wait_for("brokerprobe: attached", Duration::from_secs(60))?;
             let cpu_before = cpu_time(probe.pid())?;
             let out = Command::new(bins.join("loadgen"))
                 .args([
@@ -103,18 +96,11 @@ pub fn attach(bins: &Path) -> Result<Attach> {
     let (mut attached, mut first) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         let started = Instant::now();
-        let mut probe = Service::start(
-            "brokerprobe",
-            Command::new(bins.join("brokerprobe")).args([
-                "attach",
-                "--pid",
-                &broker.pid().to_string(),
-                "--no-sockets",
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ]),
+        let mut probe = attached_brokerprobe(
+            Command::new(bins.join("brokerprobe")),
+            broker.pid(),
+            &["--no-sockets"],
         )?;
-        probe.wait_for("brokerprobe: attached", Duration::from_secs(60))?;
         attached.push(started.elapsed().as_secs_f64() * 1e3);
         probe.wait_for("first event", Duration::from_secs(60))?;
         first.push(started.elapsed().as_secs_f64() * 1e3);

@@ -5,7 +5,7 @@ use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result};
 
-use super::run::{Service, set_semaphore};
+use super::run::{Service, attached_brokerprobe, set_semaphore};
 use crate::cargo;
 
 /// Calls per case and round with probes attached (each round also fills brokerprobe's
@@ -64,18 +64,11 @@ pub fn attached(bins: &Path) -> Result<Attached> {
 
     // brokerprobe on every marker (the plain function has no probe).
     let mut load = start()?;
-    let mut probe = Service::start(
-        "brokerprobe",
-        Command::new(bins.join("brokerprobe")).args([
-            "attach",
-            "--pid",
-            &load.pid().to_string(),
-            "--no-sockets",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ]),
+    let probe = attached_brokerprobe(
+        Command::new(bins.join("brokerprobe")),
+        load.pid(),
+        &["--no-sockets"],
     )?;
-    probe.wait_for("brokerprobe: attached", Duration::from_secs(60))?;
     load.go()?;
     let (marker_brokerprobe, plain_unprobed) = results(&mut load)?;
     let lines = probe.stop(libc::SIGINT)?;

@@ -9,7 +9,9 @@ use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 
-use super::run::{Service, cpu_time, field, listening, median, set_semaphore};
+use super::run::{
+    Service, attached_brokerprobe, cpu_time, field, listening, median, set_semaphore,
+};
 
 pub const SETUPS: [Setup; 5] = [Setup::A, Setup::B, Setup::C, Setup::D, Setup::E];
 
@@ -233,16 +235,9 @@ impl Bench<'_> {
 
     /// What the set-up attaches to the broker, attached.
     fn attach(&self, setup: Setup) -> Result<Option<Service>> {
-        let pid = self.broker.pid().to_string();
-        let brokerprobe = |extra: &[&str]| -> Result<Service> {
-            let mut probe = Service::start(
-                "brokerprobe",
-                Command::new(self.bins.join("brokerprobe"))
-                    .args(["attach", "--pid", &pid, "--metrics-addr", "127.0.0.1:0"])
-                    .args(extra),
-            )?;
-            probe.wait_for("brokerprobe: attached", Duration::from_secs(60))?;
-            Ok(probe)
+        let pid = self.broker.pid();
+        let brokerprobe = |extra: &[&str]| {
+            attached_brokerprobe(Command::new(self.bins.join("brokerprobe")), pid, extra)
         };
         Ok(match setup {
             Setup::A | Setup::D => None,
@@ -257,7 +252,8 @@ impl Bench<'_> {
                 ])?)
             }
             Setup::E => {
-                set_semaphore(self.broker.pid(), 1)?;
+                set_semaphore(pid, 1)?;
+                let pid = pid.to_string();
                 let mut bpftrace = Service::start(
                     "bpftrace",
                     Command::new("bpftrace").args(["-p", &pid, "-e", &bpftrace_script(&pid)]),

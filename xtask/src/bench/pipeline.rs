@@ -6,7 +6,7 @@ use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result};
 
-use super::run::{Service, cpu_time, rss_kb};
+use super::run::{Service, attached_brokerprobe, cpu_time, rss_kb};
 
 /// Hits per second asked of the generator (the last is more than one core makes).
 const RATES: [u64; 5] = [250_000, 500_000, 1_000_000, 2_000_000, 8_000_000];
@@ -62,21 +62,9 @@ fn step(bins: &Path, rate: u64, stalled: Option<Duration>) -> Result<Step> {
             .args(["storm", &rate.to_string(), SECONDS]),
     )?;
     generator.wait_for("ready", Duration::from_secs(10))?;
-    let mut probe = Service::start(
-        "brokerprobe",
-        Command::new("taskset")
-            .args(["-c", "0"])
-            .arg(bins.join("brokerprobe"))
-            .args([
-                "attach",
-                "--pid",
-                &generator.pid().to_string(),
-                "--no-sockets",
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ]),
-    )?;
-    probe.wait_for("brokerprobe: attached", Duration::from_secs(60))?;
+    let mut brokerprobe = Command::new("taskset");
+    brokerprobe.args(["-c", "0"]).arg(bins.join("brokerprobe"));
+    let probe = attached_brokerprobe(brokerprobe, generator.pid(), &["--no-sockets"])?;
     let rss_before_kb = rss_kb(probe.pid())?;
     let cpu_before = cpu_time(probe.pid())?;
     generator.go()?;

@@ -9,6 +9,20 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+/// `brokerprobe attach --pid PID --metrics-addr 127.0.0.1:0 EXTRA...`, once attached;
+/// `brokerprobe` runs it (directly, or under `taskset`).
+pub fn attached_brokerprobe(mut brokerprobe: Command, pid: u32, extra: &[&str]) -> Result<Service> {
+    let pid = pid.to_string();
+    let mut probe = Service::start(
+        "brokerprobe",
+        brokerprobe
+            .args(["attach", "--pid", &pid, "--metrics-addr", "127.0.0.1:0"])
+            .args(extra),
+    )?;
+    probe.wait_for("brokerprobe: attached", Duration::from_secs(60))?;
+    Ok(probe)
+}
+
 /// A child whose stdout lines are collected; stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Service {
     pub name: String,
