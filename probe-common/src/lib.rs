@@ -8,3 +8,4 @@ pub mod event;
 pub mod maps;
 pub mod marker;
 pub mod socket;
+pub mod usdt;

@@ -28,3 +28,6 @@ pub const MAX_CONNECTING: u32 = 4096;
 
 /// Kernel sockets (`struct sock *`) of followed fds, so softirq events can find them (LRU).
 pub const MAX_SOCKET_ADDRESSES: u32 = MAX_SOCKETS;
+
+/// USDT probe sites (process, address) followed at once, over all processes.
+pub const MAX_USDT_SITES: u32 = 4096;

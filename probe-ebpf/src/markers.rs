@@ -5,7 +5,10 @@
 //! `request_begin` to `brokerprobe_v1_request_begin`.
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, generated::bpf_probe_read_user},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_probe_read_user, bpf_probe_read_user_str},
+    },
     macros::uprobe,
     programs::ProbeContext,
 };
@@ -17,8 +20,16 @@ use probe_common::{
 
 use crate::events::{EVENTS, armed, count_loss, current_task, losses, submit_flags};
 
-/// A string argument: registers holding (pointer, length).
-type TextArgs = Option<(usize, usize)>;
+/// Where a string of a hit comes from.
+pub enum Text<'a> {
+    None,
+    /// (pointer, length) in the broker's memory: the marker ABI.
+    Sized(usize, usize),
+    /// A NUL-terminated string in the broker's memory: SDT probes.
+    Terminated(usize),
+    /// Bytes brokerprobe gave the kernel (a stage named by a USDT stage map).
+    Fixed(&'a [u8; TEXT_CAP], u32),
+}
 
 #[inline(always)]
 fn arg(ctx: &ProbeContext, n: usize) -> u64 {
@@ -26,9 +37,11 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
 }
 
 #[inline(always)]
-fn text_arg(ctx: &ProbeContext, ptr: usize, len: usize) -> TextArgs {
-    let (ptr, len) = (arg(ctx, ptr) as usize, arg(ctx, len) as usize);
-    (ptr != 0 && len != 0).then_some((ptr, len))
+fn text_arg(ctx: &ProbeContext, ptr: usize, len: usize) -> Text<'static> {
+    match (arg(ctx, ptr) as usize, arg(ctx, len) as usize) {
+        (0, _) | (_, 0) => Text::None,
+        (ptr, len) => Text::Sized(ptr, len),
+    }
 }
 
 /// The shape request_end and stage_begin/end share: a 32-bit value (status or stage),
@@ -36,18 +49,30 @@ fn text_arg(ctx: &ProbeContext, ptr: usize, len: usize) -> TextArgs {
 #[inline(always)]
 fn emit_value_and_text(ctx: &ProbeContext, kind: MarkerKind) -> u32 {
     let values = [arg(ctx, 1) as u32 as u64, 0];
-    emit(ctx, kind, values, [text_arg(ctx, 2, 3), None])
+    emit(ctx, kind, values, [text_arg(ctx, 2, 3), Text::None])
 }
 
+/// A marker hit: its request id is the first argument.
 #[inline(always)]
-fn emit(ctx: &ProbeContext, kind: MarkerKind, values: [u64; 2], texts: [TextArgs; 2]) -> u32 {
+fn emit(ctx: &ProbeContext, kind: MarkerKind, values: [u64; 2], texts: [Text; 2]) -> u32 {
+    emit_event(ctx, kind, arg(ctx, 0), values, texts)
+}
+
+/// Writes one [`MarkerEvent`], whichever probe family saw the hit.
+#[inline(always)]
+pub fn emit_event(
+    ctx: &ProbeContext,
+    kind: MarkerKind,
+    request_id: u64,
+    values: [u64; 2],
+    texts: [Text; 2],
+) -> u32 {
     if !armed() {
         return 0;
     }
     // SAFETY: reading the clock has no preconditions.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
     let (pid, tid) = current_task();
-    let request_id = arg(ctx, 0);
     let Some(mut entry) = EVENTS.reserve::<MarkerEvent>(0) else {
         if count_loss(Counter::MarkerEventsLost) == 0 {
             warn!(
@@ -71,21 +96,47 @@ fn emit(ctx: &ProbeContext, kind: MarkerKind, values: [u64; 2], texts: [TextArgs
     event.read_failed = 0;
     for (slot, text) in texts.iter().enumerate() {
         event.text_len[slot] = 0;
-        if let Some((ptr, len)) = *text {
-            let copy = if len < TEXT_CAP { len } else { TEXT_CAP };
-            // SAFETY: copies at most TEXT_CAP bytes into the event's own buffer; a bad
-            // user pointer makes the helper fail, it cannot fault.
-            let rc = unsafe {
-                bpf_probe_read_user(
-                    event.text[slot].as_mut_ptr().cast(),
-                    copy as u32,
-                    ptr as *const core::ffi::c_void,
-                )
-            };
-            if rc == 0 {
-                event.text_len[slot] = len.min(u32::MAX as usize) as u32;
-            } else {
-                event.read_failed |= 1 << slot;
+        let buffer = &mut event.text[slot];
+        match *text {
+            Text::None => {}
+            Text::Sized(ptr, len) => {
+                let copy = if len < TEXT_CAP { len } else { TEXT_CAP };
+                // SAFETY: copies at most TEXT_CAP bytes into the event's own buffer; a bad
+                // user pointer makes the helper fail, it cannot fault.
+                let rc = unsafe {
+                    bpf_probe_read_user(
+                        buffer.as_mut_ptr().cast(),
+                        copy as u32,
+                        ptr as *const core::ffi::c_void,
+                    )
+                };
+                if rc == 0 {
+                    event.text_len[slot] = len.min(u32::MAX as usize) as u32;
+                } else {
+                    event.read_failed |= 1 << slot;
+                }
+            }
+            Text::Terminated(ptr) => {
+                // SAFETY: as above; the helper stops at TEXT_CAP bytes, NUL included.
+                let rc = unsafe {
+                    bpf_probe_read_user_str(
+                        buffer.as_mut_ptr().cast(),
+                        TEXT_CAP as u32,
+                        ptr as *const core::ffi::c_void,
+                    )
+                };
+                if rc <= 0 {
+                    event.read_failed |= 1 << slot;
+                } else if rc as usize >= TEXT_CAP {
+                    // The buffer filled up: the string may go on (its length is unknown).
+                    event.text_len[slot] = TEXT_CAP as u32 + 1;
+                } else {
+                    event.text_len[slot] = rc as u32 - 1;
+                }
+            }
+            Text::Fixed(bytes, len) => {
+                *buffer = *bytes;
+                event.text_len[slot] = len;
             }
         }
     }
@@ -120,24 +171,34 @@ pub fn provider(ctx: ProbeContext) -> u32 {
         &ctx,
         MarkerKind::Provider,
         [0; 2],
-        [text_arg(&ctx, 1, 2), None],
+        [text_arg(&ctx, 1, 2), Text::None],
     )
 }
 
 #[uprobe]
 pub fn first_byte(ctx: ProbeContext) -> u32 {
-    emit(&ctx, MarkerKind::FirstByte, [0; 2], [None, None])
+    emit(
+        &ctx,
+        MarkerKind::FirstByte,
+        [0; 2],
+        [Text::None, Text::None],
+    )
 }
 
 #[uprobe]
 pub fn chunk(ctx: ProbeContext) -> u32 {
-    emit(&ctx, MarkerKind::Chunk, [0; 2], [None, None])
+    emit(&ctx, MarkerKind::Chunk, [0; 2], [Text::None, Text::None])
 }
 
 #[uprobe]
 pub fn token_usage(ctx: ProbeContext) -> u32 {
     let values = [arg(&ctx, 1), arg(&ctx, 2)];
-    emit(&ctx, MarkerKind::TokenUsage, values, [None, None])
+    emit(
+        &ctx,
+        MarkerKind::TokenUsage,
+        values,
+        [Text::None, Text::None],
+    )
 }
 
 #[uprobe]

@@ -1,8 +1,12 @@
 //! Loads brokerprobe's eBPF object and attaches it to the broker's processes: one uprobe per
-//! marker and process, and the socket tracepoints (filtered in the kernel to those
-//! processes). Dropping [`Probes`] detaches them.
+//! marker (or mapped USDT probe site) and process, and the socket tracepoints (filtered in
+//! the kernel to those processes). Dropping [`Probes`] detaches them.
 
-use std::{fs, num::NonZeroU32, os::fd::OwnedFd};
+use std::{
+    fs,
+    num::NonZeroU32,
+    os::fd::{AsFd as _, OwnedFd},
+};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
@@ -18,13 +22,18 @@ use probe_common::{
     event::Counter,
     marker::MarkerKind,
     socket::{SocketState, socket_key},
+    usdt::{UsdtSite, UsdtSpec},
 };
 
 use crate::{
     procnet::OpenSocket,
     semaphore,
     target::{Target, marker_symbol},
+    usdt::{MappedProbe, runtime_address},
 };
+
+/// The eBPF program every USDT probe site runs (probe-ebpf/src/usdt.rs).
+const USDT_PROGRAM: &str = "usdt";
 
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
@@ -103,14 +112,29 @@ pub struct Probes {
     /// The socket probes' process filter.
     traced: HashMap<MapData, u32, u8>,
     sockets: HashMap<MapData, u64, SocketState>,
+    /// What each USDT probe site's hits mean, per process.
+    usdt_sites: HashMap<MapData, UsdtSite, UsdtSpec>,
     processes: std::collections::HashMap<u32, ProcessProbes>,
 }
 
-/// One process's marker uprobes and semaphore hold.
+/// Where a process's request timelines come from.
+pub enum Stages {
+    /// probe-markers' marker functions.
+    Markers,
+    /// USDT probes, through a probe map (docs/modes/usdt.md).
+    Usdt(Vec<MappedProbe>),
+    /// None: only its sockets are followed.
+    None,
+}
+
+/// One process's marker uprobes and semaphore hold, or its USDT probe sites.
 struct ProcessProbes {
     links: Vec<(&'static str, UProbeLinkId)>,
     /// Holds the broker's marker semaphore up (docs/markers.md).
     semaphore: Option<OwnedFd>,
+    /// One perf event per USDT probe site, which also holds the site's semaphore up.
+    usdt_events: Vec<OwnedFd>,
+    usdt_sites: Vec<UsdtSite>,
 }
 
 /// The kernel's per-CPU counters ([`Counter`]), summed.
@@ -141,8 +165,9 @@ impl Session {
         let sockets_map = HashMap::try_from(take_map(&mut ebpf, "SOCKETS")?)?;
         let armed = Array::try_from(take_map(&mut ebpf, "ARMED")?)?;
         let traced = HashMap::try_from(take_map(&mut ebpf, "TRACED_PROCESSES")?)?;
-        for kind in MarkerKind::ALL {
-            let name = kind.symbol_suffix();
+        let usdt_sites = HashMap::try_from(take_map(&mut ebpf, "USDT_SITES")?)?;
+        let programs = MarkerKind::ALL.map(MarkerKind::symbol_suffix);
+        for name in programs.into_iter().chain([USDT_PROGRAM]) {
             program::<UProbe>(&mut ebpf, name)?
                 .load()
                 .with_context(|| format!("loading eBPF program {name}"))?;
@@ -158,6 +183,7 @@ impl Session {
                 armed,
                 traced,
                 sockets: sockets_map,
+                usdt_sites,
                 processes: std::collections::HashMap::new(),
             },
             events,
@@ -172,9 +198,9 @@ impl Session {
 }
 
 impl Probes {
-    /// Starts following `target`: its sockets, and its markers if `markers`. Returns the
-    /// markers attached. On failure nothing of it stays attached.
-    pub fn add(&mut self, target: &Target, markers: bool) -> Result<u32> {
+    /// Starts following `target`: its sockets, and its `stages`. Returns the uprobes
+    /// attached. On failure nothing of it stays attached.
+    pub fn add(&mut self, target: &Target, stages: &Stages) -> Result<u32> {
         self.traced
             .insert(target.pid, 1, 0)
             .context("registering the PID with the socket probes (64 processes at most)")?;
@@ -183,12 +209,14 @@ impl Probes {
             ProcessProbes {
                 links: Vec::new(),
                 semaphore: None,
+                usdt_events: Vec::new(),
+                usdt_sites: Vec::new(),
             },
         );
-        let attached = if markers {
-            self.attach_markers(target)
-        } else {
-            Ok(0)
+        let attached = match stages {
+            Stages::Markers => self.attach_markers(target),
+            Stages::Usdt(probes) => self.attach_usdt(target, probes),
+            Stages::None => Ok(0),
         };
         if attached.is_err() {
             self.remove(target.pid);
@@ -237,6 +265,43 @@ impl Probes {
         Ok(markers.len() as u32)
     }
 
+    fn attach_usdt(&mut self, target: &Target, probes: &[MappedProbe]) -> Result<u32> {
+        let program = self::program::<UProbe>(&mut self.ebpf, USDT_PROGRAM)?
+            .fd()?
+            .as_fd()
+            .try_clone_to_owned()?;
+        // As with markers: a request is tracked only once every other probe is in place.
+        let mut probes: Vec<&MappedProbe> = probes.iter().collect();
+        probes.sort_by_key(|probe| probe.kind == MarkerKind::RequestBegin);
+        for probe in &probes {
+            let site = UsdtSite {
+                pid: target.pid,
+                _reserved: 0,
+                address: runtime_address(target.pid, &target.exe, probe.file_offset)
+                    .with_context(|| format!("locating USDT probe {probe} in memory"))?,
+            };
+            self.usdt_sites
+                .insert(site, probe.spec, 0)
+                .with_context(|| format!("registering USDT probe {probe}"))?;
+            let process = self
+                .processes
+                .get_mut(&target.pid)
+                .context("process not registered")?;
+            process.usdt_sites.push(site);
+            let event = semaphore::attach_counted(
+                &target.exe,
+                target.pid,
+                probe.file_offset,
+                probe.semaphore_offset,
+                program.as_fd(),
+            )
+            .with_context(|| format!("attaching to USDT probe {probe}"))?;
+            process.usdt_events.push(event);
+            log::debug!("PID {}: attached USDT probe {probe}", target.pid);
+        }
+        Ok(probes.len() as u32)
+    }
+
     /// Stops following `pid` (it exited, or attaching it failed). The kernel takes about
     /// 0.1 s to unregister each uprobe, so they go on a thread of their own while the
     /// other processes' events keep being read.
@@ -253,15 +318,21 @@ impl Probes {
                 Err(e) => log::debug!("PID {pid}: detaching {name}: {e:#}"),
             }
         }
-        let semaphore = process.semaphore;
-        std::thread::spawn(move || drop((links, semaphore)));
+        for site in &process.usdt_sites {
+            let _ = self.usdt_sites.remove(site);
+        }
+        let (semaphore, usdt_events) = (process.semaphore, process.usdt_events);
+        std::thread::spawn(move || drop((links, semaphore, usdt_events)));
         // A dead process's entry may already be gone: nothing to say then.
         let _ = self.traced.remove(&pid);
     }
 
-    /// Marker uprobes attached, all processes together.
+    /// Marker and USDT uprobes attached, all processes together.
     pub fn markers(&self) -> u32 {
-        self.processes.values().map(|p| p.links.len() as u32).sum()
+        self.processes
+            .values()
+            .map(|p| (p.links.len() + p.usdt_events.len()) as u32)
+            .sum()
     }
 
     /// Lets the kernel follow sockets opened before the attach, so that their closes and

@@ -262,7 +262,18 @@ fn decode_marker(raw: MarkerEvent) -> Result<Event, DecodeError> {
     let stage = || -> Result<StageId, DecodeError> {
         let wire = raw.values[0] as u32;
         match Stage::from_wire(wire).ok_or(DecodeError::Stage(wire))? {
-            Stage::Custom => Ok(StageId::Custom(text(0))),
+            // A stage named at run time (USDT probes may pass it) may be a known one.
+            Stage::Custom => {
+                let name = text(0);
+                Ok(
+                    match Stage::ALL.into_iter().find(|s| {
+                        !matches!(s, Stage::Custom | Stage::ToolExecute) && s.name() == name
+                    }) {
+                        Some(known) => StageId::Known(known),
+                        None => StageId::Custom(name),
+                    },
+                )
+            }
             Stage::ToolExecute => Ok(StageId::Tool(text(0))),
             known => Ok(StageId::Known(known)),
         }
@@ -426,6 +437,20 @@ mod tests {
             panic!()
         };
         assert_eq!((id.name(), id.tool()), ("tool.execute", Some("get_time")));
+        // A stage named at run time (a USDT probe's argument) that is a known stage is it;
+        // tool.execute needs its tool, so by name it stays a custom stage.
+        let mut raw = with_text(event(MarkerKind::StageBegin), 0, b"upstream.chat", 13);
+        raw.values[0] = Stage::Custom as u64;
+        assert_eq!(
+            marker(&raw).what,
+            What::StageBegin(StageId::Known(Stage::UpstreamChat))
+        );
+        let mut raw = with_text(event(MarkerKind::StageBegin), 0, b"tool.execute", 12);
+        raw.values[0] = Stage::Custom as u64;
+        assert_eq!(
+            marker(&raw).what,
+            What::StageBegin(StageId::Custom("tool.execute".into()))
+        );
     }
 
     #[test]

@@ -6,12 +6,12 @@
 use std::fmt;
 
 use anyhow::{Context as _, Result};
-use object::{
-    Endianness, Object as _, ObjectSymbol as _, SymbolKind,
-    read::elf::{ElfFile64, FileHeader as _, SectionHeader as _},
-};
+use object::{Endianness, Object as _, ObjectSymbol as _, SymbolKind, read::elf::ElfFile64};
 
-use crate::target::{MarkerProblem, MarkerScan, find_markers_in};
+use crate::{
+    target::{MarkerProblem, MarkerScan, find_markers_in},
+    usdt::{SdtNote, sdt_notes},
+};
 
 /// Everything inspect reports about one executable.
 pub struct Inspection {
@@ -19,21 +19,8 @@ pub struct Inspection {
     pub symtab_symbols: usize,
     pub dynsym_symbols: usize,
     pub markers: MarkerScan,
-    pub usdt: Vec<UsdtProbe>,
+    pub usdt: Vec<SdtNote>,
     pub frameworks: Vec<Framework>,
-}
-
-/// One `.note.stapsdt` entry.
-#[derive(Debug, PartialEq, Eq)]
-pub struct UsdtProbe {
-    pub provider: String,
-    pub name: String,
-    /// Link-time address of the probe point.
-    pub pc: u64,
-    /// Link-time address of its semaphore; 0 when the probe is not gated.
-    pub semaphore: u64,
-    /// Argument specs, e.g. `8@%rdi -4@-12(%rbp)`.
-    pub args: String,
 }
 
 /// Functions of one well-known crate present in the binary.
@@ -147,7 +134,7 @@ pub fn inspect(data: &[u8]) -> Result<Inspection> {
         size_bytes: data.len() as u64,
         symtab_symbols,
         dynsym_symbols: elf.dynamic_symbols().count(),
-        usdt: usdt_probes(&elf, data),
+        usdt: sdt_notes(&elf, data),
         frameworks,
         markers,
     })
@@ -159,63 +146,18 @@ fn is_polled(function: &str) -> bool {
     function.contains("{{closure}}") || last.starts_with("poll")
 }
 
-/// The SystemTap SDT notes: each names a probe point, its semaphore and its arguments.
-fn usdt_probes<'data>(
-    elf: &ElfFile64<'data, Endianness, &'data [u8]>,
-    data: &'data [u8],
-) -> Vec<UsdtProbe> {
-    let endian = elf.endian();
-    let Ok(sections) = elf.elf_header().sections(endian, data) else {
-        return Vec::new();
-    };
-    let mut probes = Vec::new();
-    for section in sections.iter() {
-        if sections.section_name(endian, section) != Ok(b".note.stapsdt".as_slice()) {
-            continue;
-        }
-        let Ok(Some(mut notes)) = section.notes(endian, data) else {
-            continue;
-        };
-        while let Ok(Some(note)) = notes.next() {
-            // NT_STAPSDT (3), owner "stapsdt": pc, base, semaphore, then three strings.
-            if note.name() != b"stapsdt" || note.n_type(endian) != 3 {
-                continue;
-            }
-            if let Some(probe) = parse_sdt_desc(note.desc()) {
-                probes.push(probe);
-            }
-        }
-    }
-    probes
-}
-
-fn parse_sdt_desc(desc: &[u8]) -> Option<UsdtProbe> {
-    let word = |i: usize| -> Option<u64> {
-        let bytes = desc.get(i * 8..i * 8 + 8)?;
-        Some(u64::from_le_bytes(bytes.try_into().ok()?))
-    };
-    let (pc, semaphore) = (word(0)?, word(2)?);
-    let mut strings = desc.get(24..)?.split(|b| *b == 0);
-    let mut text = || {
-        strings
-            .next()
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-    };
-    Some(UsdtProbe {
-        provider: text()?,
-        name: text()?,
-        args: text().unwrap_or_default(),
-        pc,
-        semaphore,
-    })
-}
-
 impl Inspection {
     /// Which probes `brokerprobe attach` would use.
     pub fn attach_mode(&self) -> &'static str {
-        match self.markers.problem {
-            None => "markers and sockets",
-            Some(_) => "sockets only",
+        match (&self.markers.problem, self.usdt.is_empty()) {
+            (None, true) => "markers and sockets",
+            (None, false) => {
+                "markers and sockets (with --usdt-map: its USDT probes instead of markers)"
+            }
+            (Some(_), false) => {
+                "sockets only; with --usdt-map, its USDT probes and sockets (docs/modes/usdt.md)"
+            }
+            (Some(_), true) => "sockets only",
         }
     }
 }
@@ -299,26 +241,6 @@ impl fmt::Display for Inspection {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sdt_descriptions_are_read() {
-        let mut desc = Vec::new();
-        for word in [0x1130u64, 0x2000, 0x4010] {
-            desc.extend(word.to_le_bytes());
-        }
-        desc.extend(b"broker\0request_begin\08@%rdi -8@%rsi\0");
-        assert_eq!(
-            parse_sdt_desc(&desc),
-            Some(UsdtProbe {
-                provider: "broker".into(),
-                name: "request_begin".into(),
-                pc: 0x1130,
-                semaphore: 0x4010,
-                args: "8@%rdi -8@%rsi".into(),
-            })
-        );
-        assert_eq!(parse_sdt_desc(&desc[..20]), None);
-    }
 
     /// This test binary links probe-markers (dev-dependency) and the crates brokers use.
     #[test]

@@ -20,3 +20,4 @@ pub mod run;
 pub mod semaphore;
 pub mod server;
 pub mod target;
+pub mod usdt;

@@ -15,6 +15,7 @@ use probe_userspace::{
     inspect,
     run::{self, AttachOptions, Mode, Targets},
     target::Selector,
+    usdt::UsdtMap,
 };
 
 #[derive(Parser)]
@@ -135,6 +136,12 @@ struct AttachArgs {
     /// Do not follow the broker's sockets (markers only).
     #[arg(long, conflicts_with = "mode")]
     no_sockets: bool,
+    /// Time requests from the broker's USDT (SystemTap SDT) probes instead of markers:
+    /// FILE (TOML) says which probe is which event and which argument carries the request
+    /// id, the model, the status… (docs/modes/usdt.md; `brokerprobe inspect` lists the
+    /// probes). Gated probes are switched on while attached.
+    #[arg(long, value_name = "FILE", conflicts_with = "mode")]
+    usdt_map: Option<PathBuf>,
     /// Name an upstream peer in metrics and reports, e.g. openai=10.0.0.5:443 (repeat for
     /// more; a host name is resolved once, at start). Unnamed peers appear as IP:PORT.
     #[arg(long = "upstream", value_name = "NAME=HOST:PORT", value_parser = parse_upstream)]
@@ -457,6 +464,7 @@ impl TryFrom<AttachArgs> for AttachOptions {
                 ModeArg::Sockets => Mode::Sockets,
             },
             sockets: !args.no_sockets,
+            usdt: args.usdt_map.as_deref().map(UsdtMap::load).transpose()?,
             upstream_names: args.upstreams.into_iter().flatten().collect(),
             exchange_idle: args.exchange_idle,
             exchanges_out: args.exchanges_out,

@@ -3,6 +3,7 @@
 use std::{
     collections::HashSet,
     fmt::Write as _,
+    fs,
     io::{IsTerminal as _, Write as _},
     net::SocketAddr,
     os::fd::AsRawFd,
@@ -26,7 +27,7 @@ use probe_common::{event::Counter, maps::EVENTS_POLL_MS};
 
 use crate::{
     assembly::Assembler,
-    attach::{KernelCounters, Probes, Session, check_privileges},
+    attach::{KernelCounters, Probes, Session, Stages, check_privileges},
     clock::monotonic_ns,
     connections::{Connections, Progress, UpstreamNames},
     decode::{Record, decode},
@@ -40,6 +41,7 @@ use crate::{
     pidfd::ExitWatch,
     procnet, server,
     target::{Selector, Target, marker_symbol},
+    usdt::UsdtMap,
 };
 
 /// Which probe families to use.
@@ -67,6 +69,8 @@ pub struct AttachOptions {
     pub mode: Mode,
     /// Follow the broker's TCP sockets (off: markers only).
     pub sockets: bool,
+    /// Time requests from these USDT probes instead of markers.
+    pub usdt: Option<UsdtMap>,
     /// Upstream peer address → name in metrics and reports.
     pub upstream_names: Vec<(SocketAddr, String)>,
     /// An exchange whose response has been quiet this long is over.
@@ -213,8 +217,38 @@ fn wants_sockets(options: &AttachOptions) -> bool {
     options.mode == Mode::Sockets || options.sockets
 }
 
-/// Whether this target gets its markers probed (its sockets are, if wanted at all), or
-/// why it cannot be profiled.
+/// Where this target's request timelines come from (its sockets are followed if wanted
+/// at all), or why it cannot be profiled.
+fn choose_stages(options: &AttachOptions, target: &Target) -> Result<Stages> {
+    if let (Some(map), false) = (&options.usdt, options.mode == Mode::Sockets) {
+        let file = fs::File::open(&target.exe)
+            .with_context(|| format!("opening the executable of PID {}", target.pid))?;
+        // SAFETY: a running executable cannot be written to (ETXTBSY).
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.context("mapping the executable")?;
+        let probes = map.resolve(&bytes).with_context(|| {
+            format!(
+                "PID {} ({}, {}): its USDT probes",
+                target.pid,
+                target.name,
+                target.exe_display.display()
+            )
+        })?;
+        if target.marker_problem.is_none() {
+            log::info!(
+                "PID {}: it has markers too; timing it from its USDT probes (--usdt-map)",
+                target.pid
+            );
+        }
+        return Ok(Stages::Usdt(probes));
+    }
+    Ok(if uses_markers(options, target)? {
+        Stages::Markers
+    } else {
+        Stages::None
+    })
+}
+
+/// Whether this target gets its markers probed, or why it cannot be profiled.
 fn uses_markers(options: &AttachOptions, target: &Target) -> Result<bool> {
     let problem = target.marker_problem.as_ref();
     let describe = |problem| {
@@ -317,8 +351,8 @@ struct Found {
     target: Target,
     /// Watches this very process, whatever later reuses its PID.
     exit: ExitWatch,
-    /// Its markers are probed (else only its sockets).
-    markers: bool,
+    /// Where its request timelines come from.
+    stages: Stages,
 }
 
 /// The process `pid`, and a watch on its exit.
@@ -331,11 +365,11 @@ fn open(pid: u32) -> Result<(Target, ExitWatch)> {
 
 /// Which probes an opened process gets (said when it cannot have its markers).
 fn find(options: &AttachOptions, (target, exit): (Target, ExitWatch)) -> Result<Found> {
-    let markers = uses_markers(options, &target)?;
+    let stages = choose_stages(options, &target)?;
     Ok(Found {
         target,
         exit,
-        markers,
+        stages,
     })
 }
 
@@ -363,10 +397,10 @@ impl Run<'_> {
         let Found {
             target,
             exit,
-            markers: with_markers,
+            stages,
         } = found;
         let pid = target.pid;
-        let markers = self.probes.add(&target, with_markers)?;
+        let markers = self.probes.add(&target, &stages)?;
         if self.socket_tracepoints > 0 {
             // After attaching: a connection opened meanwhile is listed here or, if its
             // handshake was not done yet, learned from /proc at its first I/O.
@@ -385,10 +419,13 @@ impl Run<'_> {
             }
         }
         let replica = self.processes.insert(pid, exit);
-        let mode = match (with_markers, self.socket_tracepoints > 0) {
-            (true, true) => "markers+sockets",
-            (true, false) => "markers",
-            _ => "sockets",
+        let sockets = self.socket_tracepoints > 0;
+        let mode = match (&stages, sockets) {
+            (Stages::Markers, true) => "markers+sockets",
+            (Stages::Markers, false) => "markers",
+            (Stages::Usdt(_), true) => "usdt+sockets",
+            (Stages::Usdt(_), false) => "usdt",
+            (Stages::None, _) => "sockets",
         };
         pipeline.prometheus.process_attached(&TargetInfo {
             pid,
@@ -396,13 +433,18 @@ impl Run<'_> {
             name: target.name.clone(),
             mode,
         });
-        let what = match (with_markers, self.socket_tracepoints > 0) {
-            (true, true) => format!(
-                "{markers} markers and {} socket tracepoints",
+        let probes = match &stages {
+            Stages::Markers => format!("{markers} markers"),
+            Stages::Usdt(_) => format!("{markers} USDT probe sites"),
+            Stages::None => String::new(),
+        };
+        let what = match (probes.is_empty(), sockets) {
+            (false, true) => format!(
+                "{probes} and {} socket tracepoints",
                 self.socket_tracepoints
             ),
-            (true, false) => format!("{markers} markers"),
-            _ => format!("{} socket tracepoints", self.socket_tracepoints),
+            (false, false) => probes,
+            (true, _) => format!("{} socket tracepoints", self.socket_tracepoints),
         };
         println!(
             "brokerprobe: attached {what} to PID {pid} ({}, {}, replica {replica}); metrics on {}",
@@ -410,7 +452,7 @@ impl Run<'_> {
             target.exe_display.display(),
             self.metrics_url
         );
-        if with_markers && !target.missing.is_empty() {
+        if matches!(stages, Stages::Markers) && !target.missing.is_empty() {
             let names: Vec<String> = target.missing.iter().map(|k| marker_symbol(*k)).collect();
             log::info!("not in PID {pid} (never called): {}", names.join(", "));
         }

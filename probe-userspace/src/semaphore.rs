@@ -5,12 +5,17 @@
 //! closes even if brokerprobe is killed. The uprobe sits on `brokerprobe_v1_semaphore_anchor`,
 //! an instruction after a `ret` that never runs: it costs nothing and no other tool's
 //! uprobe on a marker can clash with its counter offset.
+//!
+//! USDT probes are gated the same way (their semaphores are counters of this kind), but
+//! there the counted uprobe is the probe site itself, and it runs brokerprobe's program:
+//! the kernel refuses two uprobes at one place with different counters, and aya opens
+//! uprobes without one.
 
 use std::{
     ffi::CString,
     fs,
     os::{
-        fd::{FromRawFd as _, OwnedFd},
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
     },
     path::Path,
@@ -31,6 +36,8 @@ const UPROBE_PMU_TYPE: &str = "/sys/bus/event_source/devices/uprobe/type";
 const REF_CTR_OFFSET_SHIFT: u32 = 32;
 /// `PERF_FLAG_FD_CLOEXEC` (not in the libc crate).
 const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
+/// `PERF_EVENT_IOC_SET_BPF`, `_IOW('$', 8, __u32)` (not in the libc crate).
+const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
 /// `PERF_ATTR_SIZE_VER1`: the attribute layout below, enough for a uprobe.
 const ATTR_SIZE_VER1: u32 = 72;
 
@@ -55,6 +62,49 @@ struct PerfEventAttr {
 
 /// Raises the semaphore of process `pid` until the returned fd is closed.
 pub fn raise(exe: &Path, pid: u32, semaphore: Semaphore) -> Result<OwnedFd> {
+    open_uprobe(
+        exe,
+        pid,
+        semaphore.anchor_offset,
+        Some(semaphore.counter_offset),
+    )
+    .with_context(|| {
+        format!(
+            "raising the marker semaphore (uprobe at {:#x} with counter at {:#x})",
+            semaphore.anchor_offset, semaphore.counter_offset
+        )
+    })
+}
+
+/// Runs `program` at each hit of the instruction at file offset `offset` in process
+/// `pid`, and holds the counter at `counter_offset` (a USDT semaphore) up, until the
+/// returned fd is closed.
+pub fn attach_counted(
+    exe: &Path,
+    pid: u32,
+    offset: u64,
+    counter_offset: Option<u64>,
+    program: BorrowedFd<'_>,
+) -> Result<OwnedFd> {
+    let event = open_uprobe(exe, pid, offset, counter_offset)?;
+    // SAFETY: SET_BPF takes a program fd by value; both fds are open for the call.
+    let rc = unsafe {
+        libc::ioctl(
+            event.as_raw_fd(),
+            PERF_EVENT_IOC_SET_BPF,
+            program.as_raw_fd(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("attaching the eBPF program to the uprobe (PERF_EVENT_IOC_SET_BPF)");
+    }
+    Ok(event)
+}
+
+/// A uprobe perf event at `offset` of `exe` in process `pid` (enabled at once), with
+/// the kernel counting `counter_offset` up while it exists.
+fn open_uprobe(exe: &Path, pid: u32, offset: u64, counter_offset: Option<u64>) -> Result<OwnedFd> {
     let pmu_type: u32 = fs::read_to_string(UPROBE_PMU_TYPE)
         .with_context(|| format!("reading {UPROBE_PMU_TYPE} (no uprobe support?)"))?
         .trim()
@@ -64,9 +114,9 @@ pub fn raise(exe: &Path, pid: u32, semaphore: Semaphore) -> Result<OwnedFd> {
     let attr = PerfEventAttr {
         kind: pmu_type,
         size: ATTR_SIZE_VER1,
-        config: semaphore.counter_offset << REF_CTR_OFFSET_SHIFT,
+        config: counter_offset.unwrap_or(0) << REF_CTR_OFFSET_SHIFT,
         config1: path.as_ptr() as u64,
-        config2: semaphore.anchor_offset,
+        config2: offset,
         ..PerfEventAttr::default()
     };
     let pid = i32::try_from(pid).context("PID out of range")?;
@@ -85,8 +135,8 @@ pub fn raise(exe: &Path, pid: u32, semaphore: Semaphore) -> Result<OwnedFd> {
     if fd < 0 {
         return Err(std::io::Error::last_os_error()).with_context(|| {
             format!(
-                "raising the marker semaphore (uprobe at {:#x} with counter at {:#x})",
-                semaphore.anchor_offset, semaphore.counter_offset
+                "opening a uprobe at file offset {offset:#x} of {}",
+                exe.display()
             )
         });
     }

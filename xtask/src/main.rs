@@ -5,7 +5,7 @@ mod demo;
 mod fuzz;
 mod setup;
 
-use std::{env, ffi::OsString, path::PathBuf, process::Command};
+use std::{env, ffi::OsString, fs, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
@@ -58,6 +58,13 @@ fn test() -> Result<()> {
         .args(clippy)
         .args(["-p", "probe-markers", "--features", "disabled"])
         .args(deny_warnings))?;
+    // The USDT test broker (docs/modes/usdt.md), linted and kept aside before the plain
+    // build overwrites demo-broker.
+    run(cargo()
+        .args(clippy)
+        .args(["-p", "demo-broker", "--features", "usdt"])
+        .args(deny_warnings))?;
+    build_demo_broker_variant("usdt")?;
     build()?;
     // --nocapture: the end-to-end tests print what they measured; CI logs should show it.
     run(cargo()
@@ -69,6 +76,23 @@ fn test() -> Result<()> {
 fn build() -> Result<()> {
     ensure_setup()?;
     run(cargo().args(["build", "--release"]))
+}
+
+/// The demo broker built with cargo feature `feature`, kept as demo-broker-FEATURE: a
+/// plain build overwrites demo-broker.
+pub fn build_demo_broker_variant(feature: &str) -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "demo-broker",
+        "--features",
+        feature,
+    ]))?;
+    let variant = bin_dir().join(format!("demo-broker-{feature}"));
+    fs::copy(bin_dir().join("demo-broker"), &variant)
+        .with_context(|| format!("keeping the demo broker aside as {}", variant.display()))?;
+    Ok(())
 }
 
 fn ensure_setup() -> Result<()> {

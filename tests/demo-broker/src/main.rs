@@ -6,6 +6,7 @@ mod chat;
 mod ground_truth;
 #[cfg(feature = "inprocess")]
 mod inprocess;
+mod instrument;
 mod keypool;
 mod recorder;
 mod routing;
@@ -94,6 +95,7 @@ fn main() -> anyhow::Result<()> {
     if cli.no_markers {
         recorder::disable_markers();
     }
+    instrument::register();
     let writer = match &cli.ground_truth {
         Some(path) => Some(
             GroundTruthWriter::create(path)

@@ -1,4 +1,5 @@
-//! The only place the broker calls probe-markers: every call goes through [`Recorder`],
+//! The only place the broker marks its timeline ([`crate::instrument`]: markers, or USDT
+//! probes): every call goes through [`Recorder`],
 //! which, with `--ground-truth`, reads CLOCK_MONOTONIC immediately before the marker (the
 //! clock brokerprobe's eBPF timestamps use) and records the broker's own view of the
 //! request. Without `--ground-truth` it reads no clock and records nothing.
@@ -10,7 +11,7 @@ use fake_upstream::monotonic_ns;
 use probe_markers::{RequestId, Stage};
 use serde::Serialize;
 
-use crate::ground_truth::GroundTruthSink;
+use crate::{ground_truth::GroundTruthSink, instrument};
 
 /// Status and error type recorded for a request whose response was abandoned midway
 /// (nginx's "client closed request").
@@ -98,7 +99,7 @@ impl Recorder {
     pub fn stage(&self, stage: Stage) -> StageGuard {
         let at = self.clock();
         if markers_enabled() {
-            probe_markers::stage_begin(self.id, stage);
+            instrument::stage_begin(self.id, stage);
         }
         self.record(at, |trace, at| trace.begin_stage(stage.name(), None, at));
         StageGuard {
@@ -112,7 +113,7 @@ impl Recorder {
     fn stage_end(&self, stage: Stage) {
         let at = self.clock();
         if markers_enabled() {
-            probe_markers::stage_end(self.id, stage);
+            instrument::stage_end(self.id, stage);
         }
         self.record(at, |trace, at| trace.end_stage(stage.name(), None, at));
     }
@@ -121,7 +122,7 @@ impl Recorder {
     pub fn tool<'a>(&'a self, name: &'a str) -> ToolGuard<'a> {
         let at = self.clock();
         if markers_enabled() {
-            probe_markers::tool_begin(self.id, name);
+            instrument::tool_begin(self.id, name);
         }
         self.record(at, |trace, at| {
             trace.begin_stage(Stage::ToolExecute.name(), Some(name), at)
@@ -137,7 +138,7 @@ impl Recorder {
     fn tool_end(&self, name: &str) {
         let at = self.clock();
         if markers_enabled() {
-            probe_markers::tool_end(self.id, name);
+            instrument::tool_end(self.id, name);
         }
         self.record(at, |trace, at| {
             trace.end_stage(Stage::ToolExecute.name(), Some(name), at)
@@ -147,7 +148,7 @@ impl Recorder {
     pub fn provider(&self, provider: &str) {
         let at = self.clock();
         if markers_enabled() {
-            probe_markers::provider(self.id, provider);
+            instrument::provider(self.id, provider);
         }
         self.record(at, |trace, _| trace.provider = Some(provider.to_owned()));
     }
@@ -155,7 +156,7 @@ impl Recorder {
     pub fn first_byte(&self) {
         let at = self.clock();
         if markers_enabled() {
-            probe_markers::first_byte(self.id);
+            instrument::first_byte(self.id);
         }
         self.record(at, |trace, at| trace.first_byte_ns.push(at));
     }
@@ -163,7 +164,7 @@ impl Recorder {
     pub fn chunk(&self) {
         let at = self.clock();
         if markers_enabled() {
-            probe_markers::chunk(self.id);
+            instrument::chunk(self.id);
         }
         self.record(at, |trace, _| trace.chunks += 1);
     }
@@ -171,7 +172,7 @@ impl Recorder {
     pub fn token_usage(&self, input_tokens: u64, output_tokens: u64) {
         let at = self.clock();
         if markers_enabled() {
-            probe_markers::token_usage(self.id, input_tokens, output_tokens);
+            instrument::token_usage(self.id, input_tokens, output_tokens);
         }
         self.record(at, |trace, _| {
             trace.input_tokens += input_tokens;
@@ -182,7 +183,7 @@ impl Recorder {
     pub fn fallback(&self, from: &str, to: &str) {
         let at = self.clock();
         if markers_enabled() {
-            probe_markers::fallback(self.id, from, to);
+            instrument::fallback(self.id, from, to);
         }
         self.record(at, |trace, _| {
             trace.fallback = Some(FallbackRecord {
@@ -292,7 +293,7 @@ impl RequestScope {
         };
         let at = recorder.clock();
         if markers_enabled() {
-            probe_markers::request_begin(id, model, traceparent);
+            instrument::request_begin(id, model, traceparent);
         }
         recorder.record(at, |trace, at| trace.begin_ns = at);
         Self {
@@ -314,7 +315,7 @@ impl RequestScope {
         let recorder = &self.recorder;
         let at = recorder.clock();
         if markers_enabled() {
-            probe_markers::request_end(recorder.id, status, error_type);
+            instrument::request_end(recorder.id, status, error_type);
         }
         recorder.record(at, |trace, at| {
             trace.end_ns = at;

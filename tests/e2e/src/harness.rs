@@ -187,12 +187,30 @@ impl Drop for Proc {
 
 /// The demo broker with its in-process fake upstream; returns it and its base URL.
 pub fn start_demo_broker(extra_args: &[&str]) -> Result<(Proc, String)> {
-    let mut command = Command::new(bin("demo-broker"));
+    start_broker_binary("demo-broker", extra_args)
+}
+
+/// [`start_demo_broker`] built with cargo feature `feature` (`cargo xtask test` keeps it
+/// as demo-broker-FEATURE).
+pub fn start_demo_broker_variant(feature: &str, extra_args: &[&str]) -> Result<(Proc, String)> {
+    start_broker_binary(&format!("demo-broker-{feature}"), extra_args)
+}
+
+fn start_broker_binary(name: &str, extra_args: &[&str]) -> Result<(Proc, String)> {
+    let mut command = Command::new(bin(name));
     command
         .args(["--fake", "--listen", "127.0.0.1:0"])
         .args(extra_args);
-    let (broker, addr) = start_listening("demo-broker", &mut command)?;
+    let (broker, addr) = start_listening(name, &mut command)?;
     Ok((broker, format!("http://{addr}")))
+}
+
+/// The probe map of the demo broker's USDT variant (docs/modes/usdt.md).
+pub fn demo_broker_usdt_map() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../demo-broker/usdt-map.toml"
+    ))
 }
 
 /// Starts a server that prints `listening on ADDR` once bound; returns it and ADDR.
@@ -305,6 +323,24 @@ pub fn marker_semaphore(pid: u32) -> Result<u16> {
     let mut value = [0u8; 2];
     read_mapped(pid, semaphore.counter_offset, &mut value)?;
     Ok(u16::from_ne_bytes(value))
+}
+
+/// The semaphores of the USDT probes the demo broker's probe map names, as they are in
+/// `pid`'s memory now (non-zero: the probe fires).
+pub fn usdt_semaphores(pid: u32) -> Result<Vec<u16>> {
+    let map = probe_userspace::usdt::UsdtMap::load(&demo_broker_usdt_map())?;
+    let exe = std::fs::read(format!("/proc/{pid}/exe"))?;
+    map.resolve(&exe)?
+        .iter()
+        .map(|probe| {
+            let offset = probe
+                .semaphore_offset
+                .with_context(|| format!("USDT probe {probe} has no semaphore"))?;
+            let mut value = [0u8; 2];
+            read_mapped(pid, offset, &mut value)?;
+            Ok(u16::from_ne_bytes(value))
+        })
+        .collect()
 }
 
 fn marker_scan(pid: u32) -> Result<probe_userspace::target::MarkerScan> {

@@ -396,3 +396,96 @@ fn inspect_by_pid_reads_the_running_executable() {
         "{text}"
     );
 }
+
+/// The USDT test broker: its probes, their semaphores and argument specs, also once
+/// stripped (the notes are not symbols: `strip` keeps them).
+#[test]
+fn inspect_lists_usdt_probes_stripped_or_not() {
+    let usdt_broker = bin("demo-broker-usdt");
+    let dir = e2e::harness::scratch_dir("inspect-usdt");
+    let stripped = dir.join("demo-broker-usdt-stripped");
+    let status = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(&usdt_broker)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for binary in [&usdt_broker, &stripped] {
+        let (out, text) = inspect(&[binary.to_str().unwrap()]);
+        println!("inspect {}:\n{text}", binary.display());
+        assert!(out.status.success(), "{out:?}");
+        for fact in [
+            "markers:       none usable",
+            "USDT probes:   11",
+            "demo_broker:request-start at 0x",
+            "args: 8@%rdi 8@%rsi 8@%rdx",
+            // The status is a u16: its operand is a 16-bit register.
+            "demo_broker:request-done at 0x",
+            "args: 8@%rdi 2@%si 8@%rdx",
+            "demo_broker:tool-start at 0x",
+            "attach would use: sockets only; with --usdt-map, its USDT probes and sockets",
+        ] {
+            assert!(text.contains(fact), "{fact:?} not in:\n{text}");
+        }
+        let gated = text
+            .lines()
+            .filter(|l| l.contains(", semaphore 0x"))
+            .count();
+        assert_eq!(gated, 11, "every probe of the usdt crate is gated:\n{text}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A probe map that is wrong, or wrong for this broker: one clear line, nothing attached.
+#[test]
+fn usdt_map_errors_are_one_clear_line() {
+    require_root();
+    let dir = e2e::harness::scratch_dir("usdt-map-errors");
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let map = std::fs::read_to_string(e2e::harness::demo_broker_usdt_map()).unwrap();
+    let syntax = write("syntax.toml", "provider = \"demo_broker\"\n[[probe]\n");
+    let own_pid = std::process::id().to_string();
+    assert_one_clear_line(
+        &attach_with(&own_pid, &["--usdt-map", &syntax]),
+        &["syntax.toml:2"],
+    );
+    let absent = write(
+        "absent.toml",
+        &format!(
+            "{map}\n[[probe]]\nprobe = \"nope\"\nevent = \"chunk\"\nargs = {{ request_id = 0 }}\n"
+        ),
+    );
+    let beyond = write(
+        "beyond.toml",
+        &map.replace("args = { request_id = 0 }", "args = { request_id = 5 }"),
+    );
+    let (usdt_broker, _) = e2e::harness::start_demo_broker_variant("usdt", &[]).unwrap();
+    let pid = usdt_broker.pid().to_string();
+    assert_one_clear_line(
+        &attach_with(&pid, &["--usdt-map", &absent]),
+        &[
+            "probe demo_broker:nope is not in the executable",
+            "it has: demo_broker:request-start",
+        ],
+    );
+    assert_one_clear_line(
+        &attach_with(&pid, &["--usdt-map", &beyond]),
+        &["argument 5 is mapped but the probe has 1 (`8@%rdi`)"],
+    );
+    drop(usdt_broker);
+    let (marker_broker, _) = e2e::harness::start_demo_broker(&[]).unwrap();
+    let good = e2e::harness::demo_broker_usdt_map();
+    assert_one_clear_line(
+        &attach_with(
+            &marker_broker.pid().to_string(),
+            &["--usdt-map", good.to_str().unwrap()],
+        ),
+        &["the executable has no USDT probes"],
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

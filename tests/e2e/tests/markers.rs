@@ -1,5 +1,7 @@
 //! Foundation end to end: the demo broker, warmed up, then profiled by brokerprobe attached
-//! by PID under mixed load; every request is compared with the broker's own clock.
+//! by PID under mixed load; every request is compared with the broker's own clock. The
+//! same run is made on the demo broker built with USDT probes instead of markers
+//! (`--features usdt`), profiled through its probe map: the same fidelity bounds hold.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -8,8 +10,9 @@ use std::{
 
 use e2e::{
     harness::{
-        attach_brokerprobe, counter_sum, marker_entry_bytes, marker_semaphore, read_jsonl,
-        require_root, scratch_dir, start_demo_broker, wait_for_requests,
+        attach_brokerprobe, counter_sum, demo_broker_usdt_map, marker_entry_bytes,
+        marker_semaphore, read_jsonl, require_root, scratch_dir, start_demo_broker,
+        start_demo_broker_variant, usdt_semaphores, wait_for_requests,
     },
     load::{self, Mix, Outcome, Target, check_statuses},
     prometheus::promtool_check,
@@ -26,8 +29,55 @@ const CONCURRENCY: usize = 32;
 /// The fidelity bound: kernel-timed vs broker-timed stage durations at p99.
 const MAX_P99_DIFF_NS: u64 = 50_000;
 
+/// How the broker marks its requests' timelines.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Instrumented {
+    Markers,
+    /// USDT probes of the `usdt` crate, each behind its semaphore.
+    Usdt,
+}
+
+impl Instrumented {
+    /// Checks the broker's gates: all `expected` (0 closed, 1 open), and the marker
+    /// entries probed exactly while open.
+    fn check_gates(self, pid: u32, expected: u16, when: &str) {
+        match self {
+            Instrumented::Markers => {
+                let entries = marker_entry_bytes(pid).unwrap();
+                let probed = entries.iter().filter(|e| **e != NOP5).count();
+                let want = if expected == 0 { 0 } else { entries.len() };
+                assert_eq!(probed, want, "{when}: marker entries {entries:x?}");
+                assert_eq!(
+                    marker_semaphore(pid).unwrap(),
+                    expected,
+                    "{when}: semaphore"
+                );
+            }
+            Instrumented::Usdt => {
+                let semaphores = usdt_semaphores(pid).unwrap();
+                assert!(semaphores.len() >= 11, "{when}: {semaphores:?}");
+                assert!(
+                    semaphores.iter().all(|s| *s == expected),
+                    "{when}: USDT semaphores {semaphores:?}, expected all {expected}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
+    profile_against_ground_truth(Instrumented::Markers);
+}
+
+/// Issue 8: a broker instrumented with the `usdt` crate, gated probes, mapped by a
+/// probe map: the Foundation's fidelity bounds, and its semaphores back to 0 after.
+#[test]
+fn usdt_broker_matches_ground_truth_and_detaches_cleanly() {
+    profile_against_ground_truth(Instrumented::Usdt);
+}
+
+fn profile_against_ground_truth(instrumented: Instrumented) {
     require_root();
     let dir = scratch_dir("markers");
     let truth_path = dir.join("ground-truth.jsonl");
@@ -35,34 +85,25 @@ fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mix = Mix::default();
 
-    let (mut broker, url) =
-        start_demo_broker(&["--ground-truth", truth_path.to_str().unwrap()]).unwrap();
+    let broker_args = ["--ground-truth", truth_path.to_str().unwrap()];
+    let (mut broker, url) = match instrumented {
+        Instrumented::Markers => start_demo_broker(&broker_args),
+        Instrumented::Usdt => start_demo_broker_variant("usdt", &broker_args),
+    }
+    .unwrap();
     // Warm: keep-alive pools and key pools in use before brokerprobe exists.
     let warm = rt.block_on(load::drive(&url, 200, 16, &mix, 1)).unwrap();
     check_statuses(&warm);
 
-    let entries = marker_entry_bytes(broker.pid()).unwrap();
-    assert!(
-        entries.iter().all(|e| *e == NOP5),
-        "markers not NOPs before attach: {entries:x?}"
-    );
-    // Nobody attached: the broker does not even call its markers.
-    assert_eq!(marker_semaphore(broker.pid()).unwrap(), 0);
-    let (mut probe, metrics_url) = attach_brokerprobe(
-        broker.pid(),
-        &["--requests-out", observed_path.to_str().unwrap()],
-    )
-    .unwrap();
-    let entries = marker_entry_bytes(broker.pid()).unwrap();
-    assert!(
-        entries.iter().all(|e| *e != NOP5),
-        "a marker without its uprobe: {entries:x?}"
-    );
-    assert_eq!(
-        marker_semaphore(broker.pid()).unwrap(),
-        1,
-        "markers not switched on"
-    );
+    // Nobody attached: the broker does not even call its markers (or fire its probes).
+    instrumented.check_gates(broker.pid(), 0, "before attach");
+    let usdt_map = demo_broker_usdt_map();
+    let mut probe_args = vec!["--requests-out", observed_path.to_str().unwrap()];
+    if instrumented == Instrumented::Usdt {
+        probe_args.extend(["--usdt-map", usdt_map.to_str().unwrap()]);
+    }
+    let (mut probe, metrics_url) = attach_brokerprobe(broker.pid(), &probe_args).unwrap();
+    instrumented.check_gates(broker.pid(), 1, "attached");
     let started = Instant::now();
     let attached = rt
         .block_on(load::drive(&url, ATTACHED_REQUESTS, CONCURRENCY, &mix, 2))
@@ -100,17 +141,9 @@ fn attached_by_pid_matches_ground_truth_and_detaches_cleanly() {
         assert!(health.contains(clean), "{clean:?} not in: {health}");
     }
 
-    // Detached: every marker entry is restored, and the broker serves on without errors.
-    let entries = marker_entry_bytes(broker.pid()).unwrap();
-    assert!(
-        entries.iter().all(|e| *e == NOP5),
-        "a uprobe left behind: {entries:x?}"
-    );
-    assert_eq!(
-        marker_semaphore(broker.pid()).unwrap(),
-        0,
-        "markers left switched on"
-    );
+    // Detached: every marker entry is restored (every gate closed), and the broker
+    // serves on without errors.
+    instrumented.check_gates(broker.pid(), 0, "detached");
     let after = rt
         .block_on(load::drive(&url, 300, CONCURRENCY, &mix, 3))
         .unwrap();

@@ -9,7 +9,7 @@ mod run;
 
 use std::{fmt::Write as _, fs, process::Command};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 
 use crate::{bin_dir, cargo, run as run_cmd, workspace_root};
 use overhead::{Figures, Setup};
@@ -83,17 +83,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
 /// Everything the benchmarks run: the workspace, the marker examples, and the demo
 /// broker instrumented in-process (set-up D), kept aside as demo-broker-inprocess.
 fn build() -> Result<()> {
-    let bins = bin_dir();
-    run_cmd(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "demo-broker",
-        "--features",
-        "inprocess",
-    ]))?;
-    fs::copy(bins.join("demo-broker"), bins.join("demo-broker-inprocess"))
-        .context("keeping the in-process demo broker aside")?;
+    crate::build_demo_broker_variant("inprocess")?;
     run_cmd(cargo().args(["build", "--release"]))?;
     run_cmd(cargo().args(["build", "--release", "-p", "probe-markers", "--examples"]))
 }
