@@ -9,9 +9,10 @@ use std::{
 
 use e2e::{
     harness::{
-        Proc, attach_brokerprobe, bin, counter_sum, health_figure, loaded_bpf_programs,
-        marker_entry_bytes, marker_semaphore, read_jsonl, require_root, scratch_dir,
-        start_demo_broker, start_listening, wait_for_counter, wait_for_requests,
+        Proc, attach_brokerprobe, bin, counter_sum, demo_broker_usdt_map, health_figure,
+        loaded_bpf_programs, marker_entry_bytes, marker_semaphore, read_jsonl, require_root,
+        scratch_dir, start_demo_broker, start_demo_broker_variant, start_listening,
+        usdt_semaphores, wait_for_counter, wait_for_requests,
     },
     load::{self, Mix, check_statuses},
 };
@@ -82,6 +83,47 @@ fn killed_under_load_costs_the_broker_nothing() {
     );
     assert!(left.is_empty(), "eBPF programs left loaded: {left:?}");
     check_statuses(&rt.block_on(load::drive(&url, 200, 8, &mix, 2)).unwrap());
+}
+
+/// The same for a USDT broker (docs/modes/usdt.md): killed, brokerprobe leaves every
+/// probe's semaphore at 0 (the kernel held them) and no program loaded.
+#[test]
+fn killed_while_on_usdt_probes_closes_their_gates() {
+    require_root();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (broker, url) = start_demo_broker_variant("usdt", &[]).unwrap();
+    let programs_before = loaded_bpf_programs();
+    let map = demo_broker_usdt_map();
+    let (mut probe, _) =
+        attach_brokerprobe(broker.pid(), &["--usdt-map", map.to_str().unwrap()]).unwrap();
+    let raised = usdt_semaphores(broker.pid()).unwrap();
+    assert!(raised.iter().all(|s| *s == 1), "attached: {raised:?}");
+    check_statuses(
+        &rt.block_on(load::drive(&url, 300, 8, &Mix::default(), 1))
+            .unwrap(),
+    );
+    probe.signal("KILL").unwrap();
+    probe.wait_exit(Duration::from_secs(10)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut semaphores = usdt_semaphores(broker.pid()).unwrap();
+    while semaphores.iter().any(|s| *s != 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        semaphores = usdt_semaphores(broker.pid()).unwrap();
+    }
+    let left: Vec<u32> = loaded_bpf_programs()
+        .difference(&programs_before)
+        .copied()
+        .collect();
+    println!("kill -9 on USDT probes: semaphores after {semaphores:?}; programs left {left:?}");
+    assert!(
+        semaphores.iter().all(|s| *s == 0),
+        "gates left open: {semaphores:?}"
+    );
+    assert!(left.is_empty(), "eBPF programs left loaded: {left:?}");
+    check_statuses(
+        &rt.block_on(load::drive(&url, 200, 8, &Mix::default(), 2))
+            .unwrap(),
+    );
 }
 
 /// The broker crashes while attached: brokerprobe says so at once, writes out what it
