@@ -1,5 +1,5 @@
 //! brokerprobe's own cost: CPU and memory while it follows a broker at 100 and 1,000
-//! requests per second, and how long attaching takes on a binary with many symbols.
+//! requests per second, and how long attaching and `inspect` take on a large binary.
 
 use std::{
     fmt::Write as _,
@@ -17,8 +17,10 @@ use crate::{cargo, run, workspace_root};
 /// Requests per second of the two measured loads.
 pub const RATES: [u64; 2] = [100, 1_000];
 const SECONDS: u64 = 10;
-/// Symbols of the generated large binary.
-pub const SYMBOLS: usize = 120_000;
+/// Symbols of the generated large binary, and code bytes it carries besides (issue 8:
+/// `inspect` fast on a 150 MB binary with 160k symbols).
+pub const SYMBOLS: usize = 160_000;
+const PADDING_BYTES: usize = 150_000_000;
 
 pub struct Load {
     pub rate: u64,
@@ -85,10 +87,12 @@ pub struct Attach {
     /// Medians over runs: spawn → probes in place, spawn → first event (ms).
     pub attached_ms: f64,
     pub first_event_ms: f64,
+    /// `brokerprobe inspect PATH`, start to exit (ms, median).
+    pub inspect_ms: f64,
 }
 
 /// Builds a broker with [`SYMBOLS`] extra symbols (generated assembly) that hits a marker
-/// every millisecond, and times `brokerprobe attach` on it.
+/// every millisecond, and times `brokerprobe attach` and `brokerprobe inspect` on it.
 pub fn attach(bins: &Path) -> Result<Attach> {
     let binary = big_binary()?;
     let mut broker = Service::start("big-broker", &mut Command::new(&binary))?;
@@ -106,12 +110,26 @@ pub fn attach(bins: &Path) -> Result<Attach> {
         first.push(started.elapsed().as_secs_f64() * 1e3);
         probe.stop(libc::SIGINT)?;
     }
+    let mut inspect = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let out = Command::new(bins.join("brokerprobe"))
+            .arg("inspect")
+            .arg(&binary)
+            .output()?;
+        inspect.push(started.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ABI v1: 9 of 9"),
+            "inspect on the large binary: {out:?}"
+        );
+    }
     let symbols = symbol_count(&binary)?;
     Ok(Attach {
         symbols,
         binary_mb: fs::metadata(&binary)?.len() as f64 / 1e6,
         attached_ms: median(&mut attached),
         first_event_ms: median(&mut first),
+        inspect_ms: median(&mut inspect),
     })
 }
 
@@ -142,6 +160,8 @@ fn big_binary() -> Result<PathBuf> {
              .size big_symbol_{i}, 1"
         );
     }
+    // Code a real broker of this size would have: file bytes inspect must not read.
+    let _ = writeln!(asm, ".skip {PADDING_BYTES}, 0xcc");
     fs::write(dir.join("src/symbols.s"), asm)?;
     fs::write(
         dir.join("src/main.rs"),

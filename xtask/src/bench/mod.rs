@@ -262,8 +262,9 @@ fn footprint_section(doc: &mut String, loads: &[footprint::Load], a: &footprint:
         doc,
         "\nAttach on a large binary: a generated broker with {} symbols ({:.1} MB), three \
          runs, medians: from starting `brokerprobe attach` to every probe in place **{:.0} ms**, \
-         to the first event **{:.0} ms** (the broker hits a marker every millisecond).\n",
-        a.symbols, a.binary_mb, a.attached_ms, a.first_event_ms
+         to the first event **{:.0} ms** (the broker hits a marker every millisecond); \
+         `brokerprobe inspect` on it, start to exit: **{:.0} ms**.\n",
+        a.symbols, a.binary_mb, a.attached_ms, a.first_event_ms, a.inspect_ms
     );
 }
 
