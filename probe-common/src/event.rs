@@ -9,6 +9,8 @@
 pub enum Source {
     Marker = 1,
     Socket = 2,
+    /// A stage timed at a mapped function's entry and return (symbol mode).
+    Symbol = 3,
 }
 
 impl Source {
@@ -16,6 +18,7 @@ impl Source {
         match value {
             1 => Some(Source::Marker),
             2 => Some(Source::Socket),
+            3 => Some(Source::Symbol),
             _ => None,
         }
     }
@@ -56,7 +59,8 @@ impl EventHeader {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Marker hits dropped because the ring buffer was full.
+    /// Marker hits (and USDT or symbol-mapped stage events) dropped because the ring
+    /// buffer was full.
     MarkerEventsLost = 0,
     /// Socket events dropped because the ring buffer was full.
     SocketEventsLost = 1,

@@ -8,4 +8,5 @@ pub mod event;
 pub mod maps;
 pub mod marker;
 pub mod socket;
+pub mod symbol;
 pub mod usdt;

@@ -31,3 +31,7 @@ pub const MAX_SOCKET_ADDRESSES: u32 = MAX_SOCKETS;
 
 /// USDT probe sites (process, address) followed at once, over all processes.
 pub const MAX_USDT_SITES: u32 = 4096;
+
+/// Calls of symbol-mapped stage functions entered and not yet returned, by (thread,
+/// stage), over all processes (LRU: a thread that dies inside one is forgotten in time).
+pub const MAX_SYMBOL_CALLS: u32 = 16384;

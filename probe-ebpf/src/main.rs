@@ -7,6 +7,7 @@
 mod events;
 mod markers;
 mod sockets;
+mod symbols;
 mod usdt;
 
 #[cfg(not(test))]

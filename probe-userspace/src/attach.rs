@@ -14,7 +14,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         Program, ProgramError, TracePoint, UProbe,
-        uprobe::{UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
 use aya_log::EbpfLogger;
@@ -28,12 +28,16 @@ use probe_common::{
 use crate::{
     procnet::OpenSocket,
     semaphore,
+    symbols::SymbolProbe,
     target::{Target, marker_symbol},
     usdt::{MappedProbe, runtime_address},
 };
 
 /// The eBPF program every USDT probe site runs (probe-ebpf/src/usdt.rs).
 const USDT_PROGRAM: &str = "usdt";
+/// The eBPF programs at a symbol-mapped function's entry and return
+/// (probe-ebpf/src/symbols.rs).
+const SYMBOL_PROGRAMS: [&str; 2] = ["symbol_entry", "symbol_return"];
 
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
@@ -123,6 +127,8 @@ pub enum Stages {
     Markers,
     /// USDT probes, through a probe map (docs/modes/usdt.md).
     Usdt(Vec<MappedProbe>),
+    /// Functions' entries and returns, through a symbol map (docs/modes/symbols.md).
+    Symbols(Vec<SymbolProbe>),
     /// None: only its sockets are followed.
     None,
 }
@@ -167,7 +173,11 @@ impl Session {
         let traced = HashMap::try_from(take_map(&mut ebpf, "TRACED_PROCESSES")?)?;
         let usdt_sites = HashMap::try_from(take_map(&mut ebpf, "USDT_SITES")?)?;
         let programs = MarkerKind::ALL.map(MarkerKind::symbol_suffix);
-        for name in programs.into_iter().chain([USDT_PROGRAM]) {
+        for name in programs
+            .into_iter()
+            .chain([USDT_PROGRAM])
+            .chain(SYMBOL_PROGRAMS)
+        {
             program::<UProbe>(&mut ebpf, name)?
                 .load()
                 .with_context(|| format!("loading eBPF program {name}"))?;
@@ -216,6 +226,7 @@ impl Probes {
         let attached = match stages {
             Stages::Markers => self.attach_markers(target),
             Stages::Usdt(probes) => self.attach_usdt(target, probes),
+            Stages::Symbols(probes) => self.attach_symbols(target, probes),
             Stages::None => Ok(0),
         };
         if attached.is_err() {
@@ -302,6 +313,32 @@ impl Probes {
         Ok(probes.len() as u32)
     }
 
+    fn attach_symbols(&mut self, target: &Target, probes: &[SymbolProbe]) -> Result<u32> {
+        let pid = NonZeroU32::new(target.pid).context("PID 0 is not a process")?;
+        for probe in probes {
+            // The return probe first: an entry is never noted without its return watched.
+            for program in SYMBOL_PROGRAMS.into_iter().rev() {
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(probe.file_offset),
+                    cookie: Some(u64::from(probe.stage)),
+                };
+                let link = self::program::<UProbe>(&mut self.ebpf, program)?
+                    .attach(point, &target.exe, UProbeScope::OneProcess(pid))
+                    .with_context(|| {
+                        format!(
+                            "attaching {program} to `{}` at file offset {:#x}",
+                            probe.function, probe.file_offset
+                        )
+                    })?;
+                if let Some(process) = self.processes.get_mut(&target.pid) {
+                    process.links.push((program, link));
+                }
+            }
+            log::debug!("PID {pid}: timing `{}`", probe.function);
+        }
+        Ok(probes.len() as u32)
+    }
+
     /// Stops following `pid` (it exited, or attaching it failed). The kernel takes about
     /// 0.1 s to unregister each uprobe, so they go on a thread of their own while the
     /// other processes' events keep being read.
@@ -327,7 +364,8 @@ impl Probes {
         let _ = self.traced.remove(&pid);
     }
 
-    /// Marker and USDT uprobes attached, all processes together.
+    /// Stage uprobes attached (markers, USDT sites, symbol entries and returns), all
+    /// processes together.
     pub fn markers(&self) -> u32 {
         self.processes
             .values()

@@ -7,6 +7,7 @@
 use std::{ffi::OsString, path::Path};
 
 use clap::{ArgAction, Command};
+use probe_userspace::toml_file;
 
 /// The command line with the settings of the file named by `--config` put in front of
 /// the command line's own (which, coming later, win). Without `--config`, `args` as is.
@@ -42,13 +43,7 @@ fn config_path(args: &[OsString]) -> Option<std::path::PathBuf> {
 
 /// The file's settings as flags, each checked by `attach`'s own parser.
 fn settings(path: &Path, text: &str, attach: &Command) -> Result<Vec<String>, String> {
-    let table: toml::Table = toml::from_str(text).map_err(|e| {
-        let first = e.message().lines().next().unwrap_or("not TOML").to_owned();
-        match e.span().map(|span| line_of(text, span.start)) {
-            Some(line) => format!("{}:{line}: {first}", path.display()),
-            None => format!("{}: {first}", path.display()),
-        }
-    })?;
+    let table: toml::Table = toml_file::parse(text, &path.display().to_string())?;
     let mut flags = Vec::new();
     for (key, value) in &table {
         let at = format!("{}:{}", path.display(), key_line(text, key));
@@ -129,11 +124,6 @@ fn check(attach: &Command, key: &str, flags: &[String]) -> Result<(), String> {
             Err(first.trim_start_matches("error: ").to_owned())
         }
     }
-}
-
-/// 1-based line of byte `offset`.
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
 /// The line defining `key` (`key =` or a `[key]` table), for messages.

@@ -12,6 +12,7 @@ use probe_common::{
     event::{EventHeader, Source},
     marker::{MarkerEvent, MarkerKind, Stage},
     socket::{SocketEvent, SocketKind, WireEndpoint},
+    symbol::StageSampleEvent,
 };
 
 /// One ring buffer record.
@@ -19,6 +20,19 @@ use probe_common::{
 pub enum Record {
     Marker(Event),
     Socket(SocketIo),
+    StageSample(StageSample),
+}
+
+/// One call of a symbol-mapped stage function (docs/modes/symbols.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StageSample {
+    pub pid: u32,
+    pub tid: u32,
+    /// Index of the stage in the symbol map.
+    pub stage: u32,
+    /// Entry and return, CLOCK_MONOTONIC nanoseconds.
+    pub begin_ns: u64,
+    pub end_ns: u64,
 }
 
 /// One socket event of the traced process.
@@ -176,6 +190,17 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
             decode_socket(read_pod(bytes, "socket", size_of::<SocketEvent>(), true)?)
                 .map(Record::Socket)
         }
+        Some(Source::Symbol) => {
+            let raw: StageSampleEvent =
+                read_pod(bytes, "stage sample", size_of::<StageSampleEvent>(), true)?;
+            Ok(Record::StageSample(StageSample {
+                pid: raw.header.pid,
+                tid: raw.header.tid,
+                stage: raw.stage,
+                begin_ns: raw.begin_ns,
+                end_ns: raw.header.ts_ns.max(raw.begin_ns),
+            }))
+        }
         None => Err(DecodeError::Source(header.source)),
     }
 }
@@ -185,6 +210,7 @@ trait Pod: Copy {}
 impl Pod for EventHeader {}
 impl Pod for MarkerEvent {}
 impl Pod for SocketEvent {}
+impl Pod for StageSampleEvent {}
 
 /// Reads a `T` from the start of `bytes`; `exact`: the record must be exactly that size.
 fn read_pod<T: Pod>(

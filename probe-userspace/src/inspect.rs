@@ -141,7 +141,7 @@ pub fn inspect(data: &[u8]) -> Result<Inspection> {
 }
 
 /// An async fn's body (`{{closure}}`) or a `poll*` method: entered once per poll.
-fn is_polled(function: &str) -> bool {
+pub(crate) fn is_polled(function: &str) -> bool {
     let last = function.rsplit("::").next().unwrap_or(function);
     function.contains("{{closure}}") || last.starts_with("poll")
 }

@@ -19,5 +19,7 @@ pub mod procnet;
 pub mod run;
 pub mod semaphore;
 pub mod server;
+pub mod symbols;
 pub mod target;
+pub mod toml_file;
 pub mod usdt;

@@ -14,6 +14,7 @@ use probe_userspace::{
     },
     inspect,
     run::{self, AttachOptions, Mode, Targets},
+    symbols::SymbolMap,
     target::Selector,
     usdt::UsdtMap,
 };
@@ -142,6 +143,12 @@ struct AttachArgs {
     /// probes). Gated probes are switched on while attached.
     #[arg(long, value_name = "FILE", conflicts_with = "mode")]
     usdt_map: Option<PathBuf>,
+    /// Time stages of a broker without markers or USDT probes from its functions: FILE
+    /// (TOML) maps each stage to the function whose call it is, by demangled name with
+    /// `*` wildcards (docs/modes/symbols.md). Only synchronous functions can be timed:
+    /// async fn bodies and poll methods are refused.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["mode", "usdt_map"])]
+    symbol_map: Option<PathBuf>,
     /// Name an upstream peer in metrics and reports, e.g. openai=10.0.0.5:443 (repeat for
     /// more; a host name is resolved once, at start). Unnamed peers appear as IP:PORT.
     #[arg(long = "upstream", value_name = "NAME=HOST:PORT", value_parser = parse_upstream)]
@@ -167,6 +174,10 @@ struct AttachArgs {
     /// line to FILE.
     #[arg(long, value_name = "FILE")]
     exchanges_out: Option<PathBuf>,
+    /// With --symbol-map: write every call of a mapped function as a JSON line to FILE
+    /// (process, thread, stage, entry and return times).
+    #[arg(long, value_name = "FILE", requires = "symbol_map")]
+    stages_out: Option<PathBuf>,
     /// Drop (and count) requests whose end marker has not come after this long.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
@@ -465,9 +476,15 @@ impl TryFrom<AttachArgs> for AttachOptions {
             },
             sockets: !args.no_sockets,
             usdt: args.usdt_map.as_deref().map(UsdtMap::load).transpose()?,
+            symbols: args
+                .symbol_map
+                .as_deref()
+                .map(SymbolMap::load)
+                .transpose()?,
             upstream_names: args.upstreams.into_iter().flatten().collect(),
             exchange_idle: args.exchange_idle,
             exchanges_out: args.exchanges_out,
+            stages_out: args.stages_out,
             metrics_addr: args.metrics_addr,
             duration: args.duration,
             live_interval: args.interval,

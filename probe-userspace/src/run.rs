@@ -40,6 +40,7 @@ use crate::{
     },
     pidfd::ExitWatch,
     procnet, server,
+    symbols::SymbolMap,
     target::{Selector, Target, marker_symbol},
     usdt::UsdtMap,
 };
@@ -71,11 +72,15 @@ pub struct AttachOptions {
     pub sockets: bool,
     /// Time requests from these USDT probes instead of markers.
     pub usdt: Option<UsdtMap>,
+    /// Time stages from these functions' calls (no markers, no USDT probes).
+    pub symbols: Option<SymbolMap>,
     /// Upstream peer address → name in metrics and reports.
     pub upstream_names: Vec<(SocketAddr, String)>,
     /// An exchange whose response has been quiet this long is over.
     pub exchange_idle: Duration,
     pub exchanges_out: Option<PathBuf>,
+    /// Symbol mode: every call of a mapped function, as JSON lines.
+    pub stages_out: Option<PathBuf>,
     pub metrics_addr: SocketAddr,
     pub duration: Option<Duration>,
     /// Print the per-stage table this often while running.
@@ -101,7 +106,10 @@ struct Pipeline {
     summary: SharedSummary,
     requests_out: Option<JsonLines>,
     exchanges_out: Option<JsonLines>,
+    stages_out: Option<JsonLines>,
     traces: Option<TraceExporter>,
+    /// Stage names of the symbol map, by the number stage samples carry.
+    symbol_stages: Vec<String>,
     /// When `attach` began, to say how long the first event took.
     started: Instant,
     events: u64,
@@ -135,6 +143,19 @@ impl Pipeline {
             Ok(Record::Socket(io)) => {
                 self.connections.on_io(io, &mut self.progress);
                 self.forward_progress();
+            }
+            Ok(Record::StageSample(sample)) => {
+                let stage = self
+                    .symbol_stages
+                    .get(sample.stage as usize)
+                    .map_or("unknown", String::as_str);
+                let duration_ns = sample.end_ns - sample.begin_ns;
+                self.prometheus
+                    .record_stage_sample(sample.pid, stage, duration_ns);
+                lock(&self.summary).record_stage_sample(stage, duration_ns);
+                if let Some(out) = &mut self.stages_out {
+                    out.record_stage_sample(&sample, stage);
+                }
             }
             Err(e) => {
                 if self.decode_errors == 0 {
@@ -195,6 +216,7 @@ impl Pipeline {
             decode_errors: self.decode_errors,
             requests_out_dropped: self.requests_out.as_ref().map_or(0, JsonLines::dropped),
             exchanges_out_dropped: self.exchanges_out.as_ref().map_or(0, JsonLines::dropped),
+            stages_out_dropped: self.stages_out.as_ref().map_or(0, JsonLines::dropped),
             in_flight: self.assembler.in_flight(),
             assembly: self.assembler.stats(),
             connections: self.connections.stats(),
@@ -220,19 +242,30 @@ fn wants_sockets(options: &AttachOptions) -> bool {
 /// Where this target's request timelines come from (its sockets are followed if wanted
 /// at all), or why it cannot be profiled.
 fn choose_stages(options: &AttachOptions, target: &Target) -> Result<Stages> {
-    if let (Some(map), false) = (&options.usdt, options.mode == Mode::Sockets) {
+    let describe = || {
+        format!(
+            "PID {} ({}, {})",
+            target.pid,
+            target.name,
+            target.exe_display.display()
+        )
+    };
+    let executable = || -> Result<memmap2::Mmap> {
         let file = fs::File::open(&target.exe)
             .with_context(|| format!("opening the executable of PID {}", target.pid))?;
         // SAFETY: a running executable cannot be written to (ETXTBSY).
-        let bytes = unsafe { memmap2::Mmap::map(&file) }.context("mapping the executable")?;
-        let probes = map.resolve(&bytes).with_context(|| {
-            format!(
-                "PID {} ({}, {}): its USDT probes",
-                target.pid,
-                target.name,
-                target.exe_display.display()
-            )
-        })?;
+        unsafe { memmap2::Mmap::map(&file) }.context("mapping the executable")
+    };
+    if let Some(map) = &options.symbols {
+        let probes = map
+            .resolve(&executable()?)
+            .with_context(|| format!("{}: its symbol map", describe()))?;
+        return Ok(Stages::Symbols(probes));
+    }
+    if let (Some(map), false) = (&options.usdt, options.mode == Mode::Sockets) {
+        let probes = map
+            .resolve(&executable()?)
+            .with_context(|| format!("{}: its USDT probes", describe()))?;
         if target.marker_problem.is_none() {
             log::info!(
                 "PID {}: it has markers too; timing it from its USDT probes (--usdt-map)",
@@ -425,6 +458,8 @@ impl Run<'_> {
             (Stages::Markers, false) => "markers",
             (Stages::Usdt(_), true) => "usdt+sockets",
             (Stages::Usdt(_), false) => "usdt",
+            (Stages::Symbols(_), true) => "symbols+sockets",
+            (Stages::Symbols(_), false) => "symbols",
             (Stages::None, _) => "sockets",
         };
         pipeline.prometheus.process_attached(&TargetInfo {
@@ -436,6 +471,7 @@ impl Run<'_> {
         let probes = match &stages {
             Stages::Markers => format!("{markers} markers"),
             Stages::Usdt(_) => format!("{markers} USDT probe sites"),
+            Stages::Symbols(_) => format!("entry and return probes to {markers} functions"),
             Stages::None => String::new(),
         };
         let what = match (probes.is_empty(), sockets) {
@@ -544,6 +580,7 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
     };
     let requests_out = create(&options.requests_out)?;
     let exchanges_out = create(&options.exchanges_out)?;
+    let stages_out = create(&options.stages_out)?;
     let service = match (&options.targets, found.first()) {
         (_, Some(first)) => first.target.name.clone(),
         (Targets::Follow(Selector::Name(name)), None) => name.clone(),
@@ -581,7 +618,12 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
         summary: Arc::new(Mutex::new(Summary::new(options.metrics.max_label_values))),
         requests_out,
         exchanges_out,
+        stages_out,
         traces,
+        symbol_stages: options
+            .symbols
+            .as_ref()
+            .map_or_else(Vec::new, SymbolMap::stage_names),
         started,
         events: 0,
         decode_errors: 0,
@@ -629,6 +671,9 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
     }
     if let Some(out) = &mut pipeline.exchanges_out {
         out.finish().context("writing --exchanges-out")?;
+    }
+    if let Some(out) = &mut pipeline.stages_out {
+        out.finish().context("writing --stages-out")?;
     }
     println!("{}", lock(&pipeline.summary).render());
     println!("{}", health_line(&health));

@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, fmt, fs, path::Path};
 use anyhow::{Context as _, Result, bail};
 use object::{
     Endianness, Object as _, ObjectSection as _,
-    elf::PT_LOAD,
+    elf::{PF_X, PT_LOAD},
     read::elf::{ElfFile64, FileHeader as _, ProgramHeader as _, SectionHeader as _},
 };
 use probe_common::{
@@ -41,12 +41,24 @@ impl SdtNote {
     }
 }
 
-/// The SDT notes of an ELF executable (none if it has no `.note.stapsdt`).
+/// The SDT notes of an ELF executable (none if it has no `.note.stapsdt`). Notes of
+/// code the linker dropped (`--gc-sections`) stay in the file with an address outside
+/// any executable segment: they name no probe and are left out.
 pub fn sdt_notes<'data>(
     elf: &ElfFile64<'data, Endianness, &'data [u8]>,
     data: &'data [u8],
 ) -> Vec<SdtNote> {
     let endian = elf.endian();
+    let code: Vec<(u64, u64)> = elf
+        .elf_program_headers()
+        .iter()
+        .filter(|ph| ph.p_type(endian) == PT_LOAD && ph.p_flags(endian) & PF_X != 0)
+        .map(|ph| (ph.p_vaddr(endian), ph.p_memsz(endian)))
+        .collect();
+    let in_code = |pc: u64| {
+        code.iter()
+            .any(|(start, size)| (*start..start.saturating_add(*size)).contains(&pc))
+    };
     let Ok(sections) = elf.elf_header().sections(endian, data) else {
         return Vec::new();
     };
@@ -64,7 +76,7 @@ pub fn sdt_notes<'data>(
             if note.name() != b"stapsdt" || note.n_type(endian) != 3 {
                 continue;
             }
-            if let Some(sdt) = parse_sdt_desc(note.desc(), base) {
+            if let Some(sdt) = parse_sdt_desc(note.desc(), base).filter(|n| in_code(n.pc)) {
                 notes.push(sdt);
             }
         }
@@ -293,13 +305,7 @@ impl UsdtMap {
 
     /// `origin` names the file in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
-        let file: MapFile = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
-            let at = line.map_or(String::new(), |l| format!(":{l}"));
-            anyhow::anyhow!("{origin}{at}: {}", e.message())
-        })?;
+        let file: MapFile = crate::toml_file::parse(text, origin).map_err(anyhow::Error::msg)?;
         let mut mappings = Vec::new();
         for entry in file.probe {
             let mapping = Mapping::check(entry, file.provider.as_deref())
@@ -350,6 +356,7 @@ impl UsdtMap {
                 .collect();
             if found.is_empty() {
                 let mut known: Vec<String> = notes.iter().map(SdtNote::label).collect();
+                known.sort_unstable();
                 known.dedup();
                 bail!(
                     "{}: probe {}:{} is not in the executable; it has: {}",
@@ -408,14 +415,14 @@ impl Mapping {
                 entry.probe.clone(),
             ),
         };
-        let label = format!("{provider}:{name}");
+        let label = format!("probe {provider}:{name}");
         let kind = MarkerKind::ALL
             .into_iter()
             .find(|k| k.symbol_suffix() == entry.event)
             .ok_or_else(|| {
                 let events: Vec<&str> = MarkerKind::ALL.iter().map(|k| k.symbol_suffix()).collect();
                 format!(
-                    "probe {label}: unknown event `{}` (one of: {})",
+                    "{label}: unknown event `{}` (one of: {})",
                     entry.event,
                     events.join(", ")
                 )
@@ -430,7 +437,7 @@ impl Mapping {
                 .ok_or_else(|| {
                     let names: Vec<&str> = allowed.iter().map(|(n, _)| *n).collect();
                     format!(
-                        "probe {label}: event {} has no argument `{field}` (it takes: {})",
+                        "{label}: event {} has no argument `{field}` (it takes: {})",
                         entry.event,
                         names.join(", ")
                     )
@@ -439,7 +446,7 @@ impl Mapping {
         }
         if !args.iter().any(|(slot, _)| *slot == Slot::RequestId) {
             return Err(format!(
-                "probe {label}: `args.request_id` is required (the argument that names the \
+                "{label}: `args.request_id` is required (the argument that names the \
                  request)"
             ));
         }
@@ -449,21 +456,21 @@ impl Mapping {
         let stage = match (&entry.stage, is_stage) {
             (Some(_), false) => {
                 return Err(format!(
-                    "probe {label}: `stage` is only for stage_begin and stage_end"
+                    "{label}: `stage` is only for stage_begin and stage_end"
                 ));
             }
             (None, true) if !stage_arg => {
                 return Err(format!(
-                    "probe {label}: say which stage: `stage = \"route\"`, or the argument \
+                    "{label}: say which stage: `stage = \"route\"`, or the argument \
                      carrying its name as `args.stage`"
                 ));
             }
             (Some(_), true) if stage_arg => {
                 return Err(format!(
-                    "probe {label}: `stage` and `args.stage` both given; keep one"
+                    "{label}: `stage` and `args.stage` both given; keep one"
                 ));
             }
-            (Some(stage), true) => Some(fixed_stage(stage, &label)?),
+            (Some(stage), true) => Some(stage_by_name(stage, &label)?),
             (None, _) => None,
         };
         let is_tool = stage
@@ -471,7 +478,7 @@ impl Mapping {
             .is_some_and(|(wire, _)| *wire == Stage::ToolExecute as u32);
         if tool_arg && !is_tool {
             return Err(format!(
-                "probe {label}: `args.tool` needs `stage = \"tool.execute\"`"
+                "{label}: `args.tool` needs `stage = \"tool.execute\"`"
             ));
         }
         Ok(Self {
@@ -520,8 +527,9 @@ impl Mapping {
     }
 }
 
-/// A stage named in the map: a known stage's wire value, or a custom stage and its name.
-fn fixed_stage(name: &str, label: &str) -> Result<(u32, Option<String>), String> {
+/// A stage named in a map: a known stage's wire value, or a custom stage and its name.
+/// `label` names what the map says about, in errors.
+pub(crate) fn stage_by_name(name: &str, label: &str) -> Result<(u32, Option<String>), String> {
     if let Some(known) = Stage::ALL
         .into_iter()
         .find(|s| *s != Stage::Custom && s.name() == name)
@@ -535,7 +543,7 @@ fn fixed_stage(name: &str, label: &str) -> Result<(u32, Option<String>), String>
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if !valid {
         return Err(format!(
-            "probe {label}: stage `{name}`: a custom stage name is 1 to {} characters of \
+            "{label}: stage `{name}`: a custom stage name is 1 to {} characters of \
              letters, digits, `.`, `_` and `-`",
             TEXT_CAP - 1
         ));

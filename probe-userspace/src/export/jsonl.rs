@@ -1,5 +1,5 @@
-//! `--requests-out FILE` and `--exchanges-out FILE`: every finished request (or socket
-//! exchange) as one JSON line, for offline analysis and for the end-to-end tests that
+//! `--requests-out FILE`, `--exchanges-out FILE` and `--stages-out FILE`: every finished
+//! request (or socket exchange, or symbol-mapped stage call) as one JSON line, for offline analysis and for the end-to-end tests that
 //! compare brokerprobe with the broker's and the upstream's own records. Times are
 //! CLOCK_MONOTONIC nanoseconds.
 
@@ -15,6 +15,7 @@ use super::{ExchangeSink, RequestSink};
 use crate::{
     assembly::{Request, UpstreamCall},
     connections::Exchange,
+    decode::StageSample,
 };
 
 pub struct JsonLines {
@@ -139,6 +140,25 @@ impl JsonLines {
             return Err(e);
         }
         self.out.flush()
+    }
+
+    /// One call of a symbol-mapped stage function, named `stage`.
+    pub fn record_stage_sample(&mut self, sample: &StageSample, stage: &str) {
+        #[derive(Serialize)]
+        struct SampleLine<'a> {
+            pid: u32,
+            tid: u32,
+            stage: &'a str,
+            begin_ns: u64,
+            end_ns: u64,
+        }
+        self.write_line(&SampleLine {
+            pid: sample.pid,
+            tid: sample.tid,
+            stage,
+            begin_ns: sample.begin_ns,
+            end_ns: sample.end_ns,
+        });
     }
 
     fn write_line(&mut self, line: &impl Serialize) {

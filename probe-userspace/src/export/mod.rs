@@ -38,6 +38,7 @@ pub struct ProbeHealth {
     /// Lines `--requests-out` / `--exchanges-out` could not write (after a write error).
     pub requests_out_dropped: u64,
     pub exchanges_out_dropped: u64,
+    pub stages_out_dropped: u64,
     pub in_flight: usize,
     pub assembly: AssemblyStats,
     pub connections: ConnectionStats,

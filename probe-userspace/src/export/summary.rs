@@ -197,6 +197,14 @@ impl Summary {
     }
 }
 
+impl Summary {
+    /// One call of a symbol-mapped stage function (no request around it).
+    pub fn record_stage_sample(&mut self, stage: &str, duration_ns: u64) {
+        let name = self.stage_names.admit(stage).unwrap_or(OTHER);
+        self.stages.get(name).observe(duration_ns);
+    }
+}
+
 impl RequestSink for Summary {
     fn record(&mut self, request: &Request) {
         self.requests.observe(request.duration_ns());

@@ -56,10 +56,16 @@ pub fn json_reply(scope: RequestScope, answer: Result<Value, ApiError>) -> Respo
     };
     let bytes = {
         let _serialize = scope.recorder().stage(Stage::ResponseSerialize);
-        body.to_string()
+        serialize(&body)
     };
     scope.end(status.as_u16(), error_type);
     (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+}
+
+/// The `response.serialize` stage's work (a function of its own, like `routing::lookup`).
+#[inline(never)]
+fn serialize(body: &Value) -> String {
+    body.to_string()
 }
 
 async fn complete(

@@ -97,11 +97,17 @@ impl Recorder {
 
     /// Begins `stage`; it ends when the guard is dropped.
     pub fn stage(&self, stage: Stage) -> StageGuard {
+        // The span is added (which may allocate) before the clock is read, so the clock
+        // is read right before the stage's work: a probe on the function doing that work
+        // (brokerprobe's symbol mode) sees nearly the same begin.
+        self.record(self.clock(), |trace, _| {
+            trace.begin_stage(stage.name(), None, 0)
+        });
         let at = self.clock();
         if markers_enabled() {
             instrument::stage_begin(self.id, stage);
         }
-        self.record(at, |trace, at| trace.begin_stage(stage.name(), None, at));
+        self.record(at, |trace, at| trace.stage_began(stage.name(), at));
         StageGuard {
             recorder: self.clone(),
             stage,
@@ -220,6 +226,18 @@ impl Trace {
             begin_ns: at,
             end_ns: 0,
         });
+    }
+
+    /// Sets the begin of the span of `stage` just added by `begin_stage(.., 0)`.
+    fn stage_began(&mut self, stage: &'static str, at: u64) {
+        let added = self
+            .stages
+            .iter_mut()
+            .rev()
+            .find(|span| span.begin_ns == 0 && span.stage == stage && span.name.is_none());
+        if let Some(span) = added {
+            span.begin_ns = at;
+        }
     }
 
     /// Closes the innermost open span of `stage` (and tool `name`).

@@ -205,6 +205,14 @@ fn start_broker_binary(name: &str, extra_args: &[&str]) -> Result<(Proc, String)
     Ok((broker, format!("http://{addr}")))
 }
 
+/// The demo broker's symbol map (docs/modes/symbols.md).
+pub fn demo_broker_symbol_map() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../demo-broker/symbol-map.toml"
+    ))
+}
+
 /// The probe map of the demo broker's USDT variant (docs/modes/usdt.md).
 pub fn demo_broker_usdt_map() -> PathBuf {
     PathBuf::from(concat!(

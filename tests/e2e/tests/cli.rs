@@ -415,9 +415,32 @@ fn inspect_lists_usdt_probes_stripped_or_not() {
         let (out, text) = inspect(&[binary.to_str().unwrap()]);
         println!("inspect {}:\n{text}", binary.display());
         assert!(out.status.success(), "{out:?}");
+        // One probe may sit at several sites (the compiler copied its caller): 11
+        // probes, at least as many notes.
+        let sites: usize = text
+            .lines()
+            .find_map(|l| l.strip_prefix("USDT probes:   "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(sites >= 11, "{text}");
+        for probe in [
+            "request-start",
+            "request-done",
+            "stage-start",
+            "stage-done",
+            "tool-start",
+            "tool-done",
+            "provider",
+            "first-byte",
+            "chunk",
+            "token-usage",
+            "fallback",
+        ] {
+            let at = format!("  demo_broker:{probe} at 0x");
+            assert!(text.contains(&at), "{at:?} not in:\n{text}");
+        }
         for fact in [
             "markers:       none usable",
-            "USDT probes:   11",
             "demo_broker:request-start at 0x",
             "args: 8@%rdi 8@%rsi 8@%rdx",
             // The status is a u16: its operand is a 16-bit register.
@@ -470,7 +493,7 @@ fn usdt_map_errors_are_one_clear_line() {
         &attach_with(&pid, &["--usdt-map", &absent]),
         &[
             "probe demo_broker:nope is not in the executable",
-            "it has: demo_broker:request-start",
+            "it has: demo_broker:chunk, demo_broker:fallback, demo_broker:first-byte",
         ],
     );
     assert_one_clear_line(
@@ -487,5 +510,75 @@ fn usdt_map_errors_are_one_clear_line() {
         ),
         &["the executable has no USDT probes"],
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A symbol map naming what a uprobe cannot time, or what is not there: one clear line
+/// each, nothing attached.
+#[test]
+fn symbol_map_refuses_what_it_cannot_time() {
+    require_root();
+    let dir = e2e::harness::scratch_dir("symbol-map-errors");
+    let map = |name: &str, stage: &str, function: &str| {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            format!("[[stage]]\nstage = \"{stage}\"\nfunction = \"{function}\"\n"),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let async_body = map(
+        "async.toml",
+        "upstream.chat",
+        "demo_broker::chat::chat_turn*",
+    );
+    let inlined = map(
+        "inlined.toml",
+        "tool.execute",
+        "demo_broker::tools::execute",
+    );
+    let (broker, _) = e2e::harness::start_demo_broker_variant("usdt", &[]).unwrap();
+    let pid = broker.pid().to_string();
+    assert_one_clear_line(
+        &attach_with(&pid, &["--symbol-map", &async_body]),
+        &[
+            "stage upstream.chat: `demo_broker::chat::chat_turn::{{closure}}`",
+            "entered once per poll",
+            "a uprobe cannot time it",
+        ],
+    );
+    assert_one_clear_line(
+        &attach_with(&pid, &["--symbol-map", &inlined]),
+        &[
+            "no function `demo_broker::tools::execute`",
+            "inlined it everywhere (mark it #[inline(never)])",
+        ],
+    );
+    drop(broker);
+    // Stripped: the symbol table a map needs is gone.
+    let stripped = dir.join("demo-broker-stripped");
+    assert!(
+        std::process::Command::new("strip")
+            .arg("-o")
+            .arg(&stripped)
+            .arg(bin("demo-broker"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut command = std::process::Command::new(&stripped);
+    command.args(["--fake", "--listen", "127.0.0.1:0"]);
+    let (stripped_broker, _) =
+        e2e::harness::start_listening("demo-broker-stripped", &mut command).unwrap();
+    let route = map("route.toml", "route", "demo_broker::routing::lookup");
+    assert_one_clear_line(
+        &attach_with(
+            &stripped_broker.pid().to_string(),
+            &["--symbol-map", &route],
+        ),
+        &["no symbol table (stripped): a symbol map needs one"],
+    );
+    drop(stripped_broker);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -106,6 +106,20 @@ impl BrokerMetrics {
         })
     }
 
+    /// A stage timed without its request (symbol mode): model and provider unknown.
+    pub(super) fn record_stage(
+        &self,
+        replica: &str,
+        stage: &str,
+        duration_ns: u64,
+        labels: &mut Labels,
+    ) {
+        let stage = labels.admit(Label::Stage, stage);
+        self.stage_duration
+            .with_label_values(&[replica, stage, "", ""])
+            .observe(seconds(duration_ns));
+    }
+
     pub(super) fn record(&self, request: &Request, replica: &str, labels: &mut Labels) {
         let model = labels.admit(Label::Model, &request.model);
         let provider = labels.admit(Label::Provider, request.provider.as_deref().unwrap_or(""));

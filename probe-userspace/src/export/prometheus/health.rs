@@ -182,6 +182,12 @@ const HEALTH_COUNTERS: &[HealthCounter] = &[
         |h| h.exchanges_out_dropped,
     ),
     (
+        "brokerprobe_export_dropped_total",
+        "Records an exporter could not write (after a write error to its file), by exporter.",
+        Some(("exporter", "stages_out")),
+        |h| h.stages_out_dropped,
+    ),
+    (
         "brokerprobe_traces_total",
         "Requests judged for tracing, by verdict: kept by the sampler (head), kept because they failed or were slow (tail), or sampled out.",
         Some(("verdict", "head")),

@@ -141,6 +141,15 @@ impl PrometheusExporter {
     }
 }
 
+impl PrometheusExporter {
+    /// One call of a symbol-mapped stage function of process `pid`.
+    pub fn record_stage_sample(&mut self, pid: u32, stage: &str, duration_ns: u64) {
+        let replica = self.replicas.get(&pid).map_or(UNKNOWN, String::as_str);
+        self.broker
+            .record_stage(replica, stage, duration_ns, &mut self.labels);
+    }
+}
+
 impl RequestSink for PrometheusExporter {
     fn record(&mut self, request: &Request) {
         let replica = self
@@ -487,6 +496,7 @@ mod tests {
             events: 15,
             marker_events_lost: 2,
             requests_out_dropped: 3,
+            stages_out_dropped: 0,
             ..ProbeHealth::default()
         });
         let text = render(&exporter.registry());
