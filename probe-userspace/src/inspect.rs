@@ -149,15 +149,20 @@ pub(crate) fn is_polled(function: &str) -> bool {
 impl Inspection {
     /// Which probes `brokerprobe attach` would use.
     pub fn attach_mode(&self) -> &'static str {
-        match (&self.markers.problem, self.usdt.is_empty()) {
-            (None, true) => "markers and sockets",
-            (None, false) => {
+        let symbols = self.symtab_symbols > 0;
+        match (&self.markers.problem, self.usdt.is_empty(), symbols) {
+            (None, true, _) => "markers and sockets",
+            (None, false, _) => {
                 "markers and sockets (with --usdt-map: its USDT probes instead of markers)"
             }
-            (Some(_), false) => {
+            (Some(_), false, _) => {
                 "sockets only; with --usdt-map, its USDT probes and sockets (docs/modes/usdt.md)"
             }
-            (Some(_), true) => "sockets only",
+            (Some(_), true, true) => {
+                "sockets only; with --symbol-map, its synchronous stages' functions and sockets \
+                 (docs/modes/symbols.md)"
+            }
+            (Some(_), true, false) => "sockets only",
         }
     }
 }

@@ -31,7 +31,8 @@ use probe_userspace::{
         It also follows the broker's TCP sockets with tracepoints: upstream connect time, \
         network time to first byte, full upstream time, bytes and stream chunks, and the \
         inbound requests. A broker without markers, in any language, is profiled from its \
-        sockets alone; one with USDT probes, per stage through a probe map (--usdt-map).\n\n\
+        sockets alone; one with USDT probes, per stage through a probe map (--usdt-map); one \
+        with neither, its synchronous stages through a symbol map (--symbol-map).\n\n\
         Needs Linux >= 6.x with BTF, and root or CAP_BPF + CAP_PERFMON.",
     after_help = "Example:\n  sudo brokerprobe attach --pid $(pgrep -n my-broker) --interval 5s\n  \
         curl -s http://127.0.0.1:9464/metrics | grep brokerprobe_stage\n  \
