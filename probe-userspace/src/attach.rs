@@ -1,6 +1,7 @@
-//! Loads brokerprobe's eBPF object and attaches it to the broker's processes: one uprobe per
-//! marker (or mapped USDT probe site) and process, and the socket tracepoints (filtered in
-//! the kernel to those processes). Dropping [`Probes`] detaches them.
+//! Loads brokerprobe's eBPF object and attaches it to the broker's processes: per process,
+//! one uprobe per marker, mapped USDT probe site, or mapped function (at its entry and
+//! return), and the socket tracepoints (filtered in the kernel to those processes).
+//! Dropping [`Probes`] detaches them.
 
 use std::{
     fs,
@@ -133,7 +134,8 @@ pub enum Stages {
     None,
 }
 
-/// One process's marker uprobes and semaphore hold, or its USDT probe sites.
+/// One process's uprobes: markers and their semaphore hold, USDT probe sites, or mapped
+/// functions' entries and returns.
 struct ProcessProbes {
     links: Vec<(&'static str, UProbeLinkId)>,
     /// Holds the broker's marker semaphore up (docs/markers.md).

@@ -262,7 +262,7 @@ fn choose_stages(options: &AttachOptions, target: &Target) -> Result<Stages> {
             .with_context(|| format!("{}: its symbol map", describe()))?;
         return Ok(Stages::Symbols(probes));
     }
-    if let (Some(map), false) = (&options.usdt, options.mode == Mode::Sockets) {
+    if let Some(map) = &options.usdt {
         let probes = map
             .resolve(&executable()?)
             .with_context(|| format!("{}: its USDT probes", describe()))?;
