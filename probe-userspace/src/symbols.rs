@@ -11,15 +11,11 @@
 use std::{collections::HashSet, fs, path::Path};
 
 use anyhow::{Context as _, Result, bail};
-use object::{
-    Endianness, Object as _, ObjectSymbol as _, SymbolKind,
-    elf::PT_LOAD,
-    read::elf::{ElfFile64, ProgramHeader as _},
-};
+use object::{Endianness, Object as _, ObjectSymbol as _, SymbolKind, read::elf::ElfFile64};
 use serde::Deserialize;
 use wildmatch::WildMatch;
 
-use crate::{inspect::is_polled, usdt::stage_by_name};
+use crate::{inspect::is_polled, target::FileSegments, usdt::stage_by_name};
 
 /// Names offered when a function is not found.
 const SIMILAR_SHOWN: usize = 3;
@@ -101,13 +97,7 @@ impl SymbolMap {
                  it without `strip` (symbols cost nothing at run time)"
             );
         }
-        let endian = elf.endian();
-        let loads: Vec<(u64, u64, u64)> = elf
-            .elf_program_headers()
-            .iter()
-            .filter(|ph| ph.p_type(endian) == PT_LOAD)
-            .map(|ph| (ph.p_vaddr(endian), ph.p_filesz(endian), ph.p_offset(endian)))
-            .collect();
+        let segments = FileSegments::of(&elf);
         let functions: Vec<(String, u64)> = elf
             .symbols()
             .filter(|s| s.kind() == SymbolKind::Text && !s.is_undefined() && s.address() != 0)
@@ -134,12 +124,8 @@ impl SymbolMap {
                 if !addresses.insert(*address) {
                     continue; // an alias of a function already taken
                 }
-                let file_offset = loads
-                    .iter()
-                    .find(|(start, size, _)| {
-                        (*start..start.saturating_add(*size)).contains(address)
-                    })
-                    .and_then(|(start, _, offset)| (address - start).checked_add(*offset))
+                let file_offset = segments
+                    .file_offset(*address)
                     .with_context(|| format!("`{name}` is in no file-backed segment"))?;
                 probes.push(SymbolProbe {
                     stage: index as u32,

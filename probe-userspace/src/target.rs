@@ -227,19 +227,10 @@ pub fn find_markers(file: &fs::File) -> Result<MarkerScan> {
 /// [`find_markers`] on an executable's bytes, whatever they are (fuzzed: fuzz/).
 pub fn find_markers_in(data: &[u8]) -> Result<MarkerScan> {
     let elf = ElfFile64::<Endianness, _>::parse(data).context("not a 64-bit ELF executable")?;
-    let endian = elf.endian();
-    let loads: Vec<(u64, u64, u64)> = elf
-        .elf_program_headers()
-        .iter()
-        .filter(|ph| ph.p_type(endian) == PT_LOAD)
-        .map(|ph| (ph.p_vaddr(endian), ph.p_filesz(endian), ph.p_offset(endian)))
-        .collect();
-    // Only file-backed bytes: the kernel finds code, and the semaphore, by file offset.
+    let segments = FileSegments::of(&elf);
     let file_offset = |name: &str, vaddr: u64| {
-        loads
-            .iter()
-            .find(|(start, size, _)| (*start..start.saturating_add(*size)).contains(&vaddr))
-            .and_then(|(start, _, offset)| (vaddr - start).checked_add(*offset))
+        segments
+            .file_offset(vaddr)
             .with_context(|| format!("{name} at {vaddr:#x} is in no file-backed segment"))
     };
 
@@ -309,6 +300,31 @@ pub fn find_markers_in(data: &[u8]) -> Result<MarkerScan> {
         semaphore,
         problem,
     })
+}
+
+/// The file-backed bytes of an executable's loaded segments: the kernel finds code, and
+/// counters it raises, by file offset.
+pub struct FileSegments(Vec<(u64, u64, u64)>);
+
+impl FileSegments {
+    pub fn of<'data>(elf: &ElfFile64<'data, Endianness, &'data [u8]>) -> Self {
+        let endian = elf.endian();
+        Self(
+            elf.elf_program_headers()
+                .iter()
+                .filter(|ph| ph.p_type(endian) == PT_LOAD)
+                .map(|ph| (ph.p_vaddr(endian), ph.p_filesz(endian), ph.p_offset(endian)))
+                .collect(),
+        )
+    }
+
+    /// The file offset of link-time address `vaddr`, if a segment's file bytes hold it.
+    pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
+        self.0
+            .iter()
+            .find(|(start, size, _)| (*start..start.saturating_add(*size)).contains(&vaddr))
+            .and_then(|(start, _, offset)| (vaddr - start).checked_add(*offset))
+    }
 }
 
 fn missing_kinds(markers: &[FoundMarker]) -> Vec<MarkerKind> {

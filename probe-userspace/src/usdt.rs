@@ -22,6 +22,8 @@ use probe_common::{
 };
 use serde::Deserialize;
 
+use crate::target::FileSegments;
+
 /// One `.note.stapsdt` entry, addresses adjusted for where `.stapsdt.base` really is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SdtNote {
@@ -335,19 +337,8 @@ impl UsdtMap {
         if notes.is_empty() {
             bail!("the executable has no USDT probes (no .note.stapsdt section)");
         }
-        let endian = elf.endian();
-        let loads: Vec<(u64, u64, u64)> = elf
-            .elf_program_headers()
-            .iter()
-            .filter(|ph| ph.p_type(endian) == PT_LOAD)
-            .map(|ph| (ph.p_vaddr(endian), ph.p_filesz(endian), ph.p_offset(endian)))
-            .collect();
-        let to_file_offset = |vaddr: u64| {
-            loads
-                .iter()
-                .find(|(start, size, _)| (*start..start.saturating_add(*size)).contains(&vaddr))
-                .and_then(|(start, _, offset)| (vaddr - start).checked_add(*offset))
-        };
+        let segments = FileSegments::of(&elf);
+        let to_file_offset = |vaddr: u64| segments.file_offset(vaddr);
         let mut sites = Vec::new();
         for mapping in &self.mappings {
             let found: Vec<&SdtNote> = notes
