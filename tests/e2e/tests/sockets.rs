@@ -20,13 +20,11 @@ use serde_json::Value as Json;
 const TTFB_MS: u64 = 200;
 const CHUNKS: u32 = 5;
 const CHUNK_INTERVAL_MS: u64 = 50;
-/// The bound on network TTFB p50 and p95 around TTFB_MS.
-const TTFB_TOLERANCE_NS: u64 = 2_000_000;
-/// How late the upstream may be by its own clock (p95 reading the request late plus p95
-/// answering late) for the script to count as kept.
-const UPSTREAM_SLACK_NS: u64 = 1_500_000;
-/// Runs of the experiment before an upstream that never keeps its script fails the test.
-const ATTEMPTS: usize = 3;
+/// Bounds on network TTFB minus the upstream's own time from reading the request to
+/// writing its first byte, at p50 and p95: loopback delivery and the upstream's wake-up,
+/// which on 2 loaded cores reaches a few milliseconds at p95. A wrong request start (an
+/// earlier exchange's, the connect) would be hundreds of milliseconds off.
+const TTFB_EXCESS_BOUNDS_NS: [(f64, u64); 2] = [(0.5, 1_000_000), (0.95, 5_000_000)];
 /// Requests sent while attached, at most `CONCURRENCY` at once, after a warm-up at
 /// `WARM_CONCURRENCY`: fewer upstream connections than the load needs, so the load opens
 /// new ones while attached and reuses the warm ones.
@@ -56,7 +54,7 @@ enum Broker {
 #[test]
 fn upstream_calls_match_the_upstream_ledger_with_markers() {
     require_root();
-    let run = profile_punctual(Broker::DemoWithMarkers);
+    let run = profile(Broker::DemoWithMarkers);
     check_attribution(&run.matched, "demo broker, markers");
     check_lag(&run);
 }
@@ -122,13 +120,13 @@ fn attribution_under_mixed_load() {
 #[test]
 fn socket_only_mode_demo_broker_without_markers() {
     require_root();
-    profile_punctual(Broker::DemoWithoutMarkers);
+    profile(Broker::DemoWithoutMarkers);
 }
 
 #[test]
 fn socket_only_mode_python_broker() {
     require_root();
-    let run = profile_punctual(Broker::Python);
+    let run = profile(Broker::Python);
     assert!(
         run.probe_stdout
             .iter()
@@ -151,9 +149,8 @@ struct Run {
 }
 
 /// Starts the fake upstream and `broker`, warms the broker's upstream pool, attaches
-/// brokerprobe, sends the load, and checks what holds for every mode; returns the rest,
-/// or the TTFB figures if the upstream did not keep its script.
-fn profile(broker: Broker) -> Result<Run, String> {
+/// brokerprobe, sends the load, and checks what holds for every mode; returns the rest.
+fn profile(broker: Broker) -> Run {
     let name = match broker {
         Broker::DemoWithMarkers => "demo-markers",
         Broker::DemoWithoutMarkers => "demo-no-markers",
@@ -306,7 +303,7 @@ fn profile(broker: Broker) -> Result<Run, String> {
     println!("sockets ({name}): up to {in_flight} upstream calls at once");
     check_bytes_and_chunks(&matched);
     let (new, reused) = check_connect(&matched, &all_calls, attached_ns);
-    let punctual = check_ttfb(&matched, name);
+    check_ttfb(&matched, name);
     check_inbound(&exchanges, TOTAL);
     check_inbound_relation(&exchanges, sequential_from_ns, name);
     check_metrics(&metrics, &matched, new);
@@ -316,28 +313,11 @@ fn profile(broker: Broker) -> Result<Run, String> {
         matched.len()
     );
     drop(broker_proc);
-    punctual.map(|()| Run {
+    Run {
         matched,
         requests: read_jsonl(&requests_path),
         probe_stdout: probe.stdout.clone(),
-    })
-}
-
-/// [`profile`], repeated while the upstream could not keep its script.
-fn profile_punctual(broker: Broker) -> Run {
-    let mut late = Vec::new();
-    for attempt in 1..=ATTEMPTS {
-        match profile(broker) {
-            Ok(run) => return run,
-            Err(figures) => {
-                println!(
-                    "attempt {attempt}: the upstream was late by its own clock; measuring again"
-                );
-                late.push(figures);
-            }
-        }
     }
-    panic!("the fake upstream never kept its script on this machine: {late:#?}");
 }
 
 fn start_broker(broker: Broker, upstream_url: &str) -> (Proc, String) {
@@ -516,9 +496,10 @@ fn check_connect(matched: &[Matched], ledger: &[Json], attached_ns: u64) -> (usi
 /// Arrivals are timed exactly: on loopback the upstream's bytes reach the broker's
 /// socket during the upstream's write syscall, so each exchange's first and last response
 /// arrival lies within the upstream's own record of that write; the request went out
-/// before the upstream read it. Then network TTFB is what the script says — unless the
-/// upstream itself was late (by its own clock): then Err with the figures.
-fn check_ttfb(matched: &[Matched], name: &str) -> Result<(), String> {
+/// before the upstream read it. Then network TTFB is the upstream's own time to its first
+/// byte plus delivery: compared with that, not with the script, which a host hiccup on
+/// this shared VM can make even a real-time upstream miss by milliseconds.
+fn check_ttfb(matched: &[Matched], name: &str) {
     let ns = |json: &Json, field: &str| {
         json[field]
             .as_u64()
@@ -545,39 +526,38 @@ fn check_ttfb(matched: &[Matched], name: &str) -> Result<(), String> {
     };
     let ttfb = sorted(&|m| ns(&m.observed, "ttfb_ns"));
     let read_late = sorted(&|m| ns(&m.ledger, "first_read_ns") - ns(&m.observed, "start_ns"));
-    let own = sorted(&|m| ns(&m.ledger, "first_write_began_ns") - ns(&m.ledger, "first_read_ns"));
+    let own_of =
+        |m: &Matched| ns(&m.ledger, "first_write_began_ns") - ns(&m.ledger, "first_read_ns");
+    let own = sorted(&own_of);
+    // Never negative: the checks above put the request before the upstream's read and
+    // the first byte's arrival after its write began.
+    let beyond_upstream = sorted(&|m| ns(&m.observed, "ttfb_ns") - own_of(m));
     let at = |sorted: &[u64], q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
     let ms = |ns: u64| ns as f64 / 1e6;
     let figures = format!(
         "sockets ({name}): network TTFB p50 {:.3} ms, p95 {:.3} ms (upstream scripted {TTFB_MS} \
          ms; it read the request p50 {:.3} ms, p95 {:.3} ms after it was sent, and took \
-         p50 {:.3} ms, p95 {:.3} ms from there to its first write)",
+         p50 {:.3} ms, p95 {:.3} ms from there to its first write; TTFB beyond that p50 {:.3} \
+         ms, p95 {:.3} ms)",
         ms(at(&ttfb, 0.5)),
         ms(at(&ttfb, 0.95)),
         ms(at(&read_late, 0.5)),
         ms(at(&read_late, 0.95)),
         ms(at(&own, 0.5)),
         ms(at(&own, 0.95)),
+        ms(at(&beyond_upstream, 0.5)),
+        ms(at(&beyond_upstream, 0.95)),
     );
     println!("{figures}");
-    let target = TTFB_MS * 1_000_000;
-    // The script holds only if the upstream kept it: on this shared VM a host hiccup can
-    // make even a real-time process late. Then the measurement is repeated (the checks
-    // above, per exchange, hold either way).
-    let upstream_late = at(&own, 0.95).saturating_sub(target) + at(&read_late, 0.95);
-    if upstream_late > UPSTREAM_SLACK_NS {
-        return Err(figures);
-    }
-    let at = |q| at(&ttfb, q);
-    for q in [0.5, 0.95] {
+    for (q, bound) in TTFB_EXCESS_BOUNDS_NS {
+        let excess = at(&beyond_upstream, q);
         assert!(
-            at(q).abs_diff(target) <= TTFB_TOLERANCE_NS,
-            "TTFB p{} = {} ns, not within {TTFB_TOLERANCE_NS} ns of {target}: {figures}",
-            q * 100.0,
-            at(q)
+            excess <= bound,
+            "network TTFB exceeds the upstream's own time to first byte by {excess} ns at \
+             p{}, more than {bound} ns: {figures}",
+            q * 100.0
         );
     }
-    Ok(())
 }
 
 /// Every load request is an inbound exchange, with its HTTP request and status lines.
