@@ -11,6 +11,7 @@ use probe_userspace::{
     export::{
         otlp::{Protocol, Sampling, TracesConfig, env_var},
         prometheus::{MetricsConfig, check_buckets},
+        report::ReportFormat,
     },
     inspect,
     run::{self, AttachOptions, Mode, Targets},
@@ -179,6 +180,18 @@ struct AttachArgs {
     /// (process, thread, stage, entry and return times).
     #[arg(long, value_name = "FILE", requires = "symbol_map")]
     stages_out: Option<PathBuf>,
+    /// The report written at exit and whenever brokerprobe gets SIGUSR1 (`kill -USR1`):
+    /// stage and upstream tables, what was lost or dropped, and the slowest requests with
+    /// their stage waterfall and trace id (docs/report.md).
+    #[arg(long, value_enum, default_value = "table", value_name = "FORMAT")]
+    report: ReportFormat,
+    /// Write the report to FILE, replaced whole each time, instead of standard output
+    /// (the tables still go to standard output at exit).
+    #[arg(long, value_name = "FILE")]
+    report_out: Option<PathBuf>,
+    /// How many of the slowest requests the report and /stats list (0 to 1000).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(0..=1000), value_name = "N")]
+    report_slowest: u16,
     /// Drop (and count) requests whose end marker has not come after this long.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
@@ -500,6 +513,9 @@ impl TryFrom<AttachArgs> for AttachOptions {
                 max_label_values: args.max_label_values,
             },
             traces,
+            report: args.report,
+            report_out: args.report_out,
+            report_slowest: args.report_slowest.into(),
         })
     }
 }

@@ -2,7 +2,6 @@
 
 use std::{
     collections::HashSet,
-    fmt::Write as _,
     fs,
     io::{IsTerminal as _, Write as _},
     net::SocketAddr,
@@ -36,6 +35,7 @@ use crate::{
         jsonl::JsonLines,
         otlp::{TraceExporter, TraceHealth, TracesConfig},
         prometheus::{MetricsConfig, PrometheusExporter, TargetInfo},
+        report::{ReportFormat, ReportWriter, health_text},
         summary::{SharedSummary, Summary, lock},
     },
     pidfd::ExitWatch,
@@ -93,6 +93,11 @@ pub struct AttachOptions {
     pub metrics: MetricsConfig,
     /// OTLP export and the embedded trace UI; None: no traces.
     pub traces: Option<TracesConfig>,
+    /// The report written on exit and on SIGUSR1: its format, its file (None: standard
+    /// output), and how many of the slowest requests it lists.
+    pub report: ReportFormat,
+    pub report_out: Option<PathBuf>,
+    pub report_slowest: usize,
 }
 
 /// Everything downstream of the ring buffer.
@@ -108,6 +113,7 @@ struct Pipeline {
     exchanges_out: Option<JsonLines>,
     stages_out: Option<JsonLines>,
     traces: Option<TraceExporter>,
+    report: ReportWriter,
     /// Stage names of the symbol map, by the number stage samples carry.
     symbol_stages: Vec<String>,
     /// When `attach` began, to say how long the first event took.
@@ -128,13 +134,14 @@ impl Pipeline {
         match decode(bytes) {
             Ok(Record::Marker(event)) => {
                 if let Some(request) = self.assembler.on_event(event) {
+                    let trace_id = self
+                        .traces
+                        .as_mut()
+                        .and_then(|traces| traces.record(&request));
                     self.prometheus.record(&request);
-                    lock(&self.summary).record(&request);
+                    lock(&self.summary).record(&request, trace_id);
                     if let Some(out) = &mut self.requests_out {
                         out.record(&request);
-                    }
-                    if let Some(traces) = &mut self.traces {
-                        traces.record(&request);
                     }
                     // Exchanges held for their votes may have gone to the request.
                     self.export_exchanges();
@@ -581,6 +588,7 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
     let requests_out = create(&options.requests_out)?;
     let exchanges_out = create(&options.exchanges_out)?;
     let stages_out = create(&options.stages_out)?;
+    let report = ReportWriter::create(options.report, options.report_out.clone())?;
     let service = match (&options.targets, found.first()) {
         (_, Some(first)) => first.target.name.clone(),
         (Targets::Follow(Selector::Name(name)), None) => name.clone(),
@@ -615,11 +623,15 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
         assembler: Assembler::new(options.max_open_requests),
         progress: Vec::new(),
         prometheus: PrometheusExporter::new(&options.metrics)?,
-        summary: Arc::new(Mutex::new(Summary::new(options.metrics.max_label_values))),
+        summary: Arc::new(Mutex::new(Summary::new(
+            options.metrics.max_label_values,
+            options.report_slowest,
+        ))),
         requests_out,
         exchanges_out,
         stages_out,
         traces,
+        report,
         symbol_stages: options
             .symbols
             .as_ref()
@@ -675,8 +687,12 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
     if let Some(out) = &mut pipeline.stages_out {
         out.finish().context("writing --stages-out")?;
     }
-    println!("{}", lock(&pipeline.summary).render());
-    println!("{}", health_line(&health));
+    let mut summary = lock(&pipeline.summary);
+    summary.update_health(&health);
+    if options.report_out.is_some() {
+        println!("{}\n{}", summary.render(false), health_text(&health));
+    }
+    pipeline.report.write(&summary)?;
     Ok(())
 }
 
@@ -709,6 +725,7 @@ async fn event_loop(
     let mut kernel_log = kernel_log.map(watch).transpose()?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sigusr1 = tokio::signal::unix::signal(SignalKind::user_defined1())?;
     let deadline = async {
         match options.duration {
             Some(duration) => tokio::time::sleep(duration).await,
@@ -766,6 +783,14 @@ async fn event_loop(
                 }
             }
             _ = tick(&mut live) => print_live(pipeline),
+            _ = sigusr1.recv() => {
+                let health = pipeline.health(run.counts(), &mut counters);
+                let mut summary = lock(&pipeline.summary);
+                summary.update_health(&health);
+                if let Err(e) = pipeline.report.write(&summary) {
+                    log::warn!("SIGUSR1: {e:#}");
+                }
+            }
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
             _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
             () = &mut deadline => break Stop::Duration,
@@ -845,81 +870,7 @@ fn print_live(pipeline: &Pipeline) {
     let _ = writeln!(
         out,
         "{requests} requests, {in_flight} in flight\n{}",
-        lock(&pipeline.summary).render()
+        lock(&pipeline.summary).render(false)
     );
     let _ = out.flush();
-}
-
-fn health_line(health: &ProbeHealth) -> String {
-    let a = &health.assembly;
-    let c = &health.connections;
-    let mut line = format!(
-        "events {} (lost: {} marker, {} socket; undecodable {}, {} of untracked requests); \
-         requests {} complete, {} ended untracked, {} still open, {} expired, {} incomplete \
-         (records lost while they ran), {} over the open-request bound, {} duplicate begins; stages {} unclosed, {} unmatched, {} over a \
-         request's bounds; {} events while detaching (ignored)",
-        health.events,
-        health.marker_events_lost,
-        health.socket_events_lost,
-        health.decode_errors,
-        a.orphan_events,
-        a.completed,
-        a.partial,
-        health.in_flight,
-        a.expired,
-        a.incomplete,
-        a.overflow,
-        a.duplicate_begins,
-        a.unclosed_stages,
-        a.unmatched_stage_ends,
-        a.over_request_bounds,
-        a.after_window,
-    );
-    let t = &health.traces;
-    if t.sampled_head + t.sampled_tail + t.sampled_out > 0 {
-        let _ = write!(
-            line,
-            "\ntraces: {} kept ({} by the sampler, {} failed or slow), {} sampled out, {} without \
-             socket figures; spans: {} exported to OTLP, {} to the trace UI; lost: {} (queue \
-             full), {} (unsent at exit), {} (OTLP export failed), {} (trace UI failed)",
-            t.sampled_head + t.sampled_tail,
-            t.sampled_head,
-            t.sampled_tail,
-            t.sampled_out,
-            t.without_sockets,
-            t.exported_spans[0],
-            t.exported_spans[1],
-            t.dropped_spans,
-            t.unsent_spans,
-            t.failed_spans[0],
-            t.failed_spans[1],
-        );
-    }
-    if health.attached_socket_tracepoints > 0 {
-        let _ = write!(
-            line,
-            "\nsockets: {} exchanges, {} unanswered; {} connects ({} failed); {} connections \
-             open at attach, {} learned later, {} unresolved ({} events not followed); {} stray \
-             response bytes; {} I/O outside read/write syscalls; {} events outside the window; \
-             {} response reads without arrival time; upstream exchanges attributed: {} by \
-             adjacency, {} only candidate, {} not attributed ({} votes dropped)",
-            c.exchanges,
-            c.unanswered,
-            c.connects,
-            c.connect_failures,
-            c.learned_at_attach,
-            c.learned_later,
-            c.unresolved,
-            c.unfollowed_events,
-            c.stray_response_bytes,
-            health.socket_io_without_syscall,
-            c.outside_window,
-            c.arrivals_unknown,
-            a.attribution.adjacent,
-            a.attribution.only_candidate,
-            a.attribution.unattributed,
-            a.attribution.votes_dropped,
-        );
-    }
-    line
 }

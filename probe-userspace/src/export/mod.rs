@@ -5,6 +5,7 @@ pub mod jsonl;
 pub mod labels;
 pub mod otlp;
 pub mod prometheus;
+pub mod report;
 pub mod summary;
 
 use self::otlp::TraceHealth;

@@ -1,6 +1,6 @@
 //! Quantiles kept in memory: the tables printed live and on exit, and the `/stats` JSON
-//! (docs/metrics.md): per stage, per model, per upstream and inbound; count, p50, p95,
-//! p99, max.
+//! (docs/report.md): per stage, per model, per upstream and inbound; count, p50, p95,
+//! p99, max; and the slowest requests.
 
 use std::{
     collections::HashMap,
@@ -13,8 +13,9 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::{
-    ExchangeSink, ProbeHealth, RequestSink,
+    ExchangeSink, ProbeHealth,
     labels::{LabelCap, OTHER},
+    report::{SlowRequest, Slowest},
 };
 use crate::{assembly::Request, connections::Exchange, procnet::Role};
 
@@ -49,7 +50,11 @@ pub struct Summary {
     stage_names: LabelCap,
     model_names: LabelCap,
     upstream_names: LabelCap,
+    slowest: Slowest,
 }
+
+/// The version of the `/stats` and `--report json` document (docs/report.schema.json).
+const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Default)]
 struct ModelStats {
@@ -73,7 +78,8 @@ struct InboundStats {
 }
 
 impl Summary {
-    pub fn new(max_names: usize) -> Self {
+    /// `slowest`: how many of the slowest requests to keep, with their stages.
+    pub fn new(max_names: usize, slowest: usize) -> Self {
         Self {
             started: Instant::now(),
             requests: Latency::default(),
@@ -89,6 +95,7 @@ impl Summary {
             stage_names: LabelCap::new(max_names),
             model_names: LabelCap::new(max_names),
             upstream_names: LabelCap::new(max_names),
+            slowest: Slowest::new(slowest),
         }
     }
 
@@ -97,10 +104,18 @@ impl Summary {
         self.health = *health;
     }
 
-    /// The tables as text: stages, then (if any were seen) upstream calls and inbound
-    /// requests.
-    pub fn render(&self) -> String {
-        let mut stages = Table::new("stage");
+    pub fn health(&self) -> &ProbeHealth {
+        &self.health
+    }
+
+    pub fn slowest(&self) -> &[SlowRequest] {
+        self.slowest.requests()
+    }
+
+    /// The tables as text or Markdown: stages, then (if any were seen) upstream calls and
+    /// inbound requests.
+    pub fn render(&self, markdown: bool) -> String {
+        let mut stages = Table::new("stage", markdown);
         stages.row(REQUEST_ROW, &self.requests);
         // Replicas apart, when there were several.
         if self.processes.rows.len() > 1 {
@@ -111,7 +126,7 @@ impl Summary {
         for (name, latency) in self.stages.iter() {
             stages.row(name, latency);
         }
-        let mut sockets = Table::new("socket view");
+        let mut sockets = Table::new("socket view", markdown);
         for (name, upstream) in self.upstreams.iter() {
             sockets.row(&format!("{name} ttfb"), &upstream.ttfb);
             sockets.row(&format!("{name} total"), &upstream.duration);
@@ -132,7 +147,9 @@ impl Summary {
     /// What `/stats` serves.
     pub fn stats(&self) -> Stats<'_> {
         let h = &self.health;
+        let t = &h.traces;
         Stats {
+            schema_version: SCHEMA_VERSION,
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             requests: RequestCounts {
                 completed: self.requests.count(),
@@ -189,10 +206,22 @@ impl Summary {
             probe: ProbeLine {
                 events: h.events,
                 events_lost: h.marker_events_lost + h.socket_events_lost,
+                marker_events_lost: h.marker_events_lost,
+                socket_events_lost: h.socket_events_lost,
+                decode_errors: h.decode_errors,
                 requests_expired: h.assembly.expired,
                 requests_incomplete: h.assembly.incomplete,
+                requests_over_open_bound: h.assembly.overflow,
                 upstream_exchanges_unattributed: h.assembly.attribution.unattributed,
+                socket_io_without_syscall: h.socket_io_without_syscall,
+                output_lines_dropped: h.requests_out_dropped
+                    + h.exchanges_out_dropped
+                    + h.stages_out_dropped,
+                trace_spans_lost: t.dropped_spans
+                    + t.unsent_spans
+                    + t.failed_spans.iter().sum::<u64>(),
             },
+            slowest_requests: self.slowest.requests(),
         }
     }
 }
@@ -205,8 +234,10 @@ impl Summary {
     }
 }
 
-impl RequestSink for Summary {
-    fn record(&mut self, request: &Request) {
+impl Summary {
+    /// A finished request; `trace_id` is its trace's, when one was kept for export.
+    pub fn record(&mut self, request: &Request, trace_id: Option<String>) {
+        self.slowest.offer(request, trace_id);
         self.requests.observe(request.duration_ns());
         let process = format!("PID {}", request.pid);
         let process = self.process_names.admit(&process).unwrap_or(OTHER);
@@ -332,21 +363,28 @@ impl Latency {
     }
 }
 
-/// A text table; empty rows are left out.
+/// A text or Markdown table; empty rows are left out.
 struct Table {
     text: String,
     rows: usize,
+    markdown: bool,
 }
 
 impl Table {
-    fn new(title: &str) -> Self {
-        Self {
-            text: format!(
-                "{:<32} {:>8} {:>10} {:>10} {:>10} {:>10}\n",
-                title, "count", "p50", "p95", "p99", "max"
-            ),
+    fn new(title: &str, markdown: bool) -> Self {
+        let mut table = Self {
+            text: String::new(),
             rows: 0,
+            markdown,
+        };
+        table.line(
+            title,
+            ["count", "p50", "p95", "p99", "max"].map(String::from),
+        );
+        if markdown {
+            table.text.push_str("|---|--:|--:|--:|--:|--:|\n");
         }
+        table
     }
 
     fn row(&mut self, name: &str, latency: &Latency) {
@@ -354,22 +392,43 @@ impl Table {
             return;
         }
         let q = |q: f64| format_ns(latency.quantile_ns(q));
-        let _ = writeln!(
-            self.text,
-            "{name:<32} {:>8} {:>10} {:>10} {:>10} {:>10}",
-            latency.count(),
+        let cells = [
+            latency.count().to_string(),
             q(0.5),
             q(0.95),
             q(0.99),
-            format_ns(latency.0.max())
-        );
+            format_ns(latency.0.max()),
+        ];
+        self.line(name, cells);
         self.rows += 1;
+    }
+
+    fn line(&mut self, name: &str, [count, p50, p95, p99, max]: [String; 5]) {
+        let _ = if self.markdown {
+            writeln!(
+                self.text,
+                "| {} | {count} | {p50} | {p95} | {p99} | {max} |",
+                markdown_cell(name)
+            )
+        } else {
+            writeln!(
+                self.text,
+                "{name:<32} {count:>8} {p50:>10} {p95:>10} {p99:>10} {max:>10}"
+            )
+        };
     }
 }
 
-/// `/stats` (docs/metrics.md has its schema).
+/// A Markdown table cell: names come from the broker or its clients, and a `|` in one
+/// would split the row.
+pub fn markdown_cell(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('|', "\\|")
+}
+
+/// `/stats` and `--report json` (docs/report.schema.json).
 #[derive(Serialize)]
 pub struct Stats<'a> {
+    schema_version: u32,
     uptime_seconds: f64,
     requests: RequestCounts,
     request_duration: Option<Quantiles>,
@@ -380,6 +439,7 @@ pub struct Stats<'a> {
     upstream_lag: Option<Quantiles>,
     inbound: InboundLine,
     probe: ProbeLine,
+    slowest_requests: &'a [SlowRequest],
 }
 
 #[derive(Serialize)]
@@ -441,9 +501,16 @@ struct InboundLine {
 struct ProbeLine {
     events: u64,
     events_lost: u64,
+    marker_events_lost: u64,
+    socket_events_lost: u64,
+    decode_errors: u64,
     requests_expired: u64,
     requests_incomplete: u64,
+    requests_over_open_bound: u64,
     upstream_exchanges_unattributed: u64,
+    socket_io_without_syscall: u64,
+    output_lines_dropped: u64,
+    trace_spans_lost: u64,
 }
 
 /// Nanoseconds in the unit that keeps 3 significant digits readable.
@@ -465,27 +532,30 @@ mod tests {
     use crate::{assembly::StageSpan, decode::StageId};
 
     fn requests() -> Summary {
-        let mut summary = Summary::new(100);
+        let mut summary = Summary::new(100, 3);
         for i in 1..=100u64 {
-            summary.record(&Request {
-                model: if i % 2 == 0 { "even" } else { "odd" }.into(),
-                status: if i == 100 { 500 } else { 200 },
-                begin_ns: 0,
-                end_ns: i * 1_000_000,
-                stages: vec![StageSpan {
-                    id: StageId::Known(Stage::Route),
+            summary.record(
+                &Request {
+                    model: if i % 2 == 0 { "even" } else { "odd" }.into(),
+                    status: if i == 100 { 500 } else { 200 },
                     begin_ns: 0,
-                    end_ns: i * 1_000,
-                }],
-                ..Request::default()
-            });
+                    end_ns: i * 1_000_000,
+                    stages: vec![StageSpan {
+                        id: StageId::Known(Stage::Route),
+                        begin_ns: 0,
+                        end_ns: i * 1_000,
+                    }],
+                    ..Request::default()
+                },
+                None,
+            );
         }
         summary
     }
 
     #[test]
     fn table_has_request_row_then_stages_with_quantiles() {
-        let table = requests().render();
+        let table = requests().render(false);
         let lines: Vec<&str> = table.lines().collect();
         assert!(
             lines[1].starts_with("(request)") && lines[1].contains(" 100 "),

@@ -33,7 +33,7 @@ use self::{
     sender::{ReqwestClient, Target},
     spans::{CallFacts, SpanBuilder, TraceStart},
 };
-use super::{ExchangeSink, RequestSink, labels::LabelCap};
+use super::{ExchangeSink, labels::LabelCap};
 use crate::{assembly::Request, clock::Clock, connections::Exchange, procnet::Role};
 
 /// OTLP transports.
@@ -347,15 +347,17 @@ impl TraceExporter {
     }
 }
 
-impl RequestSink for TraceExporter {
-    fn record(&mut self, request: &Request) {
+impl TraceExporter {
+    /// Samples the request and sends (or holds) its trace; the trace id (hex) when kept,
+    /// for the report to point at.
+    pub fn record(&mut self, request: &Request) -> Option<String> {
         let (start, verdict) = self.sampling.decide(request, &self.ids);
         match verdict {
             Verdict::Head => self.health.sampled_head += 1,
             Verdict::Tail => self.health.sampled_tail += 1,
             Verdict::Dropped => {
                 self.health.sampled_out += 1;
-                return;
+                return None;
             }
         }
         let mut facts = HashMap::new();
@@ -370,14 +372,15 @@ impl RequestSink for TraceExporter {
                 }
             }
         }
+        let trace_id = Some(start.trace_id.to_string());
         if missing.is_empty() {
             self.send(request, &start, &facts);
-            return;
+            return trace_id;
         }
         if self.waiting.len() >= MAX_WAITING {
             self.health.without_sockets += 1;
             self.send(request, &start, &facts);
-            return;
+            return trace_id;
         }
         let key = (request.pid, request.request_id);
         for id in &missing {
@@ -391,6 +394,7 @@ impl RequestSink for TraceExporter {
             since: Instant::now(),
         };
         self.waiting.insert(key, waiting);
+        trace_id
     }
 }
 
