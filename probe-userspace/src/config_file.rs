@@ -11,10 +11,14 @@ use probe_userspace::toml_file;
 
 /// The command line with the settings of the file named by `--config` put in front of
 /// the command line's own (which, coming later, win). Without `--config`, `args` as is.
-/// `attach` is the subcommand the settings are for.
+/// `attach` is the subcommand the settings are for (`top` takes the same).
 pub fn expand(args: Vec<OsString>, attach: &Command) -> Result<Vec<OsString>, String> {
     // After the subcommand's name: the settings are its flags.
-    let Some(at) = args.iter().position(|a| a == "attach").map(|i| i + 1) else {
+    let Some(at) = args
+        .iter()
+        .position(|a| a == "attach" || a == "top")
+        .map(|i| i + 1)
+    else {
         return Ok(args);
     };
     let Some(path) = config_path(&args[at..]) else {

@@ -14,6 +14,7 @@ pub mod decode;
 pub mod export;
 pub mod http;
 pub mod inspect;
+pub mod notice;
 pub mod pidfd;
 pub mod procnet;
 pub mod run;

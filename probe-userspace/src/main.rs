@@ -13,7 +13,7 @@ use probe_userspace::{
         prometheus::{MetricsConfig, check_buckets},
         report::ReportFormat,
     },
-    inspect,
+    inspect, notice,
     run::{self, AttachOptions, Mode, Targets},
     symbols::SymbolMap,
     target::Selector,
@@ -60,6 +60,14 @@ enum Command {
     /// in flight at either edge are counted in the final health line, not reported.
     #[command(args_override_self = true)]
     Attach(Box<AttachArgs>),
+    /// `attach --tui`: a live terminal view of a running broker (same flags as attach).
+    ///
+    /// Requests/s, errors and in-flight; per stage p50/p95/p99 with a sparkline of each
+    /// second's p99; per model, or per upstream with its network TTFB against the
+    /// broker-seen wait; the slowest requests with their stage waterfall and trace id.
+    /// Keys: q quit (the report follows), f freeze, g by model/upstream. 80x24 is enough.
+    #[command(args_override_self = true)]
+    Top(Box<AttachArgs>),
     /// Show what a broker offers to attach to, without attaching: markers and their ABI,
     /// USDT probes, whether symbols are there, functions of known frameworks (axum, hyper,
     /// reqwest, tokio, serde_json) that could delimit stages, and the mode attach would use.
@@ -169,6 +177,10 @@ struct AttachArgs {
     /// Print the per-stage table this often while attached (e.g. 2s).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     interval: Option<Duration>,
+    /// Show a live terminal view instead of printing (same as `brokerprobe top`): keys q
+    /// quit, f freeze, g by model/upstream. Notices and warnings go to its status line.
+    #[arg(long, conflicts_with = "interval")]
+    tui: bool,
     /// Write every finished request, with its stage timeline, as a JSON line to FILE.
     #[arg(long, value_name = "FILE")]
     requests_out: Option<PathBuf>,
@@ -404,6 +416,7 @@ fn main() -> ExitCode {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_target(false)
+        .target(env_logger::Target::Pipe(Box::new(notice::LogOutput)))
         .init();
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -413,6 +426,10 @@ fn main() -> ExitCode {
         rt.block_on(async {
             match cli.command {
                 Command::Attach(args) => run::attach((*args).try_into()?).await,
+                Command::Top(mut args) => {
+                    args.tui = true;
+                    run::attach((*args).try_into()?).await
+                }
                 Command::Inspect(args) => args.run(),
             }
         })
@@ -473,6 +490,11 @@ impl TryFrom<AttachArgs> for AttachOptions {
     type Error = anyhow::Error;
 
     fn try_from(args: AttachArgs) -> anyhow::Result<Self> {
+        if args.tui && args.interval.is_some() {
+            anyhow::bail!(
+                "--interval prints tables, the live view (--tui, top) shows them: use one"
+            );
+        }
         let defaults = MetricsConfig::default();
         let traces = args
             .traces
@@ -516,6 +538,7 @@ impl TryFrom<AttachArgs> for AttachOptions {
             report: args.report,
             report_out: args.report_out,
             report_slowest: args.report_slowest.into(),
+            live_view: args.tui,
         })
     }
 }

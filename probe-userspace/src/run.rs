@@ -33,11 +33,13 @@ use crate::{
     export::{
         ExchangeSink as _, ProbeHealth, RequestSink as _,
         jsonl::JsonLines,
+        live::LiveView,
         otlp::{TraceExporter, TraceHealth, TracesConfig},
         prometheus::{MetricsConfig, PrometheusExporter, TargetInfo},
         report::{ReportFormat, ReportWriter, health_text},
         summary::{SharedSummary, Summary, lock},
     },
+    notice,
     pidfd::ExitWatch,
     procnet, server,
     symbols::SymbolMap,
@@ -98,6 +100,8 @@ pub struct AttachOptions {
     pub report: ReportFormat,
     pub report_out: Option<PathBuf>,
     pub report_slowest: usize,
+    /// Show the live terminal view while attached.
+    pub live_view: bool,
 }
 
 /// Everything downstream of the ring buffer.
@@ -126,10 +130,10 @@ impl Pipeline {
     fn on_record(&mut self, bytes: &[u8]) {
         self.events += 1;
         if self.events == 1 {
-            println!(
+            notice::say(format!(
                 "brokerprobe: first event {} ms after start",
                 self.started.elapsed().as_millis()
-            );
+            ));
         }
         match decode(bytes) {
             Ok(Record::Marker(event)) => {
@@ -308,11 +312,11 @@ fn uses_markers(options: &AttachOptions, target: &Target) -> Result<bool> {
             describe(problem)
         ),
         (Mode::Auto, Some(problem)) => {
-            println!(
+            notice::say(format!(
                 "brokerprobe: no usable markers: {}\nbrokerprobe: socket-only mode: timing the \
                  broker's inbound requests and upstream calls from its TCP sockets (no stages)",
                 describe(problem)
-            );
+            ));
             Ok(false)
         }
     }
@@ -321,6 +325,8 @@ fn uses_markers(options: &AttachOptions, target: &Target) -> Result<bool> {
 /// Why the run ended.
 enum Stop {
     Signal(&'static str),
+    /// The user quit the live view.
+    Quit,
     Duration,
     /// Every process given by PID has exited.
     TargetsExited,
@@ -417,7 +423,9 @@ fn find(options: &AttachOptions, (target, exit): (Target, ExitWatch)) -> Result<
 fn refused<T>(selector: &Selector, pid: u32, result: Result<T>) -> Option<T> {
     result
         .inspect_err(|e| {
-            println!("brokerprobe: PID {pid} matches {selector} but is not profiled: {e:#}");
+            notice::say(format!(
+                "brokerprobe: PID {pid} matches {selector} but is not profiled: {e:#}"
+            ));
         })
         .ok()
 }
@@ -489,12 +497,12 @@ impl Run<'_> {
             (false, false) => probes,
             (true, _) => format!("{} socket tracepoints", self.socket_tracepoints),
         };
-        println!(
+        notice::say(format!(
             "brokerprobe: attached {what} to PID {pid} ({}, {}, replica {replica}); metrics on {}",
             target.name,
             target.exe_display.display(),
             self.metrics_url
-        );
+        ));
         if matches!(stages, Stages::Markers) && !target.missing.is_empty() {
             let names: Vec<String> = target.missing.iter().map(|k| marker_symbol(*k)).collect();
             log::info!("not in PID {pid} (never called): {}", names.join(", "));
@@ -521,7 +529,9 @@ impl Run<'_> {
     /// A process exited: its probes go, and its requests still open are dropped (counted).
     fn exited(&mut self, pid: u32, pipeline: &mut Pipeline) {
         let dropped = pipeline.assembler.end_process(pid);
-        println!("brokerprobe: PID {pid} exited ({dropped} requests in flight dropped)");
+        notice::say(format!(
+            "brokerprobe: PID {pid} exited ({dropped} requests in flight dropped)"
+        ));
         let _ = std::io::stdout().flush();
         self.probes.remove(pid);
         self.processes.remove(pid);
@@ -641,10 +651,10 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
         decode_errors: 0,
     };
     if let Some(traces) = &pipeline.traces {
-        println!(
+        notice::say(format!(
             "brokerprobe: traces to {}",
             traces.destinations.join(" and ")
-        );
+        ));
     }
     for found in found {
         run.attach_process(found, &mut pipeline)?;
@@ -652,10 +662,10 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
     if let Targets::Follow(selector) = &options.targets
         && run.processes.is_empty()
     {
-        println!(
+        notice::say(format!(
             "brokerprobe: waiting for a process with {selector}; metrics on {}",
             run.metrics_url
-        );
+        ));
     }
     let all_attached_ns = monotonic_ns();
     pipeline.connections.open_window(all_attached_ns);
@@ -671,10 +681,28 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
         counters: session.counters,
         log: session.kernel_log,
     };
-    let (stop, health) = event_loop(run, kernel, &mut exited, &mut pipeline).await?;
+    let (quit, mut quit_asked) = mpsc::unbounded_channel();
+    let live_view = if options.live_view {
+        let title = match &options.targets {
+            Targets::Pids(pids) => {
+                let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+                format!("{service}[{}]", pids.join(","))
+            }
+            Targets::Follow(_) => format!("{service}[following]"),
+        };
+        Some(LiveView::start(pipeline.summary.clone(), title, quit)?)
+    } else {
+        None
+    };
+    let stopped = event_loop(run, kernel, &mut exited, &mut quit_asked, &mut pipeline).await;
+    if let Some(live_view) = live_view {
+        live_view.stop()?;
+    }
+    let (stop, health) = stopped?;
     server.abort();
     match stop {
         Stop::Signal(name) => log::info!("{name}: detached"),
+        Stop::Quit => log::info!("quit: detached"),
         Stop::Duration => log::info!("duration elapsed: detached"),
         Stop::TargetsExited => log::info!("the broker exited: detached"),
     }
@@ -713,6 +741,7 @@ async fn event_loop(
     mut run: Run<'_>,
     kernel: Kernel,
     exited: &mut mpsc::UnboundedReceiver<u32>,
+    quit: &mut mpsc::UnboundedReceiver<()>,
     pipeline: &mut Pipeline,
 ) -> Result<(Stop, ProbeHealth)> {
     let options = run.options;
@@ -772,7 +801,7 @@ async fn event_loop(
                 drain(ring.get_mut(), pipeline);
                 run.exited(pid, pipeline);
                 if following.is_none() && run.processes.is_empty() {
-                    println!("brokerprobe: every process profiled has exited; writing out what was seen");
+                    notice::say("brokerprobe: every process profiled has exited; writing out what was seen");
                     std::io::stdout().flush()?;
                     break Stop::TargetsExited;
                 }
@@ -791,6 +820,7 @@ async fn event_loop(
                     log::warn!("SIGUSR1: {e:#}");
                 }
             }
+            Some(()) = quit.recv() => break Stop::Quit,
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
             _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
             () = &mut deadline => break Stop::Duration,

@@ -21,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "protobuf-compiler",
     "g++",
+    // The live view's end-to-end test drives it in a tmux pane.
+    "tmux",
 ];
 
 /// cargo-fuzz, which `cargo xtask test` fuzzes with (fuzz/).

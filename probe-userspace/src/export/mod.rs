@@ -3,6 +3,7 @@
 
 pub mod jsonl;
 pub mod labels;
+pub mod live;
 pub mod otlp;
 pub mod prometheus;
 pub mod report;

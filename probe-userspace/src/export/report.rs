@@ -241,7 +241,7 @@ fn slowest_markdown(slowest: &[SlowRequest]) -> String {
     out
 }
 
-fn format_seconds(seconds: f64) -> String {
+pub fn format_seconds(seconds: f64) -> String {
     format_ns((seconds * 1e9).round() as u64)
 }
 

@@ -30,7 +30,7 @@ pub fn lock(summary: &SharedSummary) -> MutexGuard<'_, Summary> {
 }
 
 /// The row holding whole-request durations, above the stage rows.
-const REQUEST_ROW: &str = "(request)";
+pub const REQUEST_ROW: &str = "(request)";
 
 pub struct Summary {
     started: Instant,
@@ -44,6 +44,10 @@ pub struct Summary {
     upstreams: Rows<UpstreamStats>,
     inbound: InboundStats,
     lag: Latency,
+    /// Per attributed upstream call: what the broker waited, and the network's TTFB of
+    /// the same calls.
+    broker_wait: Latency,
+    call_ttfb: Latency,
     health: ProbeHealth,
     /// Stage, model and upstream names come from the broker or its clients: bounded like
     /// metric labels.
@@ -91,6 +95,8 @@ impl Summary {
             upstreams: Rows::default(),
             inbound: InboundStats::default(),
             lag: Latency::default(),
+            broker_wait: Latency::default(),
+            call_ttfb: Latency::default(),
             health: ProbeHealth::default(),
             stage_names: LabelCap::new(max_names),
             model_names: LabelCap::new(max_names),
@@ -226,6 +232,78 @@ impl Summary {
     }
 }
 
+/// What the live view shows, copied out of the summary once a second.
+pub struct LiveFigures {
+    pub completed: u64,
+    pub errors: u64,
+    pub in_flight: u64,
+    /// Whole requests first (named [`REQUEST_ROW`]), then each stage.
+    pub stages: Vec<(String, Histogram<u64>)>,
+    pub models: Vec<GroupLine>,
+    pub upstreams: Vec<GroupLine>,
+    /// Over attributed upstream calls: (p50, p99) of the broker-seen wait and of the
+    /// network's TTFB.
+    pub broker_wait: Option<(u64, u64)>,
+    pub network_ttfb: Option<(u64, u64)>,
+    pub slowest: Vec<SlowRequest>,
+}
+
+/// A model's requests, or an upstream's exchanges (`errors` None: not known there).
+pub struct GroupLine {
+    pub name: String,
+    pub count: u64,
+    pub errors: Option<u64>,
+    /// p50, p95, p99 of the request duration (model) or TTFB (upstream), ns.
+    pub quantiles_ns: [u64; 3],
+}
+
+impl Summary {
+    pub fn live(&self, slowest: usize) -> LiveFigures {
+        let quantiles = |latency: &Latency| [0.5, 0.95, 0.99].map(|q| latency.quantile_ns(q));
+        let spread = |latency: &Latency| {
+            (latency.count() > 0).then(|| (latency.quantile_ns(0.5), latency.quantile_ns(0.99)))
+        };
+        LiveFigures {
+            completed: self.requests.count(),
+            errors: self.errors,
+            in_flight: self.health.in_flight as u64,
+            stages: std::iter::once((REQUEST_ROW, &self.requests))
+                .chain(self.stages.iter())
+                .map(|(name, latency)| (name.to_owned(), latency.0.clone()))
+                .collect(),
+            models: self
+                .models
+                .iter()
+                .map(|(name, m)| GroupLine {
+                    name: name.to_owned(),
+                    count: m.duration.count(),
+                    errors: Some(m.errors),
+                    quantiles_ns: quantiles(&m.duration),
+                })
+                .collect(),
+            upstreams: self
+                .upstreams
+                .iter()
+                .map(|(name, u)| GroupLine {
+                    name: name.to_owned(),
+                    count: u.ttfb.count(),
+                    errors: None,
+                    quantiles_ns: quantiles(&u.ttfb),
+                })
+                .collect(),
+            broker_wait: spread(&self.broker_wait),
+            network_ttfb: spread(&self.call_ttfb),
+            slowest: self
+                .slowest
+                .requests()
+                .iter()
+                .take(slowest)
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
 impl Summary {
     /// One call of a symbol-mapped stage function (no request around it).
     pub fn record_stage_sample(&mut self, stage: &str, duration_ns: u64) {
@@ -258,8 +336,10 @@ impl Summary {
                 .observe(first.saturating_sub(request.begin_ns));
         }
         for call in &request.upstream_calls {
-            if let Some(lag) = call.lag_ns() {
-                self.lag.observe(lag);
+            if let (Some(wait), Some(ttfb)) = (call.broker_wait_ns(), call.network_ttfb_ns()) {
+                self.broker_wait.observe(wait);
+                self.call_ttfb.observe(ttfb);
+                self.lag.observe(wait.saturating_sub(ttfb));
             }
         }
     }
@@ -413,7 +493,7 @@ impl Table {
         } else {
             writeln!(
                 self.text,
-                "{name:<32} {count:>8} {p50:>10} {p95:>10} {p99:>10} {max:>10}"
+                "{name:<27} {count:>7} {p50:>8} {p95:>8} {p99:>8} {max:>8}"
             )
         };
     }
