@@ -37,7 +37,11 @@ use probe_userspace::{
         Needs Linux >= 6.x with BTF, and root or CAP_BPF + CAP_PERFMON.",
     after_help = "Example:\n  sudo brokerprobe attach --pid $(pgrep -n my-broker) --interval 5s\n  \
         curl -s http://127.0.0.1:9464/metrics | grep brokerprobe_stage\n  \
-        sudo brokerprobe attach --pid $(pgrep -n python3) --upstream openai=10.0.0.5:443"
+        sudo brokerprobe attach --pid $(pgrep -n python3) --upstream openai=10.0.0.5:443\n  \
+        sudo brokerprobe top --pid $(pgrep -n my-broker)\n\n\
+        Exit status: 0 when detached (Ctrl-C, SIGTERM, --duration, q, or the broker exited); \
+        1 on an error, said in one line on stderr (nothing was left attached); 2 on a bad \
+        command line. Troubleshooting: docs/troubleshooting.md"
 )]
 struct Cli {
     #[command(subcommand)]

@@ -122,6 +122,8 @@ struct Pipeline {
     symbol_stages: Vec<String>,
     /// When `attach` began, to say how long the first event took.
     started: Instant,
+    /// Whether the user was told that no event has come yet.
+    told_quiet: bool,
     events: u64,
     decode_errors: u64,
 }
@@ -174,6 +176,18 @@ impl Pipeline {
                 }
                 self.decode_errors += 1;
             }
+        }
+    }
+
+    /// Once, if nothing has come for a while: a silent probe looks like a broken one.
+    fn tell_if_quiet(&mut self) {
+        if self.events == 0 && !self.told_quiet && self.started.elapsed() >= QUIET_HINT {
+            self.told_quiet = true;
+            notice::say(format!(
+                "brokerprobe: no event in {} s: events come with requests (send the broker \
+                 one), and with socket I/O; `brokerprobe inspect` shows what was found",
+                QUIET_HINT.as_secs()
+            ));
         }
     }
 
@@ -253,14 +267,6 @@ fn wants_sockets(options: &AttachOptions) -> bool {
 /// Where this target's request timelines come from (its sockets are followed if wanted
 /// at all), or why it cannot be profiled.
 fn choose_stages(options: &AttachOptions, target: &Target) -> Result<Stages> {
-    let describe = || {
-        format!(
-            "PID {} ({}, {})",
-            target.pid,
-            target.name,
-            target.exe_display.display()
-        )
-    };
     let executable = || -> Result<memmap2::Mmap> {
         let file = fs::File::open(&target.exe)
             .with_context(|| format!("opening the executable of PID {}", target.pid))?;
@@ -270,13 +276,13 @@ fn choose_stages(options: &AttachOptions, target: &Target) -> Result<Stages> {
     if let Some(map) = &options.symbols {
         let probes = map
             .resolve(&executable()?)
-            .with_context(|| format!("{}: its symbol map", describe()))?;
+            .with_context(|| format!("{target}: its symbol map"))?;
         return Ok(Stages::Symbols(probes));
     }
     if let Some(map) = &options.usdt {
         let probes = map
             .resolve(&executable()?)
-            .with_context(|| format!("{}: its USDT probes", describe()))?;
+            .with_context(|| format!("{target}: its USDT probes"))?;
         if target.marker_problem.is_none() {
             log::info!(
                 "PID {}: it has markers too; timing it from its USDT probes (--usdt-map)",
@@ -294,28 +300,18 @@ fn choose_stages(options: &AttachOptions, target: &Target) -> Result<Stages> {
 
 /// Whether this target gets its markers probed, or why it cannot be profiled.
 fn uses_markers(options: &AttachOptions, target: &Target) -> Result<bool> {
-    let problem = target.marker_problem.as_ref();
-    let describe = |problem| {
-        format!(
-            "PID {} ({}, {}): {problem}",
-            target.pid,
-            target.name,
-            target.exe_display.display()
-        )
-    };
-    match (options.mode, problem) {
+    match (options.mode, target.marker_problem.as_ref()) {
         (Mode::Sockets, _) => Ok(false),
         (Mode::Markers | Mode::Auto, None) => Ok(true),
-        (Mode::Markers, Some(problem)) => anyhow::bail!("{}", describe(problem)),
-        (Mode::Auto, Some(problem)) if !options.sockets => anyhow::bail!(
-            "{}; and --no-sockets leaves nothing to follow",
-            describe(problem)
-        ),
+        (Mode::Markers, Some(problem)) => anyhow::bail!("{target}: {problem}"),
+        (Mode::Auto, Some(problem)) if !options.sockets => {
+            anyhow::bail!("{target}: {problem}; and --no-sockets leaves nothing to follow")
+        }
         (Mode::Auto, Some(problem)) => {
             notice::say(format!(
-                "brokerprobe: no usable markers: {}\nbrokerprobe: socket-only mode: timing the \
-                 broker's inbound requests and upstream calls from its TCP sockets (no stages)",
-                describe(problem)
+                "brokerprobe: no usable markers: {target}: {problem}\nbrokerprobe: socket-only \
+                 mode: timing the broker's inbound requests and upstream calls from its TCP \
+                 sockets (no stages)"
             ));
             Ok(false)
         }
@@ -498,9 +494,7 @@ impl Run<'_> {
             (true, _) => format!("{} socket tracepoints", self.socket_tracepoints),
         };
         notice::say(format!(
-            "brokerprobe: attached {what} to PID {pid} ({}, {}, replica {replica}); metrics on {}",
-            target.name,
-            target.exe_display.display(),
+            "brokerprobe: attached {what} to {target} as replica {replica}; metrics on {}",
             self.metrics_url
         ));
         if matches!(stages, Stages::Markers) && !target.missing.is_empty() {
@@ -647,6 +641,7 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
             .as_ref()
             .map_or_else(Vec::new, SymbolMap::stage_names),
         started,
+        told_quiet: false,
         events: 0,
         decode_errors: 0,
     };
@@ -731,6 +726,9 @@ struct Kernel {
     log: Option<EbpfLogger<&'static dyn log::Log>>,
 }
 
+/// How long without any event before the user is told what to check.
+const QUIET_HINT: Duration = Duration::from_secs(10);
+
 /// How often `--follow` looks for new processes: a restarted broker is attached within
 /// this (plus its attach time).
 const FOLLOW_SCAN: Duration = Duration::from_millis(200);
@@ -791,6 +789,7 @@ async fn event_loop(
                 guard.clear_ready();
             }
             _ = housekeeping.tick() => {
+                pipeline.tell_if_quiet();
                 pipeline.expire(options);
                 let health = pipeline.health(run.counts(), &mut counters);
                 pipeline.prometheus.update_health(&health);

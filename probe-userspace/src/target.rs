@@ -33,6 +33,19 @@ pub struct Target {
     pub marker_problem: Option<MarkerProblem>,
 }
 
+impl std::fmt::Display for Target {
+    /// `PID n (name, executable)`, as every message about a process names it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PID {} ({}, {})",
+            self.pid,
+            self.name,
+            self.exe_display.display()
+        )
+    }
+}
+
 /// What the symbol tables say about markers.
 #[derive(Debug)]
 pub struct MarkerScan {

@@ -2,7 +2,9 @@
 
 use std::process::{Command, Output};
 
-use e2e::harness::{bin, kernel_thread_pid, require_root};
+use e2e::harness::{
+    bin, kernel_thread_pid, require_root, start_demo_broker, start_demo_broker_variant,
+};
 
 fn attach(pid: &str) -> Output {
     attach_with(pid, &[])
@@ -97,6 +99,17 @@ fn unstripped_binary_without_markers_lists_the_missing_ones() {
             "brokerprobe_v1_request_end",
         ],
     );
+}
+
+/// Attached to a broker nobody calls: one notice saying what to check, then a clean exit.
+#[test]
+fn a_quiet_broker_gets_one_hint() {
+    require_root();
+    let (broker, _url) = start_demo_broker(&[]).unwrap();
+    let out = attach_with(&broker.pid().to_string(), &["--duration", "12s"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert_eq!(stdout.matches("no event in 10 s").count(), 1, "{stdout}");
 }
 
 #[test]
@@ -299,7 +312,7 @@ fn config_file_errors_name_the_file_and_line() {
 #[test]
 fn config_file_settings_apply_and_flags_win() {
     require_root();
-    let (broker, _) = e2e::harness::start_demo_broker(&[]).unwrap();
+    let (broker, _) = start_demo_broker(&[]).unwrap();
     let path = config_file(
         "config-ok",
         &format!(
@@ -383,7 +396,7 @@ fn inspect_tells_what_can_be_attached() {
 #[test]
 fn inspect_by_pid_reads_the_running_executable() {
     require_root();
-    let (broker, _) = e2e::harness::start_demo_broker(&[]).unwrap();
+    let (broker, _) = start_demo_broker(&[]).unwrap();
     let (out, text) = inspect(&["--pid", &broker.pid().to_string()]);
     drop(broker);
     assert!(out.status.success(), "{out:?}");
@@ -487,7 +500,7 @@ fn usdt_map_errors_are_one_clear_line() {
         "beyond.toml",
         &map.replace("args = { request_id = 0 }", "args = { request_id = 5 }"),
     );
-    let (usdt_broker, _) = e2e::harness::start_demo_broker_variant("usdt", &[]).unwrap();
+    let (usdt_broker, _) = start_demo_broker_variant("usdt", &[]).unwrap();
     let pid = usdt_broker.pid().to_string();
     assert_one_clear_line(
         &attach_with(&pid, &["--usdt-map", &absent]),
@@ -501,7 +514,7 @@ fn usdt_map_errors_are_one_clear_line() {
         &["argument 5 is mapped but the probe has 1 (`8@%rdi`)"],
     );
     drop(usdt_broker);
-    let (marker_broker, _) = e2e::harness::start_demo_broker(&[]).unwrap();
+    let (marker_broker, _) = start_demo_broker(&[]).unwrap();
     let good = e2e::harness::demo_broker_usdt_map();
     assert_one_clear_line(
         &attach_with(
@@ -538,7 +551,7 @@ fn symbol_map_refuses_what_it_cannot_time() {
         "tool.execute",
         "demo_broker::tools::execute",
     );
-    let (broker, _) = e2e::harness::start_demo_broker_variant("usdt", &[]).unwrap();
+    let (broker, _) = start_demo_broker_variant("usdt", &[]).unwrap();
     let pid = broker.pid().to_string();
     assert_one_clear_line(
         &attach_with(&pid, &["--symbol-map", &async_body]),
