@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray, RingBuf},
 };
 use probe_common::{
-    event::Counter,
+    event::{Counter, EventHeader, Source},
     maps::{EVENTS_BYTES, EVENTS_WAKEUP_BYTES},
 };
 
@@ -88,6 +88,20 @@ pub fn count_loss(counter: Counter) -> u64 {
         }
     }
     count(counter)
+}
+
+/// The first bytes of a record: who, when, and the losses so far (which let user space
+/// tell whether a request's records may have a gap).
+#[inline(always)]
+pub fn header(source: Source, kind: u32, (pid, tid): (u32, u32), ts_ns: u64) -> EventHeader {
+    EventHeader {
+        source: source as u32,
+        kind,
+        pid,
+        tid,
+        ts_ns,
+        losses: losses(),
+    }
 }
 
 /// (tgid, tid) of the current task.

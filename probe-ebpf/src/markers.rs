@@ -18,7 +18,7 @@ use probe_common::{
     marker::{MarkerEvent, MarkerKind, TEXT_CAP},
 };
 
-use crate::events::{EVENTS, armed, count_loss, current_task, losses, submit_flags};
+use crate::events::{EVENTS, armed, count_loss, current_task, header, submit_flags};
 
 /// Where a string of a hit comes from.
 pub enum Text<'a> {
@@ -85,12 +85,7 @@ pub fn emit_event(
     // SAFETY: the reservation is sized and aligned for a MarkerEvent; every field that
     // user space reads is written below before submit.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    event.header.source = Source::Marker as u32;
-    event.header.kind = kind as u32;
-    event.header.pid = pid;
-    event.header.tid = tid;
-    event.header.ts_ns = ts_ns;
-    event.header.losses = losses();
+    event.header = header(Source::Marker, kind as u32, (pid, tid), ts_ns);
     event.request_id = request_id;
     event.values = values;
     event.read_failed = 0;

@@ -25,7 +25,7 @@ use probe_common::{
     },
 };
 
-use crate::events::{EVENTS, armed, count, count_loss, current_task, losses, submit_flags};
+use crate::events::{EVENTS, armed, count, count_loss, current_task, header, submit_flags};
 use probe_common::socket::socket_key;
 
 /// tgid → 1 for each process brokerprobe follows (written by user space).
@@ -342,13 +342,9 @@ pub fn sk_ready(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn fill(event: &mut SocketEvent, kind: SocketKind, tgid: u32, tid: u32, fd: i32) {
-    event.header.source = Source::Socket as u32;
-    event.header.kind = kind as u32;
-    event.header.pid = tgid;
-    event.header.tid = tid;
     // SAFETY: reading the clock has no preconditions.
-    event.header.ts_ns = unsafe { bpf_ktime_get_ns() };
-    event.header.losses = losses();
+    let now = unsafe { bpf_ktime_get_ns() };
+    event.header = header(Source::Socket, kind as u32, (tgid, tid), now);
     event.ready_ns = 0;
     event.last_ready_ns = 0;
     event.fd = fd;

@@ -15,7 +15,7 @@ use probe_common::{
     symbol::StageSampleEvent,
 };
 
-use crate::events::{EVENTS, armed, count_loss, current_task, losses, submit_flags};
+use crate::events::{EVENTS, armed, count_loss, current_task, header, submit_flags};
 
 /// Entry times of the calls in progress, by (thread << 32 | stage). A recursive call
 /// replaces its caller's entry: the caller's return then finds none and writes nothing.
@@ -55,7 +55,6 @@ pub fn symbol_return(ctx: RetProbeContext) -> u32 {
     }
     // SAFETY: reading the clock has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (pid, tid) = current_task();
     let Some(mut entry) = EVENTS.reserve::<StageSampleEvent>(0) else {
         count_loss(Counter::MarkerEventsLost);
         return 0;
@@ -63,12 +62,7 @@ pub fn symbol_return(ctx: RetProbeContext) -> u32 {
     // SAFETY: the reservation is sized and aligned for the event; every field is written
     // before submit.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    event.header.source = Source::Symbol as u32;
-    event.header.kind = 0;
-    event.header.pid = pid;
-    event.header.tid = tid;
-    event.header.ts_ns = now;
-    event.header.losses = losses();
+    event.header = header(Source::Symbol, 0, current_task(), now);
     event.begin_ns = begin_ns;
     event.stage = stage;
     event._reserved = 0;
