@@ -251,6 +251,7 @@ impl Probes {
                     &target.exe,
                     UProbeScope::OneProcess(pid),
                 )
+                .map_err(|e| uprobe_refused(e.into()))
                 .with_context(|| {
                     format!(
                         "attaching to {} at file offset {:#x} of {}",
@@ -326,6 +327,7 @@ impl Probes {
                 };
                 let link = self::program::<UProbe>(&mut self.ebpf, program)?
                     .attach(point, &target.exe, UProbeScope::OneProcess(pid))
+                    .map_err(|e| uprobe_refused(e.into()))
                     .with_context(|| {
                         format!(
                             "attaching {program} to `{}` at file offset {:#x}",
@@ -483,20 +485,45 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// Fails early with the capabilities to grant, instead of an EPERM deep in loading.
-pub fn check_privileges() -> Result<()> {
+fn effective_capabilities() -> Result<u64> {
     let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let effective = status
+    status
         .lines()
         .find_map(|line| line.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .context("no CapEff in /proc/self/status")?;
+        .context("no CapEff in /proc/self/status")
+}
+
+/// A uprobe the kernel refused to create. Kernels since the 2025 fix to perf's uprobe PMU
+/// let only CAP_SYS_ADMIN create uprobes (CAP_PERFMON sufficed before): without it the
+/// refusal is EACCES, which then gets named for what it is.
+pub fn uprobe_refused(error: anyhow::Error) -> anyhow::Error {
+    let access_denied = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EACCES))
+    });
+    let sys_admin = effective_capabilities().is_ok_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0);
+    if access_denied && !sys_admin {
+        return anyhow::anyhow!(
+            "this kernel lets only CAP_SYS_ADMIN create uprobes (CAP_BPF and CAP_PERFMON \
+             do not suffice): run brokerprobe as root or grant CAP_SYS_ADMIN too; \
+             `--mode sockets` needs only CAP_BPF and CAP_PERFMON"
+        );
+    }
+    error
+}
+
+/// Fails early with the capabilities to grant, instead of an EPERM deep in loading.
+pub fn check_privileges() -> Result<()> {
+    let effective = effective_capabilities()?;
     let has = |cap: u32| effective & (1 << cap) != 0;
     if !(has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))) {
         bail!(
             "brokerprobe needs root, or the capabilities CAP_BPF and CAP_PERFMON \
-             (plus CAP_SYS_PTRACE for another user's process): run it with sudo, or \
-             `setcap cap_bpf,cap_perfmon,cap_sys_ptrace+ep $(which brokerprobe)`"
+             (plus CAP_SYS_PTRACE for another user's process, and CAP_SYS_ADMIN for \
+             uprobes on recent kernels): run it with sudo, or `setcap \
+             cap_bpf,cap_perfmon,cap_sys_ptrace,cap_sys_admin+ep $(which brokerprobe)`"
         );
     }
     Ok(())

@@ -559,6 +559,12 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
     };
     // Before creating any output file or port: a refused run leaves nothing changed.
     check_privileges()?;
+    if options.live_view && !std::io::stdout().is_terminal() {
+        anyhow::bail!(
+            "the live view (--tui, top) needs a terminal, and standard output is not one: \
+             use --interval or --report instead"
+        );
+    }
     let found: Vec<Found> = match &options.targets {
         Targets::Pids(_) => opened
             .into_iter()
@@ -812,6 +818,10 @@ async fn event_loop(
             }
             _ = tick(&mut live) => print_live(pipeline),
             _ = sigusr1.recv() => {
+                if options.live_view && options.report_out.is_none() {
+                    notice::say("SIGUSR1: the live view holds the terminal; --report-out FILE takes the report");
+                    continue;
+                }
                 let health = pipeline.health(run.counts(), &mut counters);
                 let mut summary = lock(&pipeline.summary);
                 summary.update_health(&health);

@@ -133,7 +133,8 @@ fn open_uprobe(exe: &Path, pid: u32, offset: u64, counter_offset: Option<u64>) -
         )
     };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| {
+        let error = anyhow::Error::from(std::io::Error::last_os_error());
+        return Err(crate::attach::uprobe_refused(error)).with_context(|| {
             format!(
                 "opening a uprobe at file offset {offset:#x} of {}",
                 exe.display()

@@ -23,6 +23,10 @@ const APT_PACKAGES: &[&str] = &[
     "g++",
     // The live view's end-to-end test drives it in a tmux pane.
     "tmux",
+    // systemd-analyze verifies the shipped unit (deploy/systemd); util-linux's setpriv
+    // runs the shipped command lines with only their capabilities.
+    "systemd",
+    "util-linux",
 ];
 
 /// cargo-fuzz, which `cargo xtask test` fuzzes with (fuzz/).

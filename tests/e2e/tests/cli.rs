@@ -112,6 +112,19 @@ fn a_quiet_broker_gets_one_hint() {
     assert_eq!(stdout.matches("no event in 10 s").count(), 1, "{stdout}");
 }
 
+/// The live view without a terminal (piped, as here): refused before attaching.
+#[test]
+fn top_without_a_terminal_is_refused() {
+    require_root();
+    let (broker, _url) = start_demo_broker(&[]).unwrap();
+    let out = Command::new(bin("brokerprobe"))
+        .args(["top", "--pid", &broker.pid().to_string()])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_one_clear_line(&out, &["needs a terminal", "--interval"]);
+}
+
 #[test]
 fn bad_flag_value_is_explained() {
     let out = Command::new(bin("brokerprobe"))
