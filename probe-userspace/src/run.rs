@@ -542,6 +542,8 @@ impl Run<'_> {
 
 pub async fn attach(mut options: AttachOptions) -> Result<()> {
     let started = Instant::now();
+    // Before anything slow: SIGUSR1's default action would end brokerprobe mid-attach.
+    let report_asked = tokio::signal::unix::signal(SignalKind::user_defined1())?;
     // Every process given is checked before anything changes: a wrong PID is refused whole.
     let opened: Vec<(Target, ExitWatch)> = match &options.targets {
         Targets::Pids(pids) => {
@@ -682,7 +684,7 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
         counters: session.counters,
         log: session.kernel_log,
     };
-    let (quit, mut quit_asked) = mpsc::unbounded_channel();
+    let (quit, quit_asked) = mpsc::unbounded_channel();
     let live_view = if options.live_view {
         let title = match &options.targets {
             Targets::Pids(pids) => {
@@ -695,9 +697,16 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
     } else {
         None
     };
-    let stopped = event_loop(run, kernel, &mut exited, &mut quit_asked, &mut pipeline).await;
-    if let Some(live_view) = live_view {
-        live_view.stop()?;
+    let mut asks = Asks {
+        quit: quit_asked,
+        report: report_asked,
+    };
+    let stopped = event_loop(run, kernel, &mut exited, &mut asks, &mut pipeline).await;
+    if let Some(live_view) = live_view
+        && let Err(e) = live_view.stop()
+    {
+        // What was measured is still written out.
+        log::warn!("the live view: {e:#}");
     }
     let (stop, health) = stopped?;
     server.abort();
@@ -725,6 +734,14 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
     Ok(())
 }
 
+/// What the user can ask for while attached, besides stopping by signal.
+struct Asks {
+    /// Quit, from the live view.
+    quit: mpsc::UnboundedReceiver<()>,
+    /// A report now (SIGUSR1).
+    report: tokio::signal::unix::Signal,
+}
+
 /// What the kernel side writes, read until the end.
 struct Kernel {
     events: RingBuf<MapData>,
@@ -745,7 +762,7 @@ async fn event_loop(
     mut run: Run<'_>,
     kernel: Kernel,
     exited: &mut mpsc::UnboundedReceiver<u32>,
-    quit: &mut mpsc::UnboundedReceiver<()>,
+    asks: &mut Asks,
     pipeline: &mut Pipeline,
 ) -> Result<(Stop, ProbeHealth)> {
     let options = run.options;
@@ -758,7 +775,6 @@ async fn event_loop(
     let mut kernel_log = kernel_log.map(watch).transpose()?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut sigusr1 = tokio::signal::unix::signal(SignalKind::user_defined1())?;
     let deadline = async {
         match options.duration {
             Some(duration) => tokio::time::sleep(duration).await,
@@ -817,7 +833,7 @@ async fn event_loop(
                 }
             }
             _ = tick(&mut live) => print_live(pipeline),
-            _ = sigusr1.recv() => {
+            _ = asks.report.recv() => {
                 if options.live_view && options.report_out.is_none() {
                     notice::say("SIGUSR1: the live view holds the terminal; --report-out FILE takes the report");
                     continue;
@@ -829,7 +845,7 @@ async fn event_loop(
                     log::warn!("SIGUSR1: {e:#}");
                 }
             }
-            Some(()) = quit.recv() => break Stop::Quit,
+            Some(()) = asks.quit.recv() => break Stop::Quit,
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
             _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
             () = &mut deadline => break Stop::Duration,

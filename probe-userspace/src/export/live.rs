@@ -53,16 +53,22 @@ impl LiveView {
         quit: tokio::sync::mpsc::UnboundedSender<()>,
     ) -> Result<Self> {
         let terminal = ratatui::try_init().context("taking over the terminal for --tui")?;
-        let stop = Arc::new(AtomicBool::new(false));
         let (notices, notes) = mpsc::channel();
         notice::to_live_view(notices);
+        // From here on, however the view ends (an error, a panic, a thread that never
+        // started), the terminal and the notices are given back.
+        let owned = TerminalOwned;
+        let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
             .name("brokerprobe-tui".into())
             .spawn(move || {
                 let result = run(terminal, &summary, &title, &notes, &quit, &stopping);
-                notice::to_terminal();
-                ratatui::restore();
+                drop(owned);
+                // What came while the view was closing has not been seen yet.
+                for note in notes.try_iter() {
+                    notice::say(note);
+                }
                 result
             })
             .context("starting the live view")?;
@@ -75,6 +81,16 @@ impl LiveView {
         self.thread
             .join()
             .map_err(|_| anyhow!("the live view panicked"))?
+    }
+}
+
+/// Held while the view owns the terminal; gives it back when dropped.
+struct TerminalOwned;
+
+impl Drop for TerminalOwned {
+    fn drop(&mut self) {
+        notice::to_terminal();
+        ratatui::restore();
     }
 }
 
@@ -94,7 +110,8 @@ fn run(
                 let figures = lock(summary).live(SLOWEST_SHOWN);
                 view.sample(figures);
             }
-            next_sample += REFRESH;
+            // After a stall, the next second from now, not a burst of catching up.
+            next_sample = (next_sample + REFRESH).max(Instant::now());
         }
         if let Some(note) = notes.try_iter().last() {
             view.note = note;
@@ -112,7 +129,7 @@ fn run(
                 KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => {
                     view.quit(quit);
                 }
-                KeyCode::Char('f') => view.frozen = !view.frozen,
+                KeyCode::Char('f') => view.toggle_freeze(),
                 KeyCode::Char('g') => view.by_upstream = !view.by_upstream,
                 KeyCode::Char('w') => view.waterfall = !view.waterfall,
                 KeyCode::Char(digit @ '1'..='5') => {
@@ -133,6 +150,9 @@ struct View {
     previous: HashMap<String, Histogram<u64>>,
     p99_history: HashMap<String, VecDeque<u64>>,
     sampled_at: Option<(Instant, u64, u64)>,
+    /// The next sample only sets the baseline (after a freeze: the frozen time is not a
+    /// second of the sparkline).
+    rebase: bool,
     requests_per_second: f64,
     errors_per_second: f64,
     frozen: bool,
@@ -152,6 +172,7 @@ impl View {
             previous: HashMap::new(),
             p99_history: HashMap::new(),
             sampled_at: None,
+            rebase: false,
             requests_per_second: 0.0,
             errors_per_second: 0.0,
             frozen: false,
@@ -168,8 +189,21 @@ impl View {
         let _ = quit.send(());
     }
 
+    fn toggle_freeze(&mut self) {
+        self.frozen = !self.frozen;
+        self.rebase = !self.frozen;
+    }
+
     fn sample(&mut self, figures: LiveFigures) {
         let now = Instant::now();
+        if std::mem::take(&mut self.rebase) {
+            self.sampled_at = Some((now, figures.completed, figures.errors));
+            for (stage, histogram) in &figures.stages {
+                self.previous.insert(stage.clone(), histogram.clone());
+            }
+            self.figures = Some(figures);
+            return;
+        }
         if let Some((then, completed, errors)) = self.sampled_at {
             let seconds = now.duration_since(then).as_secs_f64().max(1e-3);
             self.requests_per_second = (figures.completed - completed) as f64 / seconds;
@@ -413,11 +447,8 @@ fn draw_waterfall(frame: &mut Frame, area: Rect, slowest: &[SlowRequest], chosen
         return;
     };
     let mut lines = vec![slow_line(chosen, request)];
-    let bar_width = inner.width.saturating_sub(37).max(8) as f64;
-    let scale = bar_width / request.duration_seconds.max(1e-9);
-    for stage in &request.stages {
-        let lead = (stage.start_seconds * scale) as usize;
-        let bar = ((stage.duration_seconds * scale).round() as usize).max(1);
+    let bar_width = usize::from(inner.width.saturating_sub(37).max(8));
+    for (stage, lead, bar) in request.waterfall(bar_width) {
         lines.push(Line::from(format!(
             "  {:<24.24} {:>9} {}{}",
             stage.stage,

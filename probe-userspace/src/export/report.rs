@@ -23,7 +23,8 @@ pub enum ReportFormat {
     /// Aligned text tables, 80 columns.
     #[default]
     Table,
-    /// One JSON document (docs/report.schema.json), the same as /stats.
+    /// One JSON document (docs/report.schema.json), the same as /stats; alone in its
+    /// file with --report-out (standard output carries brokerprobe's notices too).
     Json,
     /// Markdown tables, for a ticket or a chat.
     Markdown,
@@ -99,8 +100,21 @@ impl SlowRequest {
     }
 }
 
+impl SlowRequest {
+    /// Each stage on a time line `width` columns wide (the whole request): the columns
+    /// before its bar, and the bar's length (at least one column, never past the line).
+    pub fn waterfall(&self, width: usize) -> impl Iterator<Item = (&SlowStage, usize, usize)> {
+        let width = width.max(1);
+        let scale = width as f64 / self.duration_seconds.max(1e-9);
+        self.stages.iter().map(move |stage| {
+            let lead = ((stage.start_seconds * scale).round() as usize).min(width - 1);
+            let bar = ((stage.duration_seconds * scale).round() as usize).clamp(1, width - lead);
+            (stage, lead, bar)
+        })
+    }
+}
+
 /// The `capacity` slowest requests so far, slowest first.
-#[derive(Default)]
 pub struct Slowest {
     capacity: usize,
     requests: Vec<SlowRequest>,
@@ -191,18 +205,15 @@ fn slowest_table(slowest: &[SlowRequest]) -> String {
             request.model,
             request.trace_id.as_deref().unwrap_or("(not traced)")
         );
-        let scale = WATERFALL_WIDTH as f64 / request.duration_seconds.max(1e-9);
-        for stage in &request.stages {
-            let lead = (stage.start_seconds * scale).round() as usize;
-            let bar = ((stage.duration_seconds * scale).round() as usize).max(1);
+        for (stage, lead, bar) in request.waterfall(WATERFALL_WIDTH) {
             let _ = writeln!(
                 out,
                 "     +{:>9} {:>10}  {:<24.24} {}{}",
                 format_seconds(stage.start_seconds),
                 format_seconds(stage.duration_seconds),
                 stage.stage,
-                " ".repeat(lead.min(WATERFALL_WIDTH)),
-                "#".repeat(bar.min(WATERFALL_WIDTH + 1 - lead.min(WATERFALL_WIDTH))),
+                " ".repeat(lead),
+                "#".repeat(bar),
             );
         }
     }
@@ -253,10 +264,11 @@ pub struct ReportWriter {
 }
 
 impl ReportWriter {
-    /// Fails now, before anything is attached, if `path` cannot be written.
+    /// Fails now, before anything is attached, if the report could not be written
+    /// where it goes (the file is written aside, then renamed over `path`).
     pub fn create(format: ReportFormat, path: Option<PathBuf>) -> Result<Self> {
         if let Some(path) = &path {
-            fs::write(path, "").with_context(|| format!("creating {}", path.display()))?;
+            replace(path, "").with_context(|| format!("creating {}", path.display()))?;
         }
         Ok(Self { format, path })
     }
@@ -391,6 +403,29 @@ mod tests {
         }
         let ids: Vec<u64> = slowest.requests().iter().map(|r| r.request_id).collect();
         assert_eq!(ids, [2, 5, 4]);
+    }
+
+    #[test]
+    fn waterfall_bars_stay_on_the_line() {
+        let stage = |start: f64, duration: f64| SlowStage {
+            stage: "s".into(),
+            start_seconds: start,
+            duration_seconds: duration,
+        };
+        let mut slowest = Slowest::new(1);
+        slowest.offer(&request(1, 1_000_000_000), None);
+        let mut slow = slowest.requests()[0].clone();
+        slow.stages = vec![
+            stage(0.0, 1.0),
+            stage(0.5, 0.25),
+            stage(1.0, 0.0),
+            stage(0.9, 5.0),
+        ];
+        let placed: Vec<(usize, usize)> = slow
+            .waterfall(20)
+            .map(|(_, lead, bar)| (lead, bar))
+            .collect();
+        assert_eq!(placed, [(0, 20), (10, 5), (19, 1), (18, 2)]);
     }
 
     #[test]

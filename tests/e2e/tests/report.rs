@@ -104,6 +104,8 @@ fn json_report_follows_its_schema_and_names_the_slowest_requests() {
         assert_eq!(live[field], stats[field], "{field}: report vs /stats");
     }
 
+    // Gone, so that what is there after exit was written at exit.
+    std::fs::remove_file(&report_path).unwrap();
     probe.interrupt().unwrap();
     let report = report_with(&report_path, REQUESTS);
     assert_valid(&schema, &report, "the exit report");
