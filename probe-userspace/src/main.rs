@@ -34,7 +34,8 @@ use probe_userspace::{
         inbound requests. A broker without markers, in any language, is profiled from its \
         sockets alone; one with USDT probes, per stage through a probe map (--usdt-map); one \
         with neither, its synchronous stages through a symbol map (--symbol-map).\n\n\
-        Needs Linux >= 6.x with BTF, and root or CAP_BPF + CAP_PERFMON.",
+        Needs Linux >= 6.x with BTF, and root; or CAP_BPF + CAP_PERFMON for --mode sockets, \
+        plus CAP_SYS_ADMIN for uprobes (markers, USDT, symbols) on kernels since 2025.",
     after_help = "Example:\n  sudo brokerprobe attach --pid $(pgrep -n my-broker) --interval 5s\n  \
         curl -s http://127.0.0.1:9464/metrics | grep brokerprobe_stage\n  \
         sudo brokerprobe attach --pid $(pgrep -n python3) --upstream openai=10.0.0.5:443\n  \

@@ -1,7 +1,11 @@
 //! Finds what to attach to: the broker process, its executable, and the file offsets of
 //! its marker functions (ELF symbol → program header → file offset).
 
-use std::{fmt, fs, io::ErrorKind, path::PathBuf};
+use std::{
+    fmt, fs,
+    io::ErrorKind,
+    path::{Component, Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, bail};
 use object::{
@@ -108,6 +112,25 @@ impl fmt::Display for MarkerProblem {
     }
 }
 
+/// `path` absolute (from the current directory), without `.` and `..` components.
+fn normalized(path: &Path) -> PathBuf {
+    let absolute = match path.is_absolute() {
+        true => path.to_path_buf(),
+        false => std::env::current_dir().unwrap_or_default().join(path),
+    };
+    let mut normal = PathBuf::new();
+    for component in absolute.components() {
+        match component {
+            Component::ParentDir => {
+                normal.pop();
+            }
+            Component::CurDir => {}
+            other => normal.push(other),
+        }
+    }
+    normal
+}
+
 /// Bytes of a process name the kernel keeps (`TASK_COMM_LEN` - 1).
 const COMM_LEN: usize = 15;
 
@@ -122,11 +145,16 @@ pub enum Selector {
 }
 
 impl Selector {
-    /// A value with a `/` is a path.
+    /// A value with a `/` is a path. The kernel names a process's executable by its
+    /// resolved absolute path, so the path is resolved too (symbolic links, `..`, relative
+    /// to here) when it exists here, else made absolute and rid of `.` and `..` (a path in
+    /// another mount namespace, as in a container).
     pub fn parse(text: &str) -> Result<Self, String> {
         match text.trim() {
             "" => Err("an empty name".into()),
-            path if path.contains('/') => Ok(Selector::Path(PathBuf::from(path))),
+            path if path.contains('/') => Ok(Selector::Path(
+                fs::canonicalize(path).unwrap_or_else(|_| normalized(Path::new(path))),
+            )),
             name => Ok(Selector::Name(name.to_owned())),
         }
     }
@@ -364,6 +392,21 @@ mod tests {
         assert_eq!(
             Selector::parse(exe.to_str().unwrap()),
             Ok(Selector::Path(exe.clone()))
+        );
+        // Spelt with `..` (or relative, or through a link), the same executable.
+        let dir = exe.parent().unwrap();
+        let roundabout = dir
+            .join("..")
+            .join(dir.file_name().unwrap())
+            .join(&exe_name);
+        assert_eq!(
+            Selector::parse(roundabout.to_str().unwrap()),
+            Ok(Selector::Path(exe.clone()))
+        );
+        // A path not here (another mount namespace) is only tidied.
+        assert_eq!(
+            Selector::parse("/opt/app/../bin/./broker"),
+            Ok(Selector::Path("/opt/bin/broker".into()))
         );
         assert!(Selector::Path(exe).matches(own));
         assert!(Selector::Name(exe_name.clone()).matches(own));

@@ -33,7 +33,7 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// The end-to-end tests attach eBPF programs: they need root (or CAP_BPF + CAP_PERFMON).
+/// The end-to-end tests attach eBPF programs and uprobes: they need root.
 pub fn require_root() {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let uid_is_root = status
