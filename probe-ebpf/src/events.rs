@@ -5,12 +5,24 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::bpf_get_current_pid_tgid,
     macros::map,
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use probe_common::{
     event::{Counter, EventHeader, Source},
-    maps::{EVENTS_BYTES, EVENTS_WAKEUP_BYTES},
+    maps::{EVENTS_BYTES, EVENTS_WAKEUP_BYTES, MAX_TRACED_PROCESSES},
 };
+
+/// tgid → 1 for each process brokerprobe follows (written by user space).
+#[map]
+static TRACED_PROCESSES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TRACED_PROCESSES, 0);
+
+/// Whether brokerprobe follows process `tgid`: probes on events of every process (socket
+/// and scheduler tracepoints) test it first.
+#[inline(always)]
+pub fn traced(tgid: u32) -> bool {
+    // SAFETY: the value is only tested for presence.
+    unsafe { TRACED_PROCESSES.get(&tgid).is_some() }
+}
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);

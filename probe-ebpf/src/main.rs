@@ -8,6 +8,7 @@ mod events;
 mod markers;
 mod sockets;
 mod symbols;
+mod trap_time;
 mod usdt;
 
 #[cfg(not(test))]

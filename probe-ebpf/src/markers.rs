@@ -55,14 +55,16 @@ fn emit_value_and_text(ctx: &ProbeContext, kind: MarkerKind) -> u32 {
 /// A marker hit: its request id is the first argument.
 #[inline(always)]
 fn emit(ctx: &ProbeContext, kind: MarkerKind, values: [u64; 2], texts: [Text; 2]) -> u32 {
-    emit_event(ctx, kind, arg(ctx, 0), values, texts)
+    // SAFETY: reading the clock has no preconditions.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    emit_event(ctx, (kind, ts_ns), arg(ctx, 0), values, texts)
 }
 
-/// Writes one [`MarkerEvent`], whichever probe family saw the hit.
+/// Writes one [`MarkerEvent`] of a hit at `ts_ns`, whichever probe family saw it.
 #[inline(always)]
 pub fn emit_event(
     ctx: &ProbeContext,
-    kind: MarkerKind,
+    (kind, ts_ns): (MarkerKind, u64),
     request_id: u64,
     values: [u64; 2],
     texts: [Text; 2],
@@ -70,8 +72,6 @@ pub fn emit_event(
     if !armed() {
         return 0;
     }
-    // SAFETY: reading the clock has no preconditions.
-    let ts_ns = unsafe { bpf_ktime_get_ns() };
     let (pid, tid) = current_task();
     let Some(mut entry) = EVENTS.reserve::<MarkerEvent>(0) else {
         if count_loss(Counter::MarkerEventsLost) == 0 {

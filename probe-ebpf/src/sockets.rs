@@ -10,27 +10,21 @@
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_probe_read_user as read_raw},
     macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap},
+    maps::LruHashMap,
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
 use probe_common::{
     event::{Counter, Source},
-    maps::{
-        MAX_CONNECTING, MAX_SOCKET_ADDRESSES, MAX_SOCKETS, MAX_TRACED_PROCESSES, MAX_TRACED_THREADS,
-    },
+    maps::{MAX_CONNECTING, MAX_SOCKET_ADDRESSES, MAX_SOCKETS, MAX_TRACED_THREADS},
     socket::{
         DIRECTION_RECV, DIRECTION_SEND, PREFIX_CAP, SocketEvent, SocketKind, SocketState,
         WireEndpoint,
     },
 };
 
-use crate::events::{EVENTS, armed, count, count_loss, current_task, header, submit_flags};
+use crate::events::{EVENTS, armed, count, count_loss, current_task, header, submit_flags, traced};
 use probe_common::socket::socket_key;
-
-/// tgid → 1 for each process brokerprobe follows (written by user space).
-#[map]
-static TRACED_PROCESSES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TRACED_PROCESSES, 0);
 
 /// How a syscall passes its buffer: which memory to read a prefix from.
 const SHAPE_PLAIN: u32 = 0;
@@ -91,12 +85,6 @@ const TCP_SYN_SENT: i32 = 2;
 const SYSCALL_ARG0: usize = 16;
 const SYSCALL_ARG1: usize = 24;
 const SYSCALL_RET: usize = 16;
-
-#[inline(always)]
-fn traced(tgid: u32) -> bool {
-    // SAFETY: the value is only tested for presence.
-    unsafe { TRACED_PROCESSES.get(&tgid).is_some() }
-}
 
 #[inline(always)]
 fn field<T>(ctx: &TracePointContext, offset: usize) -> Option<T> {

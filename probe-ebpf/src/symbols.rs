@@ -15,7 +15,10 @@ use probe_common::{
     symbol::StageSampleEvent,
 };
 
-use crate::events::{EVENTS, armed, count_loss, current_task, header, submit_flags};
+use crate::{
+    events::{EVENTS, armed, count_loss, current_task, header, submit_flags},
+    trap_time::hit_time,
+};
 
 /// Entry times of the calls in progress, by (thread << 32 | stage). A recursive call
 /// replaces its caller's entry: the caller's return then finds none and writes nothing.
@@ -36,8 +39,8 @@ pub fn symbol_entry(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let (key, _) = call_key(ctx.as_ptr());
-    // SAFETY: reading the clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the context is the kernel's pt_regs of the hit: rip is the function entry.
+    let now = hit_time(current_task().1, unsafe { (*ctx.regs).rip });
     let _ = SYMBOL_CALLS.insert(&key, &now, 0);
     0
 }

@@ -17,6 +17,7 @@ use probe_common::{
 use crate::{
     events::current_task,
     markers::{Text, emit_event},
+    trap_time::hit_time,
 };
 
 /// Written by brokerprobe when it attaches a process's USDT probes, removed when it
@@ -27,10 +28,11 @@ static USDT_SITES: aya_ebpf::maps::HashMap<UsdtSite, UsdtSpec> =
 
 #[uprobe]
 pub fn usdt(ctx: ProbeContext) -> u32 {
-    let (pid, _) = current_task();
+    let (pid, tid) = current_task();
     // SAFETY: the context is the kernel's pt_regs of the hit; rip is within it. A uprobe
     // sees rip at the probed instruction.
     let address = unsafe { (*ctx.regs).rip };
+    let ts_ns = hit_time(tid, address);
     let site = UsdtSite {
         pid,
         _reserved: 0,
@@ -52,7 +54,7 @@ pub fn usdt(ctx: ProbeContext) -> u32 {
     };
     emit_event(
         &ctx,
-        kind,
+        (kind, ts_ns),
         request_id,
         values,
         [first, text(&ctx, &spec.texts[1])],

@@ -39,6 +39,10 @@ const USDT_PROGRAM: &str = "usdt";
 /// The eBPF programs at a symbol-mapped function's entry and return
 /// (probe-ebpf/src/symbols.rs).
 const SYMBOL_PROGRAMS: [&str; 2] = ["symbol_entry", "symbol_return"];
+/// Notes threads preempted with a trapped probe pending, so that USDT and symbol-mapped
+/// hits are timed when they happened (probe-ebpf/src/trap_time.rs). Attached with the
+/// first such probe: markers are called into, not trapped, and do not need it.
+const TRAP_PREEMPTED: (&str, &str, &str) = ("trap_preempted", "sched", "sched_switch");
 
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
@@ -120,6 +124,8 @@ pub struct Probes {
     /// What each USDT probe site's hits mean, per process.
     usdt_sites: HashMap<MapData, UsdtSite, UsdtSpec>,
     processes: std::collections::HashMap<u32, ProcessProbes>,
+    /// Whether [`TRAP_PREEMPTED`] is attached.
+    trap_timing: bool,
 }
 
 /// Where a process's request timelines come from.
@@ -197,6 +203,7 @@ impl Session {
                 sockets: sockets_map,
                 usdt_sites,
                 processes: std::collections::HashMap::new(),
+                trap_timing: false,
             },
             events,
             counters: KernelCounters {
@@ -227,14 +234,41 @@ impl Probes {
         );
         let attached = match stages {
             Stages::Markers => self.attach_markers(target),
-            Stages::Usdt(probes) => self.attach_usdt(target, probes),
-            Stages::Symbols(probes) => self.attach_symbols(target, probes),
+            Stages::Usdt(probes) => {
+                self.time_traps();
+                self.attach_usdt(target, probes)
+            }
+            Stages::Symbols(probes) => {
+                self.time_traps();
+                self.attach_symbols(target, probes)
+            }
             Stages::None => Ok(0),
         };
         if attached.is_err() {
             self.remove(target.pid);
         }
         attached
+    }
+
+    /// Attaches [`TRAP_PREEMPTED`], once. Without it (a kernel without BTF, say) trapped
+    /// probes still work, timed less exactly: said once, not fatal.
+    fn time_traps(&mut self) {
+        if std::mem::replace(&mut self.trap_timing, true) {
+            return;
+        }
+        let (program_name, category, name) = TRAP_PREEMPTED;
+        let attached = program::<TracePoint>(&mut self.ebpf, program_name).and_then(|tracepoint| {
+            tracepoint.load()?;
+            tracepoint.attach(category, name)?;
+            Ok(())
+        });
+        if let Err(e) = attached {
+            log::warn!(
+                "cannot watch {category}:{name} ({e:#}): a USDT or function-entry hit whose \
+                 thread is preempted before its probe runs is timed late by the preemption \
+                 (docs/modes/symbols.md, \"Timing\")"
+            );
+        }
     }
 
     fn attach_markers(&mut self, target: &Target) -> Result<u32> {
