@@ -2,8 +2,11 @@
 //! which they happened) and the per-CPU counters.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::bpf_get_current_pid_tgid,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, pt_regs},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_probe_read_kernel,
+        generated::bpf_task_pt_regs,
+    },
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
@@ -114,6 +117,20 @@ pub fn header(source: Source, kind: u32, (pid, tid): (u32, u32), ts_ns: u64) -> 
         ts_ns,
         losses: losses(),
     }
+}
+
+/// The current task's user registers, as saved when it entered the kernel.
+#[inline(always)]
+pub fn user_registers() -> *const pt_regs {
+    // SAFETY: the helpers take the current task, which the kernel guarantees.
+    unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs }
+}
+
+/// The number of the syscall the current task is in (its entry's `orig_ax`).
+#[inline(always)]
+pub fn current_syscall() -> Option<u64> {
+    // SAFETY: read through the helper, which fails rather than faults.
+    unsafe { bpf_probe_read_kernel(&(*user_registers()).orig_rax) }.ok()
 }
 
 /// (tgid, tid) of the current task.

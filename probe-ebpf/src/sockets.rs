@@ -23,7 +23,9 @@ use probe_common::{
     },
 };
 
-use crate::events::{EVENTS, armed, count, count_loss, current_task, header, submit_flags, traced};
+use crate::events::{
+    EVENTS, armed, count, count_loss, current_syscall, current_task, header, submit_flags, traced,
+};
 use probe_common::socket::socket_key;
 
 /// How a syscall passes its buffer: which memory to read a prefix from.
@@ -40,9 +42,13 @@ struct IoSyscall {
     /// When the syscall began: a write's bytes may reach the peer (and be answered, on
     /// loopback) before the sock tracepoint after it runs.
     enter_ns: u64,
+    /// Its number: socket I/O in another syscall (io_uring, sendfile) is not this one's.
+    nr: u64,
 }
 
-/// Thread → the read/write syscall it is in.
+/// Thread → the last read/write-family syscall it entered. Not removed at the syscall's
+/// exit (a program run on every exit of every process, for nothing): a data event checks
+/// that the thread is still in that syscall instead.
 #[map]
 static SYSCALL_IO: LruHashMap<u32, IoSyscall> = LruHashMap::with_max_entries(MAX_TRACED_THREADS, 0);
 
@@ -82,6 +88,7 @@ const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 
 /// Tracepoint field offsets (from /sys/kernel/tracing/events/*/format, stable ABI).
+const SYSCALL_NR: usize = 8;
 const SYSCALL_ARG0: usize = 16;
 const SYSCALL_ARG1: usize = 24;
 const SYSCALL_RET: usize = 16;
@@ -99,7 +106,8 @@ fn stash_io(ctx: &TracePointContext, shape: u32) -> u32 {
     if !traced(tgid) {
         return 0;
     }
-    let (Some(fd), Some(buffer)) = (
+    let (Some(nr), Some(fd), Some(buffer)) = (
+        field::<i32>(ctx, SYSCALL_NR),
         field::<u64>(ctx, SYSCALL_ARG0),
         field::<u64>(ctx, SYSCALL_ARG1),
     ) else {
@@ -111,8 +119,17 @@ fn stash_io(ctx: &TracePointContext, shape: u32) -> u32 {
         buffer,
         // SAFETY: reading the clock has no preconditions.
         enter_ns: unsafe { bpf_ktime_get_ns() },
+        nr: nr as u64,
     };
-    let _ = SYSCALL_IO.insert(&tid, &io, 0);
+    // Overwritten in place: an LRU insert would take a new node and the LRU's lock.
+    match SYSCALL_IO.get_ptr_mut(&tid) {
+        // SAFETY: a map value stays valid while this program runs; only this thread
+        // writes or reads its entry.
+        Some(entry) => unsafe { *entry = io },
+        None => {
+            let _ = SYSCALL_IO.insert(&tid, &io, 0);
+        }
+    }
     0
 }
 
@@ -132,17 +149,6 @@ pub fn io_enter_iovec(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn io_enter_msghdr(ctx: TracePointContext) -> u32 {
     stash_io(&ctx, SHAPE_MSGHDR)
-}
-
-/// Exit of every syscall the three above enter. Other processes' exits come here too:
-/// they cost a lookup of their PID, not a locked delete in the LRU map.
-#[tracepoint]
-pub fn io_exit(_ctx: TracePointContext) -> u32 {
-    let (tgid, tid) = current_task();
-    if traced(tgid) {
-        let _ = SYSCALL_IO.remove(&tid);
-    }
-    0
 }
 
 #[tracepoint]
@@ -189,7 +195,10 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
         return 0;
     }
     // SAFETY: copied out at once; the entry may be replaced by another syscall of ours.
-    let Some(io) = (unsafe { SYSCALL_IO.get(&tid) }).copied() else {
+    let io = (unsafe { SYSCALL_IO.get(&tid) })
+        .copied()
+        .filter(|io| current_syscall() == Some(io.nr));
+    let Some(io) = io else {
         if armed() && count(Counter::SocketIoWithoutSyscall) == 0 {
             warn!(
                 ctx,

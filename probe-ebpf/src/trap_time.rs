@@ -7,18 +7,14 @@
 //! moment as its time (docs/modes/symbols.md, "Timing").
 
 use aya_ebpf::{
-    bindings::pt_regs,
-    helpers::{
-        bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-        generated::bpf_task_pt_regs,
-    },
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user},
     macros::{map, tracepoint},
     maps::LruHashMap,
     programs::TracePointContext,
 };
 use probe_common::maps::MAX_TRACED_THREADS;
 
-use crate::events::{current_task, traced};
+use crate::events::{current_task, traced, user_registers};
 
 const INT3: u8 = 0xcc;
 
@@ -52,12 +48,8 @@ pub fn trap_preempted(_ctx: TracePointContext) -> u32 {
     // programs use its entry, one at a time.
     let state = unsafe { &mut *state };
     let last_hit = core::mem::replace(&mut state.last_hit, 0);
-    // SAFETY: the helpers take the current task, which the kernel guarantees; the
-    // registers are then read through the helper, which fails rather than faults.
-    let ip = unsafe {
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
-        bpf_probe_read_kernel(&(*regs).rip)
-    };
+    // SAFETY: read through the helper, which fails rather than faults.
+    let ip = unsafe { bpf_probe_read_kernel(&(*user_registers()).rip) };
     let Ok(ip) = ip else {
         return 0;
     };

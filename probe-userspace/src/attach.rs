@@ -70,20 +70,6 @@ const SOCKET_TRACEPOINTS: &[(&str, &str, &[&str])] = &[
         &["sys_enter_recvmsg", "sys_enter_sendmsg"],
     ),
     (
-        "io_exit",
-        "syscalls",
-        &[
-            "sys_exit_read",
-            "sys_exit_write",
-            "sys_exit_recvfrom",
-            "sys_exit_sendto",
-            "sys_exit_readv",
-            "sys_exit_writev",
-            "sys_exit_recvmsg",
-            "sys_exit_sendmsg",
-        ],
-    ),
-    (
         "accept_exit",
         "syscalls",
         &["sys_exit_accept", "sys_exit_accept4"],

@@ -3,7 +3,13 @@
 //! each TCP connection), for the demo broker with markers, the demo broker without them,
 //! and a Python broker.
 
-use std::{collections::HashMap, path::Path, process::Command};
+use std::{
+    collections::HashMap,
+    io::{Read as _, Write as _},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
 
 use e2e::{
     harness::{
@@ -134,6 +140,94 @@ fn socket_only_mode_python_broker() {
         "no notice that socket-only mode was chosen: {:#?}",
         run.probe_stdout
     );
+}
+
+/// Socket I/O outside the read/write-family syscalls brokerprobe follows (here `sendfile`,
+/// right after a `send` on the same socket) is counted, and never taken for the last such
+/// syscall's I/O: each exchange's request is the `send`'s bytes alone.
+#[test]
+fn io_outside_followed_syscalls_is_counted_not_misattributed() {
+    const ROUNDS: usize = 20;
+    const BODY: usize = 4096;
+    const HEAD: &[u8] = b"POST /upload HTTP/1.1\r\nContent-Length: 4096\r\n\r\n";
+    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+    require_root();
+    let dir = scratch_dir("sockets-sendfile");
+    let exchanges_path = dir.join("exchanges.jsonl");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut peer, _) = listener.accept().unwrap();
+        let mut message = vec![0; HEAD.len() + BODY];
+        for _ in 0..ROUNDS {
+            peer.read_exact(&mut message).unwrap();
+            assert_eq!(&message[..HEAD.len()], HEAD);
+            peer.write_all(ANSWER).unwrap();
+        }
+    });
+    let script = format!(
+        "import os, socket, sys, tempfile\n\
+         body = tempfile.TemporaryFile(); body.write(b'x' * {BODY}); body.flush()\n\
+         s = socket.create_connection(('127.0.0.1', {port}))\n\
+         print('connected', flush=True); sys.stdin.readline()\n\
+         for _ in range({ROUNDS}):\n\
+         \x20   s.send(b{head:?})\n\
+         \x20   assert os.sendfile(s.fileno(), body.fileno(), 0, {BODY}) == {BODY}\n\
+         \x20   got = b''\n\
+         \x20   while len(got) < {answer}: got += s.recv(1024)\n\
+         print('done', flush=True); sys.stdin.readline()\n",
+        head = String::from_utf8_lossy(HEAD),
+        answer = ANSWER.len(),
+    );
+    let mut client = Proc::spawn(
+        "sendfile client",
+        Command::new("python3").args(["-c", &script]),
+    )
+    .unwrap();
+    client
+        .wait_for_line("connected", Duration::from_secs(30))
+        .unwrap();
+    let (mut probe, metrics_url) = attach_brokerprobe(
+        client.pid(),
+        &[
+            "--mode",
+            "sockets",
+            "--exchanges-out",
+            exchanges_path.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    client.write_line("go").unwrap();
+    client
+        .wait_for_line("done", Duration::from_secs(30))
+        .unwrap();
+    server.join().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let text = rt
+        .block_on(wait_for_counter(
+            &metrics_url,
+            "brokerprobe_socket_io_unfollowed_total",
+            ROUNDS,
+        ))
+        .unwrap();
+    let metrics = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    assert_eq!(
+        e2e::harness::counter_sum(&metrics, "brokerprobe_socket_io_unfollowed_total"),
+        ROUNDS as f64,
+        "one sendfile per round counted"
+    );
+    probe.interrupt().unwrap();
+    assert!(probe.wait_exit(Duration::from_secs(30)).unwrap().success());
+    client.write_line("exit").unwrap();
+    let exchanges = read_jsonl(&exchanges_path);
+    let upstream = upstream_exchanges(&exchanges);
+    assert_eq!(upstream.len(), ROUNDS, "{exchanges:#?}");
+    for exchange in upstream {
+        assert_eq!(exchange["request_bytes"], HEAD.len(), "{exchange}");
+        assert_eq!(exchange["response_bytes"], ANSWER.len(), "{exchange}");
+        assert_eq!(exchange["path"], "/upload", "{exchange}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// One brokerprobe exchange matched to the upstream's record of it.

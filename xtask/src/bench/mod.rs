@@ -13,6 +13,7 @@ use anyhow::{Result, bail};
 
 use crate::{bin_dir, cargo, run as run_cmd, workspace_root};
 use overhead::{Figures, Setup};
+use probe_common::marker::MarkerKind;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -193,6 +194,57 @@ fn overhead_section(doc: &mut String, o: &overhead::Overhead) {
          markers (the bench raises their semaphore for it) keeping per-stage and per-request \
          `hist()`s. C and D export their spans to `trace-store` (the tests' OTLP receiver).\n",
     );
+    let _ = write!(
+        doc,
+        "\n### Where C's kernel time goes\n\n\
+         Method: set-up C once more at the fixed rate for {} s, with the kernel's BPF run-time \
+         statistics on (`BPF_ENABLE_STATS`, through aya; off during the rounds above, as it \
+         adds a clock read per run): each of brokerprobe's programs' run count and run time, \
+         per request served. This is the programs' own time, without the uprobe trap or \
+         tracepoint around them; the socket tracepoints run for every process's syscalls and \
+         arrivals (the load generator's and the upstream's stop at the process filter).\n\n\
+         | program | family | runs per request | ns per run | kernel µs per request |\n\
+         |---|---|---|---|---|\n",
+        overhead::SECONDS
+    );
+    for p in &o.programs {
+        let _ = writeln!(
+            doc,
+            "| `{}` | {} | {:.1} | {:.0} | {:.2} |",
+            p.name,
+            family(&p.name),
+            p.runs_per_request,
+            p.ns_per_run,
+            p.us_per_request
+        );
+    }
+    let _ = writeln!(
+        doc,
+        "| all | | {:.1} | | {:.2} |",
+        o.programs.iter().map(|p| p.runs_per_request).sum::<f64>(),
+        kernel_us(o, |_| true)
+    );
+}
+
+/// Which probe family a program of probe-ebpf belongs to.
+fn family(program: &str) -> &'static str {
+    if MarkerKind::ALL
+        .iter()
+        .any(|kind| kind.symbol_suffix() == program)
+    {
+        "markers"
+    } else {
+        "sockets"
+    }
+}
+
+/// Kernel µs per request of C's programs of the families `pick` takes.
+fn kernel_us(o: &overhead::Overhead, pick: impl Fn(&str) -> bool) -> f64 {
+    o.programs
+        .iter()
+        .filter(|p| pick(family(&p.name)))
+        .map(|p| p.us_per_request)
+        .sum()
 }
 
 fn figures(o: &overhead::Overhead, setup: Setup) -> Figures {
@@ -369,11 +421,14 @@ fn findings_section(
          attached and {:.0} ns under bpftrace's `count()` (section 1): the uprobe itself, not \
          what brokerprobe's program does. In B brokerprobe received {:.1} events per request, \
          all from markers; they cost the broker {:+.1} µs of CPU per request (E, bpftrace on the \
-         same markers: {:+.1} µs).\n\
+         same markers: {:+.1} µs). In C the marker programs themselves ran {:.1} µs per request \
+         (section 2, by program).\n\
          - **Socket tracepoints.** C received {:.1} events per request and cost the broker \
          {:+.1} µs per request more than B: every read, write, send and receive of the broker \
          passes a syscall tracepoint at entry and exit (to learn the fd and buffer) and a \
-         socket-layer one, and each arrival the kernel's `sk_data_ready` hook.\n\
+         socket-layer one, and each arrival the kernel's `sk_data_ready` hook. The socket \
+         programs ran {:.1} µs of kernel time per request, over all processes (the dearest: \
+         {}).\n\
          - **brokerprobe's own CPU.** {} \
          At saturation all of it competes with the broker, the load generator and the \
          upstream for this machine's 2 cores, which is why C loses more throughput than its \
@@ -384,12 +439,26 @@ fn findings_section(
         b.events_per_request,
         b.cpu_us - a.cpu_us,
         e.cpu_us - a.cpu_us,
+        kernel_us(o, |f| f == "markers"),
         c.events_per_request,
         c.cpu_us - b.cpu_us,
+        kernel_us(o, |f| f == "sockets"),
+        o.programs
+            .iter()
+            .filter(|p| family(&p.name) == "sockets")
+            .take(3)
+            .map(|p| format!(
+                "`{}` {:.0} ns per run, {:.1} runs per request",
+                p.name, p.ns_per_run, p.runs_per_request
+            ))
+            .collect::<Vec<_>>()
+            .join("; "),
         busiest.map_or(String::new(), |l| format!(
             "At {} requests/s with sockets and OTLP export, brokerprobe used {:.1}% of a \
-             core: {:.0} µs per request (section 4); a `perf` profile puts most of it in \
-             building, encoding and sending spans, the rest in decoding and assembling events.",
+             core: {:.0} µs per request (section 4). A `perf` profile taken by hand at 1000 \
+             requests/s (not part of this run) put about 70% of it on the event loop \
+             (decoding, assembly, attribution, Prometheus histograms, and the allocations \
+             among them) and 30% on the trace export thread.",
             l.rate,
             l.cpu_percent,
             per_request_us(l)

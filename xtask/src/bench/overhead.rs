@@ -5,9 +5,18 @@
 //! Prometheus registry; feature `inprocess`); E bpftrace on the same markers, building
 //! per-stage histograms.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
+use aya::{
+    programs::loaded_programs,
+    sys::{Stats, enable_stats},
+};
 
 use super::run::{
     Service, attached_brokerprobe, cpu_time, field, listening, median, set_semaphore,
@@ -37,7 +46,7 @@ impl Setup {
 }
 
 /// Seconds of each measured load.
-const SECONDS: u64 = 5;
+pub const SECONDS: u64 = 5;
 /// Requests in flight at saturation.
 const CONCURRENCY: &str = "32";
 const ROUNDS: usize = 3;
@@ -58,6 +67,19 @@ pub struct Figures {
 pub struct Overhead {
     pub fixed_rate: f64,
     pub figures: Vec<(Setup, Figures)>,
+    /// C's eBPF programs, dearest first.
+    pub programs: Vec<ProgramCost>,
+}
+
+/// One of brokerprobe's eBPF programs in set-up C at the fixed rate. Its runs include
+/// every process's events that reach it (the load generator's and the upstream's
+/// syscalls pass the socket tracepoints too, and stop at the process filter).
+pub struct ProgramCost {
+    pub name: String,
+    pub runs_per_request: f64,
+    pub ns_per_run: f64,
+    /// Kernel time per request, all processes together.
+    pub us_per_request: f64,
 }
 
 /// Everything the set-ups share: the upstream, the trace receiver, both brokers.
@@ -156,9 +178,12 @@ pub fn run(bins: &Path) -> Result<Overhead> {
             (setup, figures)
         })
         .collect();
+    eprintln!("bench: C's eBPF programs, BPF run-time statistics on");
+    let programs = bench.program_costs(fixed_rate)?;
     Ok(Overhead {
         fixed_rate,
         figures,
+        programs,
     })
 }
 
@@ -193,6 +218,59 @@ impl Bench<'_> {
             set_semaphore(self.broker.pid(), 0)?;
         }
         Ok(figures)
+    }
+
+    /// Set-up C at the fixed rate, with the kernel's BPF run-time statistics switched on
+    /// (a clock read per program run, so not during the rounds above): run count and
+    /// time of each program brokerprobe loaded, per request served.
+    fn program_costs(&self, fixed_rate: f64) -> Result<Vec<ProgramCost>> {
+        let earlier: HashSet<u32> = programs()?.into_keys().collect();
+        let attached = self
+            .attach(Setup::C)?
+            .context("set-up C attaches nothing")?;
+        let _stats =
+            enable_stats(Stats::RunTime).context("switching BPF run-time statistics on")?;
+        let ours = |all: HashMap<u32, (String, u64, Duration)>| {
+            all.into_iter()
+                .filter(|(id, _)| !earlier.contains(id))
+                .collect::<HashMap<_, _>>()
+        };
+        let before = ours(programs()?);
+        let line = load(
+            self.bins,
+            &self.broker_url,
+            &[
+                "--duration",
+                &format!("{SECONDS}s"),
+                "--concurrency",
+                "64",
+                "--rate",
+                &fixed_rate.to_string(),
+            ],
+        )?;
+        let after = ours(programs()?);
+        attached.stop(libc::SIGINT)?;
+        let requests = field(&line, "requests").context("loadgen: no request count")?;
+        let mut costs: Vec<ProgramCost> = after
+            .into_iter()
+            .filter_map(|(id, (name, runs, time))| {
+                let (_, runs_before, time_before) = before.get(&id)?;
+                let runs = runs.saturating_sub(*runs_before);
+                let ns = time.saturating_sub(*time_before).as_nanos() as f64;
+                (runs > 0).then(|| ProgramCost {
+                    name,
+                    runs_per_request: runs as f64 / requests.max(1.0),
+                    ns_per_run: ns / runs as f64,
+                    us_per_request: ns / 1e3 / requests.max(1.0),
+                })
+            })
+            .collect();
+        anyhow::ensure!(
+            !costs.is_empty(),
+            "no brokerprobe program ran during the load"
+        );
+        costs.sort_by(|a, b| b.us_per_request.total_cmp(&a.us_per_request));
+        Ok(costs)
     }
 
     fn url(&self, setup: Setup) -> &str {
@@ -264,6 +342,17 @@ impl Bench<'_> {
             }
         })
     }
+}
+
+/// Every eBPF program loaded on the machine: id → (name, run count, run time).
+fn programs() -> Result<HashMap<u32, (String, u64, Duration)>> {
+    loaded_programs()
+        .map(|info| {
+            let info = info.context("listing loaded eBPF programs")?;
+            let name = info.name_as_str().unwrap_or("?").to_owned();
+            Ok((info.id(), (name, info.run_count(), info.run_time())))
+        })
+        .collect()
 }
 
 /// From brokerprobe's health line: `events N (...); requests M complete, ...`.
