@@ -295,6 +295,29 @@ pub async fn wait_for_counter(
     }
 }
 
+/// brokerprobe's /stats (the report's JSON, docs/report.md), served beside `metrics_url`.
+pub async fn stats(metrics_url: &str) -> anyhow::Result<serde_json::Value> {
+    let url = metrics_url.replace("/metrics", "/stats");
+    Ok(reqwest::get(url).await?.error_for_status()?.json().await?)
+}
+
+/// Polls /stats until it has completed `expected` requests (or 30 s pass) and returns it;
+/// panics if it then counts any other number.
+pub async fn wait_for_completed(metrics_url: &str, expected: usize) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(stats) = stats(metrics_url).await {
+            let completed = stats["requests"]["completed"].as_u64().unwrap();
+            if completed >= expected as u64 || Instant::now() > deadline {
+                assert_eq!(completed, expected as u64, "requests completed per /stats");
+                return stats;
+            }
+        }
+        assert!(Instant::now() < deadline, "/stats never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Sum of counter `metric` over all its label sets.
 pub fn counter_sum(scrape: &Scrape, metric: &str) -> f64 {
     scrape
@@ -398,6 +421,15 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// The demo broker's ground truth (`--ground-truth FILE`): its record of each request,
+/// by request id.
+pub fn ground_truth(path: &Path) -> std::collections::HashMap<u64, serde_json::Value> {
+    read_jsonl(path)
+        .into_iter()
+        .map(|record| (record["request_id"].as_u64().unwrap(), record))
         .collect()
 }
 

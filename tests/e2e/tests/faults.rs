@@ -2,16 +2,15 @@
 //! request, and nothing it loses goes uncounted.
 
 use std::{
-    collections::HashMap,
     process::Command,
     time::{Duration, Instant},
 };
 
 use e2e::{
     harness::{
-        Proc, attach_brokerprobe, bin, counter_sum, demo_broker_usdt_map, health_figure,
-        loaded_bpf_programs, marker_entry_bytes, marker_semaphore, read_jsonl, require_root,
-        scratch_dir, start_demo_broker, start_demo_broker_variant, start_listening,
+        Proc, attach_brokerprobe, bin, counter_sum, demo_broker_usdt_map, ground_truth,
+        health_figure, loaded_bpf_programs, marker_entry_bytes, marker_semaphore, read_jsonl,
+        require_root, scratch_dir, start_demo_broker, start_demo_broker_variant, start_listening,
         usdt_semaphores, wait_for_counter, wait_for_requests,
     },
     load::{self, Mix, check_statuses},
@@ -296,10 +295,7 @@ fn ring_overflow_reports_only_whole_requests() {
     assert!(complete > 0, "nothing reported after the overflow");
 
     // Every request reported is whole: the stages the broker itself recorded, no fewer.
-    let truth: HashMap<u64, Json> = read_jsonl(&truth_path)
-        .into_iter()
-        .map(|r| (r["request_id"].as_u64().unwrap(), r))
-        .collect();
+    let truth = ground_truth(&truth_path);
     let observed = read_jsonl(&observed_path);
     assert_eq!(observed.len() as u64, complete);
     let stage_names = |r: &Json| -> Vec<String> {

@@ -11,7 +11,7 @@ use std::{
 use e2e::{
     harness::{
         attach_brokerprobe, counter_sum, demo_broker_symbol_map, demo_broker_usdt_map,
-        marker_entry_bytes, marker_semaphore, read_jsonl, require_root, scratch_dir,
+        ground_truth, marker_entry_bytes, marker_semaphore, read_jsonl, require_root, scratch_dir,
         start_demo_broker, start_demo_broker_variant, usdt_semaphores, wait_for_requests,
     },
     load::{self, Mix, Outcome, Target, check_statuses},
@@ -158,12 +158,8 @@ fn profile_against_ground_truth(instrumented: Instrumented) {
     broker.signal("TERM").unwrap();
     assert!(broker.wait_exit(Duration::from_secs(30)).unwrap().success());
 
-    let truth = read_jsonl(&truth_path);
+    let truth = ground_truth(&truth_path);
     let observed = read_jsonl(&observed_path);
-    let truth: HashMap<u64, &Json> = truth
-        .iter()
-        .map(|r| (r["request_id"].as_u64().unwrap(), r))
-        .collect();
     assert_eq!(
         truth.len(),
         warm.len() + attached.len() + after.len(),
@@ -265,7 +261,7 @@ struct Comparison {
     keypool_waits_ns: Vec<u64>,
 }
 
-fn compare(observed: &[Json], truth: &HashMap<u64, &Json>) -> Comparison {
+fn compare(observed: &[Json], truth: &HashMap<u64, Json>) -> Comparison {
     let mut result = Comparison {
         stage_diffs: Vec::new(),
         offsets: Vec::new(),
@@ -274,7 +270,7 @@ fn compare(observed: &[Json], truth: &HashMap<u64, &Json>) -> Comparison {
     };
     for seen in observed {
         let id = seen["request_id"].as_u64().unwrap();
-        let truth = truth[&id];
+        let truth = &truth[&id];
         for field in [
             "model",
             "provider",
@@ -428,11 +424,7 @@ fn attach_and_detach_under_load_report_only_whole_requests() {
         health.contains("stages 0 unclosed, 0 unmatched"),
         "{health}"
     );
-    let truth = read_jsonl(&truth_path);
-    let truth: HashMap<u64, &Json> = truth
-        .iter()
-        .map(|r| (r["request_id"].as_u64().unwrap(), r))
-        .collect();
+    let truth = ground_truth(&truth_path);
     let observed = read_jsonl(&observed_path);
     assert!(
         observed.len() > 200,

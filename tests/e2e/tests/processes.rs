@@ -10,13 +10,12 @@ use std::{
 use e2e::{
     harness::{
         Proc, attach_brokerprobe, bin, read_jsonl, require_root, scratch_dir, start_demo_broker,
-        start_listening, wait_for_requests,
+        start_listening, stats, wait_for_requests,
     },
     load::{self, Mix, check_statuses},
     trace_store::TraceStore,
 };
 use prometheus_parse::{Scrape, Value};
-use serde_json::Value as Json;
 
 fn mix() -> Mix {
     Mix {
@@ -73,14 +72,7 @@ fn replicas_are_reported_apart_and_together() {
     check_statuses(&to_first);
     check_statuses(&to_second);
     let metrics = rt.block_on(wait_for_requests(&metrics_url, 250)).unwrap();
-    let stats: Json = rt
-        .block_on(async {
-            reqwest::get(metrics_url.replace("/metrics", "/stats"))
-                .await?
-                .json()
-                .await
-        })
-        .unwrap();
+    let stats = rt.block_on(stats(&metrics_url)).unwrap();
     let by_replica = requests_by_replica(&metrics);
     let per_process: Vec<(String, u64)> = stats["processes"]
         .as_array()

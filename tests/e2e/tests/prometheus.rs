@@ -7,7 +7,7 @@ use std::{collections::HashMap, time::Duration};
 use e2e::{
     harness::{
         attach_brokerprobe, read_jsonl, require_root, rss_kb, scratch_dir, start_demo_broker,
-        wait_for_requests,
+        wait_for_completed, wait_for_requests,
     },
     load::{self, Mix, Outcome},
     prometheus::{Prometheus, promtool_check},
@@ -238,7 +238,6 @@ fn hostile_model_names_keep_series_and_memory_bounded() {
             &dir.join("prometheus"),
         ))
         .unwrap();
-    let stats_url = metrics_url.replace("/metrics", "/stats");
     let mix = Mix {
         streaming: 0.0,
         tools: 0.0,
@@ -258,13 +257,13 @@ fn hostile_model_names_keep_series_and_memory_bounded() {
         );
     };
     drive(WARM, 1);
-    rt.block_on(wait_for_completed(&stats_url, WARM));
+    rt.block_on(wait_for_completed(&metrics_url, WARM));
     // Warm also means scraped: encoding the full exposition once sizes its buffers.
     rt.block_on(prometheus.wait_for("sum(brokerprobe_requests_total)", WARM as f64))
         .unwrap();
     let rss_warm = rss_kb(probe.pid());
     drive(TOTAL - WARM, 2);
-    let stats = rt.block_on(wait_for_completed(&stats_url, TOTAL));
+    let stats = rt.block_on(wait_for_completed(&metrics_url, TOTAL));
     let rss_all = rss_kb(probe.pid());
     let text = rt
         .block_on(async { reqwest::get(&metrics_url).await?.text().await })
@@ -304,21 +303,6 @@ fn scrape_target(metrics_url: &str) -> &str {
     metrics_url
         .trim_start_matches("http://")
         .trim_end_matches("/metrics")
-}
-
-/// Polls brokerprobe's /stats until it has completed `expected` requests (or 30 s pass);
-/// returns the last /stats.
-async fn wait_for_completed(stats_url: &str, expected: usize) -> Json {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let stats: Json = reqwest::get(stats_url).await.unwrap().json().await.unwrap();
-        let completed = stats["requests"]["completed"].as_u64().unwrap();
-        if completed >= expected as u64 || std::time::Instant::now() > deadline {
-            assert_eq!(completed, expected as u64, "requests completed per /stats");
-            return stats;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Issue 9: the alert rules shipped in deploy/ pass `promtool check rules`, and every

@@ -3,11 +3,11 @@
 //! against the demo broker's own clock, and their trace ids against the traces a real
 //! OTLP store holds. Markdown and table reports read as a person would.
 
-use std::{collections::HashMap, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use e2e::{
     harness::{
-        attach_brokerprobe, read_jsonl, require_root, scratch_dir, start_demo_broker,
+        attach_brokerprobe, ground_truth, require_root, scratch_dir, start_demo_broker, stats,
         wait_for_requests,
     },
     load::{self, Mix},
@@ -91,14 +91,7 @@ fn json_report_follows_its_schema_and_names_the_slowest_requests() {
     probe.signal("USR1").unwrap();
     let live = report_with(&report_path, REQUESTS);
     assert_valid(&schema, &live, "the SIGUSR1 report");
-    let stats: Json = rt
-        .block_on(async {
-            reqwest::get(metrics_url.replace("/metrics", "/stats"))
-                .await?
-                .json()
-                .await
-        })
-        .unwrap();
+    let stats = rt.block_on(stats(&metrics_url)).unwrap();
     assert_valid(&schema, &stats, "/stats");
     for field in ["requests", "stages", "models", "slowest_requests"] {
         assert_eq!(live[field], stats[field], "{field}: report vs /stats");
@@ -113,10 +106,7 @@ fn json_report_follows_its_schema_and_names_the_slowest_requests() {
     assert!(broker.wait_exit(Duration::from_secs(30)).unwrap().success());
 
     // The slowest, by the broker's own clock, are the ones reported, slowest first.
-    let truth: HashMap<u64, Json> = read_jsonl(&truth_path)
-        .into_iter()
-        .map(|r| (r["request_id"].as_u64().unwrap(), r))
-        .collect();
+    let truth = ground_truth(&truth_path);
     let ns = |json: &Json, field: &str| json[field].as_u64().unwrap();
     let true_ns = |id: u64| ns(&truth[&id], "end_ns") - ns(&truth[&id], "begin_ns");
     let mut true_durations: Vec<u64> = truth.keys().map(|id| true_ns(*id)).collect();

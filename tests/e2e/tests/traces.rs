@@ -9,8 +9,8 @@ use std::{
 
 use e2e::{
     harness::{
-        attach_brokerprobe, attach_brokerprobe_env, counter_sum, read_jsonl, require_root, rss_kb,
-        scratch_dir, start_demo_broker, wait_for_requests,
+        attach_brokerprobe, attach_brokerprobe_env, counter_sum, ground_truth, require_root,
+        rss_kb, scratch_dir, start_demo_broker, wait_for_requests,
     },
     load::{self, Mix, Outcome},
     trace_store::{TraceStore, tag},
@@ -57,10 +57,7 @@ fn check_traces(protocol: &str, env: &[(&str, &str)]) {
     probe.interrupt().unwrap();
     broker.signal("TERM").unwrap();
     assert!(broker.wait_exit(Duration::from_secs(30)).unwrap().success());
-    let truth: HashMap<u64, Json> = read_jsonl(&truth_path)
-        .into_iter()
-        .map(|r| (r["request_id"].as_u64().unwrap(), r))
-        .collect();
+    let truth = ground_truth(&truth_path);
 
     let traces = rt.block_on(collect_traces(&store, &sent)).unwrap();
     let mut diffs_us = Vec::new();

@@ -10,7 +10,7 @@ use std::{
 };
 
 use e2e::{
-    harness::{bin, require_root, scratch_dir, start_demo_broker},
+    harness::{bin, require_root, scratch_dir, start_demo_broker, stats, wait_for_completed},
     load::{self, Mix},
 };
 use serde_json::Value as Json;
@@ -82,26 +82,6 @@ impl Pane {
 impl Drop for Pane {
     fn drop(&mut self) {
         self.tmux(&["kill-server"]);
-    }
-}
-
-fn stats(rt: &tokio::runtime::Runtime, url: &str) -> Option<Json> {
-    rt.block_on(async { reqwest::get(url).await.ok()?.json().await.ok() })
-}
-
-fn stats_with(rt: &tokio::runtime::Runtime, url: &str, completed: usize) -> Json {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(stats) = stats(rt, url)
-            && stats["requests"]["completed"] == completed
-        {
-            return stats;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/stats never counted {completed} requests"
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -180,7 +160,7 @@ fn top_shows_the_stages_of_stats_and_answers_its_keys() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (broker, url) = start_demo_broker(&[]).unwrap();
     let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let stats_url = format!("http://{metrics_addr}/stats");
+    let metrics_url = format!("http://{metrics_addr}/metrics");
     let pane = Pane::start(&format!(
         "{} top --pid {} --metrics-addr {metrics_addr} --report json --report-out {}",
         bin("brokerprobe").display(),
@@ -188,7 +168,7 @@ fn top_shows_the_stages_of_stats_and_answers_its_keys() {
         report.display()
     ));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while stats(&rt, &stats_url).is_none() {
+    while rt.block_on(stats(&metrics_url)).is_err() {
         assert!(
             pane.alive() && Instant::now() < deadline,
             "brokerprobe top never served /stats:\n{}",
@@ -201,7 +181,7 @@ fn top_shows_the_stages_of_stats_and_answers_its_keys() {
     let mix = Mix::default();
     let first = 200;
     rt.block_on(load::drive(&url, first, 8, &mix, 5)).unwrap();
-    let stats = stats_with(&rt, &stats_url, first);
+    let stats = rt.block_on(wait_for_completed(&metrics_url, first));
     let screen = pane.wait_for("all requests", |s| s.contains(&format!("· {first} done")));
     check_stages(&screen, &stats);
     for model in stats["models"].as_array().unwrap() {
@@ -259,7 +239,7 @@ fn top_shows_the_stages_of_stats_and_answers_its_keys() {
     pane.wait_for("frozen", |s| s.contains("FROZEN"));
     let more = 50;
     rt.block_on(load::drive(&url, more, 8, &mix, 6)).unwrap();
-    stats_with(&rt, &stats_url, first + more);
+    rt.block_on(wait_for_completed(&metrics_url, first + more));
     std::thread::sleep(Duration::from_millis(2_500));
     assert!(
         pane.screen().contains(&format!("· {first} done")),
