@@ -336,6 +336,15 @@ fn targets_section(
     );
     let loss = (base.rps - c.rps) / base.rps * 100.0;
     let added_p99 = c.p99_us - base.p99_us;
+    // A difference within the set-ups' own round-to-round spread shows nothing.
+    let p99_noise = base.p99_spread_us.max(c.p99_spread_us);
+    let p99_verdict = if added_p99 > 20.0 {
+        "**not met**"
+    } else if p99_noise > 20.0 {
+        "**not shown**: within this run's noise"
+    } else {
+        "met"
+    };
     let cpu = |f: Figures| f.cpu_us - base.cpu_us;
     let unstalled = || steps.iter().filter(|s| s.stalled.is_none());
     let lossless = lossless_rate(steps);
@@ -362,7 +371,7 @@ fn targets_section(
         doc,
         "\n## Targets\n\n| target | measured | |\n|---|---|---|\n\
          | C vs A: ≤ 2% throughput lost at saturation | {loss:.1}% | {} |\n\
-         | C vs A: ≤ 20 µs added p99 | {added_p99:+.0} µs | {} |\n\
+         | C vs A: ≤ 20 µs added p99 | {added_p99:+.0} µs (A's and C's p99 each varied by up to {p99_noise:.0} µs between rounds) | {p99_verdict} |\n\
          | C's overhead ≤ a third of D's (broker CPU per request over A) | C {:+.1} µs, D {:+.1} µs | {} |\n\
          | C no worse than E (broker CPU per request) | C {:.1} µs, E {:.1} µs | {} |\n\
          | unattached marker ≤ 2 ns (the dearest case, loop included) | {unattached:.2} ns | {} |\n\
@@ -373,7 +382,6 @@ fn targets_section(
          | attach → first event ≤ 300 ms ({} symbols) | {:.0} ms | {} |\n\
          | attached marker (NOP fast path) | {:.2} µs per hit with brokerprobe | |\n",
         met(loss <= 2.0),
-        met(added_p99 <= 20.0),
         cpu(c),
         cpu(d),
         met(cpu(c) <= cpu(d) / 3.0),
@@ -483,10 +491,15 @@ fn findings_section(
          4. **Symbols mapped, not read.** Finding the markers read the symbol table \
          piecewise, a syscall per name: most of the attach time on the large binary. The \
          executable is now memory-mapped.\n\
-         5. **Other processes' syscall exits** no longer touch brokerprobe's maps (a PID \
-         check first, as at entry).\n",
+         5. **No program at the read/write syscalls' exits.** One ran at every exit of eight \
+         syscalls of every process, first to forget the thread's stashed fd (a locked LRU \
+         delete), later behind a PID check; now the stash carries its syscall number and \
+         the sock tracepoints take it only while the thread is still in that syscall \
+         (section 2's program table shows what the socket programs cost now).\n",
     );
-    let throughput_or_p99_missed = (a.rps - c.rps) / a.rps > 0.02 || c.p99_us - a.p99_us > 20.0;
+    let p99_noise = a.p99_spread_us.max(c.p99_spread_us);
+    let throughput_or_p99_missed =
+        (a.rps - c.rps) / a.rps > 0.02 || c.p99_us - a.p99_us > 20.0 || p99_noise > 20.0;
     let comparisons_missed =
         c.cpu_us - a.cpu_us > (d.cpu_us - a.cpu_us) / 3.0 || c.cpu_us > e.cpu_us;
     if !(throughput_or_p99_missed || comparisons_missed || direct_rate_missed) {
@@ -501,12 +514,14 @@ fn findings_section(
              because every request makes its marker hits at the uprobe's price above; C adds \
              the socket tracepoints and brokerprobe's own CPU on the same two cores. The p99 \
              at a fixed rate is dominated by who gets a core when ({:+.0} µs for D, {:+.0} µs \
-             for E here). A broker whose requests cost more than the demo broker's {:.0} µs \
+             for E here; A's and C's own p99 varied by up to {:.0} µs between rounds, so a \
+             20 µs difference cannot be shown on this machine). A broker whose requests cost more than the demo broker's {:.0} µs \
              (real upstream calls, TLS, JSON of real size) pays the same absolute cost, a \
              smaller share.",
             e.rps / a.rps * 100.0,
             d.p99_us - a.p99_us,
             e.p99_us - a.p99_us,
+            p99_noise,
             a.cpu_us,
         );
     }

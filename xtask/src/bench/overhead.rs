@@ -60,6 +60,8 @@ pub struct Figures {
     /// At a fixed rate (a quarter of A's saturation): latency percentiles (µs).
     pub p50_us: f64,
     pub p99_us: f64,
+    /// Largest minus smallest p99 over the rounds: what the p99 comparisons can resolve.
+    pub p99_spread_us: f64,
     /// Events brokerprobe received per request (its exit report; B and C only).
     pub events_per_request: f64,
 }
@@ -173,6 +175,8 @@ pub fn run(bins: &Path) -> Result<Overhead> {
                 cpu_us: pick(|f| f.cpu_us),
                 p50_us: pick(|f| f.p50_us),
                 p99_us: pick(|f| f.p99_us),
+                p99_spread_us: rounds.iter().map(|f| f.p99_us).fold(f64::MIN, f64::max)
+                    - rounds.iter().map(|f| f.p99_us).fold(f64::MAX, f64::min),
                 events_per_request: pick(|f| f.events_per_request),
             };
             (setup, figures)
