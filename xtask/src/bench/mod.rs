@@ -433,7 +433,7 @@ fn findings_section(
          (section 2, by program).\n\
          - **Socket tracepoints.** C received {:.1} events per request and cost the broker \
          {:+.1} µs per request more than B: every read, write, send and receive of the broker \
-         passes a syscall tracepoint at entry and exit (to learn the fd and buffer) and a \
+         passes a syscall tracepoint at entry (to learn the fd and buffer) and a \
          socket-layer one, and each arrival the kernel's `sk_data_ready` hook. The socket \
          programs ran {:.1} µs of kernel time per request, over all processes (the dearest: \
          {}).\n\
