@@ -247,6 +247,14 @@ fn kernel_us(o: &overhead::Overhead, pick: impl Fn(&str) -> bool) -> f64 {
         .sum()
 }
 
+/// How far A's or C's fixed-rate p99 moved between rounds: a p99 difference smaller than
+/// this shows nothing.
+fn p99_noise(o: &overhead::Overhead) -> f64 {
+    figures(o, Setup::A)
+        .p99_spread_us
+        .max(figures(o, Setup::C).p99_spread_us)
+}
+
 fn figures(o: &overhead::Overhead, setup: Setup) -> Figures {
     o.figures
         .iter()
@@ -336,8 +344,7 @@ fn targets_section(
     );
     let loss = (base.rps - c.rps) / base.rps * 100.0;
     let added_p99 = c.p99_us - base.p99_us;
-    // A difference within the set-ups' own round-to-round spread shows nothing.
-    let p99_noise = base.p99_spread_us.max(c.p99_spread_us);
+    let p99_noise = p99_noise(o);
     let p99_verdict = if added_p99 > 20.0 {
         "**not met**"
     } else if p99_noise > 20.0 {
@@ -497,7 +504,7 @@ fn findings_section(
          the sock tracepoints take it only while the thread is still in that syscall \
          (section 2's program table shows what the socket programs cost now).\n",
     );
-    let p99_noise = a.p99_spread_us.max(c.p99_spread_us);
+    let p99_noise = p99_noise(o);
     let throughput_or_p99_missed =
         (a.rps - c.rps) / a.rps > 0.02 || c.p99_us - a.p99_us > 20.0 || p99_noise > 20.0;
     let comparisons_missed =

@@ -197,18 +197,7 @@ impl Bench<'_> {
     fn measure(&self, setup: Setup, fixed_rate: f64) -> Result<Figures> {
         let attached = self.attach(setup)?;
         let (mut figures, _) = self.saturation(setup)?;
-        let line = load(
-            self.bins,
-            self.url(setup),
-            &[
-                "--duration",
-                &format!("{SECONDS}s"),
-                "--concurrency",
-                "64",
-                "--rate",
-                &fixed_rate.to_string(),
-            ],
-        )?;
+        let line = self.fixed_rate_load(setup, fixed_rate)?;
         figures.p50_us = field(&line, "p50_us").unwrap_or(f64::NAN);
         figures.p99_us = field(&line, "p99_us").unwrap_or(f64::NAN);
         figures.events_per_request = f64::NAN;
@@ -240,18 +229,7 @@ impl Bench<'_> {
                 .collect::<HashMap<_, _>>()
         };
         let before = ours(programs()?);
-        let line = load(
-            self.bins,
-            &self.broker_url,
-            &[
-                "--duration",
-                &format!("{SECONDS}s"),
-                "--concurrency",
-                "64",
-                "--rate",
-                &fixed_rate.to_string(),
-            ],
-        )?;
+        let line = self.fixed_rate_load(Setup::C, fixed_rate)?;
         let after = ours(programs()?);
         attached.stop(libc::SIGINT)?;
         let requests = field(&line, "requests").context("loadgen: no request count")?;
@@ -275,6 +253,23 @@ impl Bench<'_> {
         );
         costs.sort_by(|a, b| b.us_per_request.total_cmp(&a.us_per_request));
         Ok(costs)
+    }
+
+    /// The latency load: `fixed_rate` requests per second for [`SECONDS`]; loadgen's
+    /// summary line.
+    fn fixed_rate_load(&self, setup: Setup, fixed_rate: f64) -> Result<String> {
+        load(
+            self.bins,
+            self.url(setup),
+            &[
+                "--duration",
+                &format!("{SECONDS}s"),
+                "--concurrency",
+                "64",
+                "--rate",
+                &fixed_rate.to_string(),
+            ],
+        )
     }
 
     fn url(&self, setup: Setup) -> &str {
