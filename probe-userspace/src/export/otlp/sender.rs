@@ -117,11 +117,17 @@ async fn export(
     report: &mut FailureReport,
 ) {
     let taken = traces.len() as u64;
-    let spans: Vec<SpanData> = traces.drain(..).flatten().collect();
+    let mut spans: Vec<SpanData> = traces.drain(..).flatten().collect();
     let count = spans.len() as u64;
-    for target in targets {
+    for (i, target) in targets.iter().enumerate() {
         let index = target.kind() as usize;
-        match target.export(spans.clone()).await {
+        // Exporters take the spans by value: only a target before the last gets a copy.
+        let batch = if i + 1 < targets.len() {
+            spans.clone()
+        } else {
+            std::mem::take(&mut spans)
+        };
+        match target.export(batch).await {
             Ok(()) => counters.exported_spans[index].fetch_add(count, Ordering::Relaxed),
             Err(e) => {
                 report.failed(target.name(), count, &e);

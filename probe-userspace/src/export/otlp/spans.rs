@@ -2,7 +2,7 @@
 //! by time, upstream calls as CLIENT `chat {model}` spans with the GenAI and socket
 //! attributes, tool executions as `execute_tool {name}`.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{borrow::Cow, collections::HashMap, net::SocketAddr};
 
 use opentelemetry::{
     InstrumentationScope, KeyValue, Value,
@@ -78,7 +78,13 @@ impl SpanBuilder<'_> {
             .remote_parent
             .as_ref()
             .map_or_else(TraceState::default, |caller| caller.trace_state().clone());
-        let span = |span_id, parent, kind, name: String, (begin_ns, end_ns), attributes, status| {
+        let span = |span_id,
+                    parent,
+                    kind,
+                    name: Cow<'static, str>,
+                    (begin_ns, end_ns),
+                    attributes,
+                    status| {
             SpanData {
                 span_context: SpanContext::new(
                     start.trace_id,
@@ -90,7 +96,7 @@ impl SpanBuilder<'_> {
                 parent_span_id: parent,
                 parent_span_is_remote: false,
                 span_kind: kind,
-                name: name.into(),
+                name,
                 start_time: self.clock.wall(begin_ns),
                 end_time: self.clock.wall(end_ns),
                 attributes,
@@ -141,7 +147,7 @@ impl SpanBuilder<'_> {
                 .as_ref()
                 .map_or(SpanId::INVALID, SpanContext::span_id),
             SpanKind::Server,
-            ROOT_NAME.to_owned(),
+            ROOT_NAME.into(),
             (request.begin_ns, request.end_ns),
             root_attributes,
             root_status,
@@ -181,11 +187,13 @@ fn describe(
     stage: &StageSpan,
     facts: &HashMap<u64, CallFacts>,
     models: &mut LabelCap,
-) -> (String, SpanKind, Vec<KeyValue>, Status) {
-    let mut attributes = vec![KeyValue::new(
-        "brokerprobe.stage",
-        stage.id.name().to_owned(),
-    )];
+) -> (Cow<'static, str>, SpanKind, Vec<KeyValue>, Status) {
+    // Known stages' names are static: no copy per span.
+    let stage_name: Cow<'static, str> = match &stage.id {
+        StageId::Known(known) => known.name().into(),
+        id => id.name().to_owned().into(),
+    };
+    let mut attributes = vec![KeyValue::new("brokerprobe.stage", stage_name.clone())];
     match &stage.id {
         StageId::Known(Stage::UpstreamChat | Stage::UpstreamChatStream) => {
             let model = request.model_at(stage.begin_ns);
@@ -200,7 +208,7 @@ fn describe(
             };
             let name_model = models.admit(model).unwrap_or(OTHER);
             (
-                format!("chat {name_model}"),
+                format!("chat {name_model}").into(),
                 SpanKind::Client,
                 attributes,
                 status,
@@ -210,14 +218,9 @@ fn describe(
             attributes.push(KeyValue::new("gen_ai.operation.name", "execute_tool"));
             attributes.push(KeyValue::new("gen_ai.tool.name", tool.clone()));
             let name = format!("execute_tool {tool}");
-            (name, SpanKind::Internal, attributes, Status::Unset)
+            (name.into(), SpanKind::Internal, attributes, Status::Unset)
         }
-        id => (
-            id.name().to_owned(),
-            SpanKind::Internal,
-            attributes,
-            Status::Unset,
-        ),
+        _ => (stage_name, SpanKind::Internal, attributes, Status::Unset),
     }
 }
 
