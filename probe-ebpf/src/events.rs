@@ -105,17 +105,41 @@ pub fn count_loss(counter: Counter) -> u64 {
     count(counter)
 }
 
-/// The first bytes of a record: who, when, and the losses so far (which let user space
-/// tell whether a request's records may have a gap).
+/// Writes the first bytes of a record: who, when, and the losses so far (which let user
+/// space tell whether a request's records may have a gap).
 #[inline(always)]
-pub fn header(source: Source, kind: u32, (pid, tid): (u32, u32), ts_ns: u64) -> EventHeader {
-    EventHeader {
-        source: source as u32,
-        kind,
-        pid,
-        tid,
-        ts_ns,
-        losses: losses(),
+pub fn write_header(
+    header: &mut EventHeader,
+    source: Source,
+    kind: u32,
+    (pid, tid): (u32, u32),
+    ts_ns: u64,
+) {
+    put(&mut header.source, source as u32);
+    put(&mut header.kind, kind);
+    put(&mut header.pid, pid);
+    put(&mut header.tid, tid);
+    put(&mut header.ts_ns, ts_ns);
+    put(&mut header.losses, losses());
+}
+
+/// Stores one field of a record as one store. Zeros written plainly side by side are
+/// merged by LLVM into a `memset` call, which BPF runs as a loop of byte stores: it took
+/// as long as the rest of a marker probe (BENCHMARKS.md, "Changes made").
+#[inline(always)]
+pub fn put<T: Copy>(field: &mut T, value: T) {
+    // SAFETY: a store through an exclusive reference.
+    unsafe { core::ptr::write_volatile(field, value) }
+}
+
+/// Zeroes the first `WORDS` 8-byte words of a record as that many stores (see [`put`]).
+#[inline(always)]
+pub fn zero_words<T, const WORDS: usize>(record: &mut T) {
+    const { assert!(WORDS * 8 <= size_of::<T>() && align_of::<T>() >= 8) };
+    let words = (record as *mut T).cast::<u64>();
+    for i in 0..WORDS {
+        // SAFETY: within the record and 8-aligned, as the assertion above checks.
+        unsafe { words.add(i).write_volatile(0) };
     }
 }
 

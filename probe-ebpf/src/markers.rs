@@ -18,7 +18,7 @@ use probe_common::{
     marker::{MarkerEvent, MarkerKind, TEXT_CAP},
 };
 
-use crate::events::{EVENTS, armed, count_loss, current_task, header, submit_flags};
+use crate::events::{EVENTS, armed, count_loss, current_task, put, submit_flags, write_header};
 
 /// Where a string of a hit comes from.
 pub enum Text<'a> {
@@ -85,12 +85,20 @@ pub fn emit_event(
     // SAFETY: the reservation is sized and aligned for a MarkerEvent; every field that
     // user space reads is written below before submit.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    event.header = header(Source::Marker, kind as u32, (pid, tid), ts_ns);
-    event.request_id = request_id;
-    event.values = values;
-    event.read_failed = 0;
+    write_header(
+        &mut event.header,
+        Source::Marker,
+        kind as u32,
+        (pid, tid),
+        ts_ns,
+    );
+    put(&mut event.request_id, request_id);
+    put(&mut event.values[0], values[0]);
+    put(&mut event.values[1], values[1]);
+    put(&mut event.read_failed, 0);
+    put(&mut event._reserved, 0);
     for (slot, text) in texts.iter().enumerate() {
-        event.text_len[slot] = 0;
+        put(&mut event.text_len[slot], 0);
         let buffer = &mut event.text[slot];
         match *text {
             Text::None => {}

@@ -24,7 +24,8 @@ use probe_common::{
 };
 
 use crate::events::{
-    EVENTS, armed, count, count_loss, current_syscall, current_task, header, submit_flags, traced,
+    EVENTS, armed, count, count_loss, current_syscall, current_task, put, submit_flags, traced,
+    write_header, zero_words,
 };
 use probe_common::socket::socket_key;
 
@@ -264,8 +265,8 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     if direction == DIRECTION_SEND {
         event.header.ts_ns = io.enter_ns;
     }
-    event.ready_ns = ready_ns;
-    event.last_ready_ns = last_ready_ns;
+    put(&mut event.ready_ns, ready_ns);
+    put(&mut event.last_ready_ns, last_ready_ns);
     event.bytes = bytes as u32;
     if capture {
         event.prefix_len = read_prefix(event, &io, bytes as u32);
@@ -337,19 +338,28 @@ pub fn sk_ready(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// A socket record's 8-byte words before its prefix bytes.
+const SOCKET_FIXED_WORDS: usize = {
+    let fixed = core::mem::offset_of!(SocketEvent, prefix);
+    assert!(fixed % 8 == 0);
+    fixed / 8
+};
+
+/// Every field of the record zero (see [`put`]), then who, when and the fd; the caller
+/// writes the rest.
 #[inline(always)]
 fn fill(event: &mut SocketEvent, kind: SocketKind, tgid: u32, tid: u32, fd: i32) {
     // SAFETY: reading the clock has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    event.header = header(Source::Socket, kind as u32, (tgid, tid), now);
-    event.ready_ns = 0;
-    event.last_ready_ns = 0;
-    event.fd = fd;
-    event.bytes = 0;
-    event.local = WireEndpoint::ZERO;
-    event.remote = WireEndpoint::ZERO;
-    event.prefix_len = 0;
-    event._reserved = 0;
+    zero_words::<_, SOCKET_FIXED_WORDS>(event);
+    write_header(
+        &mut event.header,
+        Source::Socket,
+        kind as u32,
+        (tgid, tid),
+        now,
+    );
+    put(&mut event.fd, fd);
 }
 
 /// Copies the first bytes moved by the syscall; returns how many (0 if unreadable).

@@ -16,7 +16,7 @@ use probe_common::{
 };
 
 use crate::{
-    events::{EVENTS, armed, count_loss, current_task, header, submit_flags},
+    events::{EVENTS, armed, count_loss, current_task, put, submit_flags, write_header},
     trap_time::hit_time,
 };
 
@@ -65,10 +65,10 @@ pub fn symbol_return(ctx: RetProbeContext) -> u32 {
     // SAFETY: the reservation is sized and aligned for the event; every field is written
     // before submit.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    event.header = header(Source::Symbol, 0, current_task(), now);
-    event.begin_ns = begin_ns;
-    event.stage = stage;
-    event._reserved = 0;
+    write_header(&mut event.header, Source::Symbol, 0, current_task(), now);
+    put(&mut event.begin_ns, begin_ns);
+    put(&mut event.stage, stage);
+    put(&mut event._reserved, 0);
     entry.submit(submit_flags());
     0
 }
