@@ -49,7 +49,7 @@ impl Setup {
 pub const SECONDS: u64 = 5;
 /// Requests in flight at saturation.
 const CONCURRENCY: &str = "32";
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 /// One set-up's medians over the rounds.
 #[derive(Clone, Copy, Debug, Default)]
@@ -60,8 +60,10 @@ pub struct Figures {
     /// At a fixed rate (a quarter of A's saturation): latency percentiles (µs).
     pub p50_us: f64,
     pub p99_us: f64,
-    /// Largest minus smallest p99 over the rounds: what the p99 comparisons can resolve.
+    /// Largest minus smallest p99 and CPU per request over the rounds: what comparisons
+    /// of the medians can resolve.
     pub p99_spread_us: f64,
+    pub cpu_spread_us: f64,
     /// Events brokerprobe received per request (its exit report; B and C only).
     pub events_per_request: f64,
 }
@@ -170,13 +172,17 @@ pub fn run(bins: &Path) -> Result<Overhead> {
         .map(|(setup, rounds)| {
             let pick =
                 |f: fn(&Figures) -> f64| median(&mut rounds.iter().map(f).collect::<Vec<_>>());
+            let spread = |f: fn(&Figures) -> f64| {
+                rounds.iter().map(f).fold(f64::MIN, f64::max)
+                    - rounds.iter().map(f).fold(f64::MAX, f64::min)
+            };
             let figures = Figures {
                 rps: pick(|f| f.rps),
                 cpu_us: pick(|f| f.cpu_us),
                 p50_us: pick(|f| f.p50_us),
                 p99_us: pick(|f| f.p99_us),
-                p99_spread_us: rounds.iter().map(|f| f.p99_us).fold(f64::MIN, f64::max)
-                    - rounds.iter().map(|f| f.p99_us).fold(f64::MAX, f64::min),
+                p99_spread_us: spread(|f| f.p99_us),
+                cpu_spread_us: spread(|f| f.cpu_us),
                 events_per_request: pick(|f| f.events_per_request),
             };
             (setup, figures)
@@ -371,19 +377,50 @@ fn events_per_request(lines: &[String]) -> Result<f64> {
     Ok(number("events ")? / number("requests ")?.max(1.0))
 }
 
-/// The same histograms brokerprobe keeps, the bpftrace way: per-stage and per-request
-/// durations from the markers' begin/end hits, keyed by request id.
+/// The histograms brokerprobe keeps, the bpftrace way, from the same markers B probes:
+/// per-stage and per-request durations by model (and provider, status), time to first
+/// byte, token counts and chunks per request, keyed by request id while it is open.
 fn bpftrace_script(pid: &str) -> String {
     let exe = format!("/proc/{pid}/exe");
-    format!(
-        "uprobe:{exe}:brokerprobe_v1_request_begin {{ @request_begin[arg0] = nsecs; }}\n\
-         uprobe:{exe}:brokerprobe_v1_request_end /@request_begin[arg0]/ {{ \
-            @request = hist(nsecs - @request_begin[arg0]); delete(@request_begin[arg0]); }}\n\
-         uprobe:{exe}:brokerprobe_v1_stage_begin {{ @stage_begin[arg0, arg1] = nsecs; }}\n\
-         uprobe:{exe}:brokerprobe_v1_stage_end /@stage_begin[arg0, arg1]/ {{ \
-            @stage[arg1] = hist(nsecs - @stage_begin[arg0, arg1]); \
-            delete(@stage_begin[arg0, arg1]); }}\n"
-    )
+    let probe = |marker: &str| format!("uprobe:{exe}:brokerprobe_v1_{marker}");
+    [
+        format!(
+            "{} {{ @begin[arg0] = nsecs; @model[arg0] = str(arg1, arg2); }}",
+            probe("request_begin")
+        ),
+        format!(
+            "{} {{ @provider[arg0] = str(arg1, arg2); }}",
+            probe("provider")
+        ),
+        format!(
+            "{} {{ @stage_begin[arg0, arg1] = nsecs; }}",
+            probe("stage_begin")
+        ),
+        format!(
+            "{} /@stage_begin[arg0, arg1]/ {{ \
+             @stage[arg1, @model[arg0]] = hist(nsecs - @stage_begin[arg0, arg1]); \
+             delete(@stage_begin[arg0, arg1]); }}",
+            probe("stage_end")
+        ),
+        format!(
+            "{} /@begin[arg0]/ {{ @ttfb[@model[arg0]] = hist(nsecs - @begin[arg0]); }}",
+            probe("first_byte")
+        ),
+        format!("{} {{ @chunks[arg0]++; }}", probe("chunk")),
+        format!(
+            "{} {{ @input_tokens[@model[arg0]] = hist(arg1); \
+             @output_tokens[@model[arg0]] = hist(arg2); }}",
+            probe("token_usage")
+        ),
+        format!(
+            "{} /@begin[arg0]/ {{ \
+             @request[@model[arg0], @provider[arg0], arg1] = hist(nsecs - @begin[arg0]); \
+             @chunks_per_request = hist(@chunks[arg0]); delete(@begin[arg0]); \
+             delete(@model[arg0]); delete(@provider[arg0]); delete(@chunks[arg0]); }}",
+            probe("request_end")
+        ),
+    ]
+    .join("\n")
 }
 
 /// Runs the load generator; returns its summary line.
