@@ -191,11 +191,11 @@ fn overhead_section(doc: &mut String, o: &overhead::Overhead) {
         "\nD is `cargo build -p demo-broker --features inprocess` (tracing spans per request \
          and stage through tracing-opentelemetry and the OTel SDK batch exporter over \
          OTLP/HTTP, and a Prometheus registry); E is bpftrace 0.17 with uprobes on the eight \
-         markers B probes (the bench raises their semaphore for it), keeping what \
-         brokerprobe's histograms keep: per-stage and per-request durations by model \
-         (provider, status), time to first byte, token counts and chunks per request, each \
-         request's model and provider read from the broker's memory as brokerprobe reads \
-         them. C and D export their spans to `trace-store` (the tests' OTLP receiver).\n",
+         markers B hits under this load (all but `fallback`; the bench raises their \
+         semaphore for it), keeping what brokerprobe's histograms keep: per-stage and \
+         per-request durations by model (provider, status), time to first byte, token counts \
+         and chunks per request, each request's model and provider read from the broker's \
+         memory as brokerprobe reads them. C and D export their spans to `trace-store` (the tests' OTLP receiver).\n",
     );
     let _ = write!(
         doc,
@@ -548,9 +548,10 @@ fn findings_section(
          the sock tracepoints take it only while the thread is still in that syscall \
          (section 2's program table shows what the socket programs cost now).\n\
          6. **E made like for like.** E's bpftrace first probed four markers (stage and \
-         request begin and end) and kept two histograms, while B probes eight: E cost the \
-         broker fewer uprobe hits per request than B for less data. It now probes the same \
-         eight markers and keeps the same histograms as brokerprobe (section 2).\n\
+         request begin and end) and kept two histograms, while B probes all nine, eight of \
+         them hit under this load: E cost the broker fewer uprobe hits per request than B, \
+         for less data. It now probes those eight and keeps the same histograms as \
+         brokerprobe (section 2).\n\
          7. **One copy of each span batch.** The export thread copied every batch of spans \
          for each destination; the last one now takes the batch itself, and with one \
          destination (the usual case) nothing is copied.\n\

@@ -377,9 +377,10 @@ fn events_per_request(lines: &[String]) -> Result<f64> {
     Ok(number("events ")? / number("requests ")?.max(1.0))
 }
 
-/// The histograms brokerprobe keeps, the bpftrace way, from the same markers B probes:
-/// per-stage and per-request durations by model (and provider, status), time to first
-/// byte, token counts and chunks per request, keyed by request id while it is open.
+/// The histograms brokerprobe keeps, the bpftrace way, from the markers B hits here (all
+/// but `fallback`, which the load never calls): per-stage and per-request durations by
+/// model (and provider, status), time to first byte, token counts and chunks per request,
+/// keyed by request id while it is open.
 fn bpftrace_script(pid: &str) -> String {
     let exe = format!("/proc/{pid}/exe");
     let probe = |marker: &str| format!("uprobe:{exe}:brokerprobe_v1_{marker}");
