@@ -16,8 +16,8 @@ pub const EVENTS_POLL_MS: u64 = 10;
 /// Processes whose sockets are followed at once.
 pub const MAX_TRACED_PROCESSES: u32 = 64;
 
-/// Threads of traced processes inside a read/write/connect syscall at once. LRU: a thread
-/// that exits inside one is forgotten in time.
+/// Threads of traced processes with a trapped probe hit pending at once. LRU: a thread
+/// that exits meanwhile is forgotten in time.
 pub const MAX_TRACED_THREADS: u32 = 16384;
 
 /// Socket fds of traced processes followed at once (LRU).

@@ -20,7 +20,8 @@ pub enum SocketKind {
     ConnectDone = 3,
     /// The handshake failed (SYN_SENT → CLOSE).
     ConnectFailed = 4,
-    /// Bytes written (`bytes`), any write-family syscall; timestamped at its entry.
+    /// Bytes written (`bytes`), any write-family syscall; timestamped when it began
+    /// sending (Linux ≥ 6.11; before, when it was done).
     Send = 5,
     /// Bytes read (`bytes` > 0), any read-family syscall; timestamped once they are read.
     Recv = 6,

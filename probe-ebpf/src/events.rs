@@ -150,11 +150,25 @@ pub fn user_registers() -> *const pt_regs {
     unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs }
 }
 
-/// The number of the syscall the current task is in (its entry's `orig_ax`).
+/// The syscall the current task is in, as its registers held it at entry.
+#[derive(Clone, Copy)]
+pub struct Syscall {
+    pub nr: u64,
+    pub arg0: u64,
+    pub arg1: u64,
+}
+
+/// The syscall the current task is in: a probe inside one (a socket tracepoint) reads
+/// its number and first two arguments here rather than keeping them from the syscall's
+/// entry, which would take a program on every syscall entry of every process.
 #[inline(always)]
-pub fn current_syscall() -> Option<u64> {
+pub fn current_syscall() -> Option<Syscall> {
+    // x86-64 `struct pt_regs` keeps rsi, rdi and orig_rax side by side: one read.
     // SAFETY: read through the helper, which fails rather than faults.
-    unsafe { bpf_probe_read_kernel(&(*user_registers()).orig_rax) }.ok()
+    let [arg1, arg0, nr] =
+        unsafe { bpf_probe_read_kernel(&raw const (*user_registers()).rsi as *const [u64; 3]) }
+            .ok()?;
+    Some(Syscall { nr, arg0, arg1 })
 }
 
 /// (tgid, tid) of the current task.

@@ -2,21 +2,23 @@
 //!
 //! `sock:sock_send_length`/`sock:sock_recv_length` see every socket read and write with
 //! its byte count, but not the file descriptor; the read/write-family syscall around them
-//! does. So the syscall entry stashes (fd, buffer) per thread, the sock tracepoint joins
-//! it, and the syscall exit clears it. Connects are timed by the TCP state changes
-//! (SYN_SENT in `connect()`, ESTABLISHED in softirq when the SYN-ACK arrives), and
-//! arrivals by `sock:sk_data_ready` (softirq, when received bytes are queued), so a
-//! response's first byte is timed when it came, not when the broker got round to reading it.
+//! does, and its arguments are still in the thread's saved registers. No program runs at
+//! syscall entries: one there would run on every syscall of every process.
+//! `tcp:tcp_sendmsg_locked` marks when a write began, before its bytes left. Connects are
+//! timed by the TCP state changes (SYN_SENT in `connect()`, ESTABLISHED in softirq when
+//! the SYN-ACK arrives), and arrivals by `sock:sk_data_ready` (softirq, when received
+//! bytes are queued), so a response's first byte is timed when it came, not when the
+//! broker got round to reading it.
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_probe_read_user as read_raw},
     macros::{map, tracepoint},
-    maps::LruHashMap,
+    maps::{LruHashMap, PerCpuArray},
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
 use probe_common::{
     event::{Counter, Source},
-    maps::{MAX_CONNECTING, MAX_SOCKET_ADDRESSES, MAX_SOCKETS, MAX_TRACED_THREADS},
+    maps::{MAX_CONNECTING, MAX_SOCKET_ADDRESSES, MAX_SOCKETS},
     socket::{
         DIRECTION_RECV, DIRECTION_SEND, PREFIX_CAP, SocketEvent, SocketKind, SocketState,
         WireEndpoint,
@@ -30,32 +32,43 @@ use crate::events::{
 use probe_common::socket::socket_key;
 
 /// How a syscall passes its buffer: which memory to read a prefix from.
-const SHAPE_PLAIN: u32 = 0;
-const SHAPE_IOVEC: u32 = 1;
-const SHAPE_MSGHDR: u32 = 2;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct IoSyscall {
-    fd: i32,
-    shape: u32,
-    buffer: u64,
-    /// When the syscall began: a write's bytes may reach the peer (and be answered, on
-    /// loopback) before the sock tracepoint after it runs.
-    enter_ns: u64,
-    /// Its number: socket I/O in another syscall (io_uring, sendfile) is not this one's.
-    nr: u64,
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// (fd, buffer, ...)
+    Plain,
+    /// (fd, iovec array, ...)
+    Iovec,
+    /// (fd, msghdr, ...)
+    Msghdr,
 }
 
-/// Thread → the last read/write-family syscall it entered. Not removed at the syscall's
-/// exit (a program run on every exit of every process, for nothing): a data event checks
-/// that the thread is still in that syscall instead.
-#[map]
-static SYSCALL_IO: LruHashMap<u32, IoSyscall> = LruHashMap::with_max_entries(MAX_TRACED_THREADS, 0);
+/// x86-64 syscall numbers.
+mod nr {
+    pub const READ: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const READV: u64 = 19;
+    pub const WRITEV: u64 = 20;
+    pub const CONNECT: u64 = 42;
+    pub const SENDTO: u64 = 44;
+    pub const RECVFROM: u64 = 45;
+    pub const SENDMSG: u64 = 46;
+    pub const RECVMSG: u64 = 47;
+}
 
-/// Thread → the fd it is connecting.
-#[map]
-static CONNECT_FD: LruHashMap<u32, i32> = LruHashMap::with_max_entries(MAX_TRACED_THREADS, 0);
+/// The read/write-family syscalls whose socket I/O is followed, by direction, and how
+/// each passes its buffer. Socket I/O in any other (io_uring, sendfile, sendmmsg) is
+/// counted, not followed.
+#[inline(always)]
+fn io_shape(syscall: u64, direction: u32) -> Option<Shape> {
+    match (direction, syscall) {
+        (DIRECTION_SEND, nr::WRITE | nr::SENDTO) | (DIRECTION_RECV, nr::READ | nr::RECVFROM) => {
+            Some(Shape::Plain)
+        }
+        (DIRECTION_SEND, nr::WRITEV) | (DIRECTION_RECV, nr::READV) => Some(Shape::Iovec),
+        (DIRECTION_SEND, nr::SENDMSG) | (DIRECTION_RECV, nr::RECVMSG) => Some(Shape::Msghdr),
+        _ => None,
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -89,9 +102,7 @@ const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 
 /// Tracepoint field offsets (from /sys/kernel/tracing/events/*/format, stable ABI).
-const SYSCALL_NR: usize = 8;
 const SYSCALL_ARG0: usize = 16;
-const SYSCALL_ARG1: usize = 24;
 const SYSCALL_RET: usize = 16;
 
 #[inline(always)]
@@ -101,55 +112,57 @@ fn field<T>(ctx: &TracePointContext, offset: usize) -> Option<T> {
     unsafe { ctx.read_at::<T>(offset) }.ok()
 }
 
-#[inline(always)]
-fn stash_io(ctx: &TracePointContext, shape: u32) -> u32 {
+/// When a thread's write began sending: slot 0 per CPU.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SendStart {
+    /// The writing thread; 0 once its `sock_send_length` took the time.
+    tid: u32,
+    _pad: u32,
+    ns: u64,
+}
+
+/// Per CPU: the last write of a traced thread that began sending and is not yet done. Per
+/// CPU rather than per socket: no hashing in a program that runs on every TCP write of
+/// every process. A thread moved to another CPU inside the write finds another thread's
+/// slot, and its write is timed when done.
+#[map]
+static SEND_STARTS: PerCpuArray<SendStart> = PerCpuArray::with_max_entries(1, 0);
+
+/// A thread of a traced process began sending on a TCP socket (`tcp:tcp_sendmsg_locked`,
+/// once per segment it fills): remember when, for its `sock_send_length`, which runs only
+/// once the bytes have left and may already have been answered (on loopback).
+#[tracepoint]
+pub fn send_begin(_ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_task();
     if !traced(tgid) {
         return 0;
     }
-    let (Some(nr), Some(fd), Some(buffer)) = (
-        field::<i32>(ctx, SYSCALL_NR),
-        field::<u64>(ctx, SYSCALL_ARG0),
-        field::<u64>(ctx, SYSCALL_ARG1),
-    ) else {
-        return 0;
-    };
-    let io = IoSyscall {
-        fd: fd as i32,
-        shape,
-        buffer,
-        // SAFETY: reading the clock has no preconditions.
-        enter_ns: unsafe { bpf_ktime_get_ns() },
-        nr: nr as u64,
-    };
-    // Overwritten in place: an LRU insert would take a new node and the LRU's lock.
-    match SYSCALL_IO.get_ptr_mut(&tid) {
-        // SAFETY: a map value stays valid while this program runs; only this thread
-        // writes or reads its entry.
-        Some(entry) => unsafe { *entry = io },
-        None => {
-            let _ = SYSCALL_IO.insert(&tid, &io, 0);
+    if let Some(slot) = SEND_STARTS.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; programs on this CPU use it one at a time.
+        let slot = unsafe { &mut *slot };
+        // Later segments of the same write keep its start.
+        if slot.tid != tid {
+            slot.tid = tid;
+            // SAFETY: reading the clock has no preconditions.
+            slot.ns = unsafe { bpf_ktime_get_ns() };
         }
     }
     0
 }
 
-/// `read`, `write`, `recvfrom`, `sendto`: (fd, buffer, ...).
-#[tracepoint]
-pub fn io_enter_plain(ctx: TracePointContext) -> u32 {
-    stash_io(&ctx, SHAPE_PLAIN)
-}
-
-/// `readv`, `writev`: (fd, iovec array, ...).
-#[tracepoint]
-pub fn io_enter_iovec(ctx: TracePointContext) -> u32 {
-    stash_io(&ctx, SHAPE_IOVEC)
-}
-
-/// `recvmsg`, `sendmsg`: (fd, msghdr, ...).
-#[tracepoint]
-pub fn io_enter_msghdr(ctx: TracePointContext) -> u32 {
-    stash_io(&ctx, SHAPE_MSGHDR)
+/// When the current thread's write began sending, if `send_begin` saw it on this CPU;
+/// taken, so that the next write is not timed from it.
+#[inline(always)]
+fn take_send_start(tid: u32) -> Option<u64> {
+    let slot = SEND_STARTS.get_ptr_mut(0)?;
+    // SAFETY: as in send_begin.
+    let slot = unsafe { &mut *slot };
+    if slot.tid != tid {
+        return None;
+    }
+    slot.tid = 0;
+    Some(slot.ns)
 }
 
 #[tracepoint]
@@ -189,17 +202,21 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     let protocol = field::<u16>(ctx, SOCK_PROTOCOL).unwrap_or(0);
     let bytes = field::<i32>(ctx, SOCK_RET).unwrap_or(0);
     let flags = field::<i32>(ctx, SOCK_FLAGS).unwrap_or(0);
-    if (family != AF_INET && family != AF_INET6) || protocol != IPPROTO_TCP || bytes <= 0 {
+    if (family != AF_INET && family != AF_INET6) || protocol != IPPROTO_TCP {
         return 0;
     }
-    if direction == DIRECTION_RECV && flags & MSG_PEEK != 0 {
+    // Taken even from a failed write, so that the next one is not timed from it.
+    let send_start_ns = if direction == DIRECTION_SEND {
+        take_send_start(tid)
+    } else {
+        None
+    };
+    if bytes <= 0 || (direction == DIRECTION_RECV && flags & MSG_PEEK != 0) {
         return 0;
     }
-    // SAFETY: copied out at once; the entry may be replaced by another syscall of ours.
-    let io = (unsafe { SYSCALL_IO.get(&tid) })
-        .copied()
-        .filter(|io| current_syscall() == Some(io.nr));
-    let Some(io) = io else {
+    let syscall = current_syscall();
+    let shape = syscall.and_then(|syscall| io_shape(syscall.nr, direction));
+    let (Some(syscall), Some(shape)) = (syscall, shape) else {
         if armed() && count(Counter::SocketIoWithoutSyscall) == 0 {
             warn!(
                 ctx,
@@ -208,7 +225,8 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
         }
         return 0;
     };
-    let key = socket_key(tgid, io.fd);
+    let fd = syscall.arg0 as i32;
+    let key = socket_key(tgid, fd);
     let Some(state) = socket_state(key) else {
         return 0;
     };
@@ -230,6 +248,10 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     if capture {
         state.captured = (captured + bytes as u32).min(PREFIX_CAP as u32);
     }
+    // SAFETY: reading the clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Without tcp:tcp_sendmsg_locked (Linux < 6.11), a write is timed once it is done.
+    let ts_ns = send_start_ns.unwrap_or(now);
     let (ready_ns, last_ready_ns) = if direction == DIRECTION_RECV {
         // Bytes left from an earlier arrival (the previous read took only part) came no
         // later than the latest arrival.
@@ -241,7 +263,7 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
         (first, state.last_ready_ns)
     } else {
         // Bytes ready before a new request began cannot answer it.
-        if new_message && state.ready_ns != 0 && state.ready_ns < io.enter_ns {
+        if new_message && state.ready_ns != 0 && state.ready_ns < ts_ns {
             state.ready_ns = 0;
         }
         (0, 0)
@@ -261,15 +283,12 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     // SAFETY: the reservation is sized and aligned for a SocketEvent; every field user
     // space reads is written before submit.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    fill(event, kind, tgid, tid, io.fd);
-    if direction == DIRECTION_SEND {
-        event.header.ts_ns = io.enter_ns;
-    }
+    fill(event, kind, (tgid, tid), fd, ts_ns);
     put(&mut event.ready_ns, ready_ns);
     put(&mut event.last_ready_ns, last_ready_ns);
     event.bytes = bytes as u32;
     if capture {
-        event.prefix_len = read_prefix(event, &io, bytes as u32);
+        event.prefix_len = read_prefix(event, shape, syscall.arg1, bytes as u32);
     }
     entry.submit(submit_flags());
     0
@@ -348,33 +367,25 @@ const SOCKET_FIXED_WORDS: usize = {
 /// Every field of the record zero (see [`put`]), then who, when and the fd; the caller
 /// writes the rest.
 #[inline(always)]
-fn fill(event: &mut SocketEvent, kind: SocketKind, tgid: u32, tid: u32, fd: i32) {
-    // SAFETY: reading the clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+fn fill(event: &mut SocketEvent, kind: SocketKind, task: (u32, u32), fd: i32, ts_ns: u64) {
     zero_words::<_, SOCKET_FIXED_WORDS>(event);
-    write_header(
-        &mut event.header,
-        Source::Socket,
-        kind as u32,
-        (tgid, tid),
-        now,
-    );
+    write_header(&mut event.header, Source::Socket, kind as u32, task, ts_ns);
     put(&mut event.fd, fd);
 }
 
 /// Copies the first bytes moved by the syscall; returns how many (0 if unreadable).
 #[inline(always)]
-fn read_prefix(event: &mut SocketEvent, io: &IoSyscall, moved: u32) -> u32 {
-    let (start, available) = match io.shape {
-        SHAPE_PLAIN => (io.buffer, moved as u64),
-        SHAPE_IOVEC => match first_iovec(io.buffer) {
+fn read_prefix(event: &mut SocketEvent, shape: Shape, buffer: u64, moved: u32) -> u32 {
+    let (start, available) = match shape {
+        Shape::Plain => (buffer, moved as u64),
+        Shape::Iovec => match first_iovec(buffer) {
             Some(iov) => iov,
             None => return 0,
         },
-        SHAPE_MSGHDR => {
+        Shape::Msghdr => {
             // struct msghdr: msg_name, msg_namelen (+pad), msg_iov at 16.
             // SAFETY: a user pointer read by the helper, which cannot fault.
-            match unsafe { bpf_probe_read_user((io.buffer + 16) as *const u64) } {
+            match unsafe { bpf_probe_read_user((buffer + 16) as *const u64) } {
                 Ok(iov) => match first_iovec(iov) {
                     Some(iov) => iov,
                     None => return 0,
@@ -382,7 +393,6 @@ fn read_prefix(event: &mut SocketEvent, io: &IoSyscall, moved: u32) -> u32 {
                 Err(_) => return 0,
             }
         }
-        _ => return 0,
     };
     let mut len = available.min(moved as u64) as u32;
     if len > PREFIX_CAP as u32 {
@@ -438,7 +448,8 @@ fn emit(
     };
     // SAFETY: as in on_data.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    fill(event, kind, tgid, tid, fd);
+    // SAFETY: reading the clock has no preconditions.
+    fill(event, kind, (tgid, tid), fd, unsafe { bpf_ktime_get_ns() });
     if let Some((local, remote)) = endpoints {
         event.local = local;
         event.remote = remote;
@@ -461,27 +472,6 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
     let key = socket_key(tgid, fd as i32);
     let _ = SOCKETS.insert(&key, &SocketState::NEW, 0);
     emit(&ctx, SocketKind::Accept, tgid, tid, fd as i32, None)
-}
-
-#[tracepoint]
-pub fn connect_enter(ctx: TracePointContext) -> u32 {
-    let (tgid, tid) = current_task();
-    if !traced(tgid) {
-        return 0;
-    }
-    if let Some(fd) = field::<u64>(&ctx, SYSCALL_ARG0) {
-        let _ = CONNECT_FD.insert(&tid, &(fd as i32), 0);
-    }
-    0
-}
-
-#[tracepoint]
-pub fn connect_exit(_ctx: TracePointContext) -> u32 {
-    let (tgid, tid) = current_task();
-    if traced(tgid) {
-        let _ = CONNECT_FD.remove(&tid);
-    }
-    0
 }
 
 /// sock:inet_sock_set_state fields.
@@ -515,10 +505,10 @@ pub fn tcp_state(ctx: TracePointContext) -> u32 {
         if !traced(tgid) {
             return 0;
         }
-        // SAFETY: copied out at once.
-        let Some(fd) = (unsafe { CONNECT_FD.get(&tid) }).copied() else {
+        let Some(syscall) = current_syscall().filter(|syscall| syscall.nr == nr::CONNECT) else {
             return 0;
         };
+        let fd = syscall.arg0 as i32;
         let _ = CONNECTING.insert(&sk, &Connecting { tgid, fd }, 0);
         let key = socket_key(tgid, fd);
         let state = SocketState {

@@ -48,43 +48,38 @@ const TRAP_PREEMPTED: (&str, &str, &str) = ("trap_preempted", "sched", "sched_sw
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
 
 /// Socket tracepoints: (program, category, tracepoints). docs/sockets.md says why each.
+/// None is a syscall tracepoint: with one attached, every syscall of every process takes
+/// the kernel's slower path.
 const SOCKET_TRACEPOINTS: &[(&str, &str, &[&str])] = &[
-    (
-        "io_enter_plain",
-        "syscalls",
-        &[
-            "sys_enter_read",
-            "sys_enter_write",
-            "sys_enter_recvfrom",
-            "sys_enter_sendto",
-        ],
-    ),
-    (
-        "io_enter_iovec",
-        "syscalls",
-        &["sys_enter_readv", "sys_enter_writev"],
-    ),
-    (
-        "io_enter_msghdr",
-        "syscalls",
-        &["sys_enter_recvmsg", "sys_enter_sendmsg"],
-    ),
     (
         "accept_exit",
         "syscalls",
         &["sys_exit_accept", "sys_exit_accept4"],
     ),
-    ("connect_enter", "syscalls", &["sys_enter_connect"]),
-    ("connect_exit", "syscalls", &["sys_exit_connect"]),
     ("close_enter", "syscalls", &["sys_enter_close"]),
     ("tcp_state", "sock", &["inet_sock_set_state"]),
     ("sock_send", "sock", &["sock_send_length"]),
     ("sock_recv", "sock", &["sock_recv_length"]),
 ];
 
-/// When response bytes arrive (docs/sockets.md). Linux 6.3 added this tracepoint; without
-/// it, responses are timed when the broker reads them, and each such read is counted.
-const ARRIVAL_TRACEPOINT: (&str, &str, &str) = ("sk_ready", "sock", "sk_data_ready");
+/// Socket tracepoints newer kernels have: (program, category, tracepoint, the kernel
+/// that added it, what is lost without it).
+const OPTIONAL_SOCKET_TRACEPOINTS: [(&str, &str, &str, &str, &str); 2] = [
+    (
+        "sk_ready",
+        "sock",
+        "sk_data_ready",
+        "6.3",
+        "upstream responses are timed when the broker reads them, not when they arrive",
+    ),
+    (
+        "send_begin",
+        "tcp",
+        "tcp_sendmsg_locked",
+        "6.11",
+        "writes are timed when they are done, not when they began",
+    ),
+];
 
 /// What loading yields: the probes, and the maps they write, which outlive them so that
 /// what was written before the detach can still be read.
@@ -459,17 +454,18 @@ fn attach_socket_tracepoints(ebpf: &mut Ebpf) -> Result<u32> {
             attached += 1;
         }
     }
-    let (program_name, category, name) = ARRIVAL_TRACEPOINT;
-    let arrivals = program::<TracePoint>(ebpf, program_name)?;
-    arrivals
-        .load()
-        .with_context(|| format!("loading eBPF program {program_name}"))?;
-    match arrivals.attach(category, name) {
-        Ok(_) => attached += 1,
-        Err(e) => log::warn!(
-            "no tracepoint {category}:{name} ({e}; it needs Linux 6.3 or later): upstream \
-             responses are timed when the broker reads them, not when they arrive"
-        ),
+    for (program_name, category, name, since, without) in OPTIONAL_SOCKET_TRACEPOINTS {
+        let tracepoint = program::<TracePoint>(ebpf, program_name)?;
+        tracepoint
+            .load()
+            .with_context(|| format!("loading eBPF program {program_name}"))?;
+        match tracepoint.attach(category, name) {
+            Ok(_) => attached += 1,
+            Err(e) => log::warn!(
+                "no tracepoint {category}:{name} ({e}; it needs Linux {since} or later): \
+                 {without}"
+            ),
+        }
     }
     log::debug!("attached {attached} socket tracepoints");
     Ok(attached)
