@@ -4,6 +4,7 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result};
+use probe_common::marker::{MARKER_SYMBOL_PREFIX, MarkerKind};
 
 use super::run::{Service, attached_brokerprobe, set_semaphore};
 use crate::cargo;
@@ -81,8 +82,9 @@ pub fn attached(bins: &Path) -> Result<Attached> {
     let mut load = start()?;
     set_semaphore(load.pid(), 1)?;
     let pid = load.pid().to_string();
+    let chunk = MarkerKind::Chunk.symbol_suffix();
     let script = format!(
-        "uprobe:/proc/{pid}/exe:brokerprobe_v1_chunk {{ @marker = count(); }} \
+        "uprobe:/proc/{pid}/exe:{MARKER_SYMBOL_PREFIX}{chunk} {{ @marker = count(); }} \
          uprobe:/proc/{pid}/exe:plain_function {{ @plain = count(); }}"
     );
     let mut bpftrace = Service::start(

@@ -204,8 +204,8 @@ fn overhead_section(doc: &mut String, o: &overhead::Overhead) {
          statistics on (`BPF_ENABLE_STATS`, through aya; off during the rounds above, as it \
          adds a clock read per run): each of brokerprobe's programs' run count and run time, \
          per request served. This is the programs' own time, without the uprobe trap or \
-         tracepoint around them; the socket tracepoints run for every process's syscalls and \
-         arrivals (the load generator's and the upstream's stop at the process filter).\n\n\
+         tracepoint around them; the socket tracepoints run for every process's TCP reads, \
+         writes and arrivals (the load generator's and the upstream's stop at the process filter).\n\n\
          | program | family | runs per request | ns per run | kernel µs per request |\n\
          |---|---|---|---|---|\n",
         overhead::SECONDS
@@ -483,9 +483,9 @@ fn findings_section(
          same markers: {:+.1} µs). In C the marker programs themselves ran {:.1} µs per request \
          (section 2, by program).\n\
          - **Socket tracepoints.** C received {:.1} events per request and cost the broker \
-         {:+.1} µs per request more than B: every read, write, send and receive of the broker \
-         passes a syscall tracepoint at entry (to learn the fd and buffer) and a \
-         socket-layer one, and each arrival the kernel's `sk_data_ready` hook. The socket \
+         {:+.1} µs per request more than B: every read and write of the broker on a TCP \
+         socket passes a socket-layer tracepoint (writes a second one, where they begin \
+         sending), and each arrival the kernel's `sk_data_ready` hook. The socket \
          programs ran {:.1} µs of kernel time per request, over all processes (the dearest: \
          {}).\n\
          - **brokerprobe's own CPU.** {} \

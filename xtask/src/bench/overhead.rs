@@ -17,6 +17,7 @@ use aya::{
     programs::loaded_programs,
     sys::{Stats, enable_stats},
 };
+use probe_common::marker::{MARKER_SYMBOL_PREFIX, MarkerKind};
 
 use super::run::{
     Service, attached_brokerprobe, cpu_time, field, listening, median, set_semaphore,
@@ -76,8 +77,8 @@ pub struct Overhead {
 }
 
 /// One of brokerprobe's eBPF programs in set-up C at the fixed rate. Its runs include
-/// every process's events that reach it (the load generator's and the upstream's
-/// syscalls pass the socket tracepoints too, and stop at the process filter).
+/// every process's events that reach it (the load generator's and the upstream's TCP
+/// reads and writes pass the socket tracepoints too, and stop at the process filter).
 pub struct ProgramCost {
     pub name: String,
     pub runs_per_request: f64,
@@ -383,42 +384,47 @@ fn events_per_request(lines: &[String]) -> Result<f64> {
 /// keyed by request id while it is open.
 fn bpftrace_script(pid: &str) -> String {
     let exe = format!("/proc/{pid}/exe");
-    let probe = |marker: &str| format!("uprobe:{exe}:brokerprobe_v1_{marker}");
+    let probe = |marker: MarkerKind| {
+        format!(
+            "uprobe:{exe}:{MARKER_SYMBOL_PREFIX}{}",
+            marker.symbol_suffix()
+        )
+    };
     [
         format!(
             "{} {{ @begin[arg0] = nsecs; @model[arg0] = str(arg1, arg2); }}",
-            probe("request_begin")
+            probe(MarkerKind::RequestBegin)
         ),
         format!(
             "{} {{ @provider[arg0] = str(arg1, arg2); }}",
-            probe("provider")
+            probe(MarkerKind::Provider)
         ),
         format!(
             "{} {{ @stage_begin[arg0, arg1] = nsecs; }}",
-            probe("stage_begin")
+            probe(MarkerKind::StageBegin)
         ),
         format!(
             "{} /@stage_begin[arg0, arg1]/ {{ \
              @stage[arg1, @model[arg0]] = hist(nsecs - @stage_begin[arg0, arg1]); \
              delete(@stage_begin[arg0, arg1]); }}",
-            probe("stage_end")
+            probe(MarkerKind::StageEnd)
         ),
         format!(
             "{} /@begin[arg0]/ {{ @ttfb[@model[arg0]] = hist(nsecs - @begin[arg0]); }}",
-            probe("first_byte")
+            probe(MarkerKind::FirstByte)
         ),
-        format!("{} {{ @chunks[arg0]++; }}", probe("chunk")),
+        format!("{} {{ @chunks[arg0]++; }}", probe(MarkerKind::Chunk)),
         format!(
             "{} {{ @input_tokens[@model[arg0]] = hist(arg1); \
              @output_tokens[@model[arg0]] = hist(arg2); }}",
-            probe("token_usage")
+            probe(MarkerKind::TokenUsage)
         ),
         format!(
             "{} /@begin[arg0]/ {{ \
              @request[@model[arg0], @provider[arg0], arg1] = hist(nsecs - @begin[arg0]); \
              @chunks_per_request = hist(@chunks[arg0]); delete(@begin[arg0]); \
              delete(@model[arg0]); delete(@provider[arg0]); delete(@chunks[arg0]); }}",
-            probe("request_end")
+            probe(MarkerKind::RequestEnd)
         ),
     ]
     .join("\n")

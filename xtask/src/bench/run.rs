@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use probe_common::marker::SEMAPHORE_SYMBOL;
 
 /// `brokerprobe attach --pid PID --metrics-addr 127.0.0.1:0 EXTRA...`, once attached;
 /// `brokerprobe` runs it (directly, or under `taskset`).
@@ -177,16 +178,16 @@ pub fn median(samples: &mut [f64]) -> f64 {
 }
 
 /// Switches a broker's markers on (1) or off (0) for a tool that does not know their
-/// semaphore (bpftrace): writes `brokerprobe_v1_semaphore` through /proc/PID/mem.
+/// semaphore (bpftrace): writes [`SEMAPHORE_SYMBOL`] through /proc/PID/mem.
 pub fn set_semaphore(pid: u32, value: u16) -> Result<()> {
     use std::io::{Seek as _, SeekFrom};
     let exe = format!("/proc/{pid}/exe");
     let symbols = Command::new("nm").arg(&exe).output().context("nm")?;
     let vaddr = String::from_utf8_lossy(&symbols.stdout)
         .lines()
-        .find(|l| l.ends_with(" brokerprobe_v1_semaphore"))
+        .find(|l| l.split(' ').next_back() == Some(SEMAPHORE_SYMBOL))
         .and_then(|l| u64::from_str_radix(l.split(' ').next()?, 16).ok())
-        .context("no brokerprobe_v1_semaphore")?;
+        .with_context(|| format!("no {SEMAPHORE_SYMBOL} in {exe}"))?;
     // A PIE's first mapping (file offset 0) is where its address 0 was loaded.
     let path = std::fs::read_link(&exe)?;
     let base = std::fs::read_to_string(format!("/proc/{pid}/maps"))?
