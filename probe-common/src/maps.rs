@@ -13,8 +13,9 @@ pub const EVENTS_WAKEUP_BYTES: u32 = EVENTS_BYTES / 8;
 /// How often user space drains the ring buffer when no probe woke it.
 pub const EVENTS_POLL_MS: u64 = 10;
 
-/// Processes whose sockets are followed at once.
-pub const MAX_TRACED_PROCESSES: u32 = 64;
+/// Words of the traced-process bitmap: one bit for each PID Linux can hand out
+/// (`PID_MAX_LIMIT`, 4 Mi on 64-bit), 512 KiB.
+pub const TRACED_PROCESS_WORDS: u32 = (1 << 22) / 64;
 
 /// Threads of traced processes with a trapped probe hit pending at once. LRU: a thread
 /// that exits meanwhile is forgotten in time.

@@ -8,23 +8,26 @@ use aya_ebpf::{
         generated::bpf_task_pt_regs,
     },
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
 };
 use probe_common::{
     event::{Counter, EventHeader, Source},
-    maps::{EVENTS_BYTES, EVENTS_WAKEUP_BYTES, MAX_TRACED_PROCESSES},
+    maps::{EVENTS_BYTES, EVENTS_WAKEUP_BYTES, TRACED_PROCESS_WORDS},
 };
 
-/// tgid → 1 for each process brokerprobe follows (written by user space).
+/// One bit per PID, set for each process brokerprobe follows (written by user space). A
+/// bitmap, not a hash: every socket tracepoint of every process tests it first, and an
+/// array lookup is one load where a hash lookup hashes and walks a bucket.
 #[map]
-static TRACED_PROCESSES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TRACED_PROCESSES, 0);
+static TRACED_PROCESSES: Array<u64> = Array::with_max_entries(TRACED_PROCESS_WORDS, 0);
 
 /// Whether brokerprobe follows process `tgid`: probes on events of every process (socket
 /// and scheduler tracepoints) test it first.
 #[inline(always)]
 pub fn traced(tgid: u32) -> bool {
-    // SAFETY: the value is only tested for presence.
-    unsafe { TRACED_PROCESSES.get(&tgid).is_some() }
+    TRACED_PROCESSES
+        .get(tgid / 64)
+        .is_some_and(|word| word & (1 << (tgid % 64)) != 0)
 }
 
 #[map]

@@ -99,8 +99,8 @@ pub struct Session {
 pub struct Probes {
     ebpf: Ebpf,
     armed: Array<MapData, u32>,
-    /// The socket probes' process filter.
-    traced: HashMap<MapData, u32, u8>,
+    /// The socket probes' process filter: one bit per PID.
+    traced: Array<MapData, u64>,
     sockets: HashMap<MapData, u64, SocketState>,
     /// What each USDT probe site's hits mean, per process.
     usdt_sites: HashMap<MapData, UsdtSite, UsdtSpec>,
@@ -159,7 +159,7 @@ impl Session {
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?)?;
         let sockets_map = HashMap::try_from(take_map(&mut ebpf, "SOCKETS")?)?;
         let armed = Array::try_from(take_map(&mut ebpf, "ARMED")?)?;
-        let traced = HashMap::try_from(take_map(&mut ebpf, "TRACED_PROCESSES")?)?;
+        let traced = Array::try_from(take_map(&mut ebpf, "TRACED_PROCESSES")?)?;
         let usdt_sites = HashMap::try_from(take_map(&mut ebpf, "USDT_SITES")?)?;
         let programs = MarkerKind::ALL.map(MarkerKind::symbol_suffix);
         for name in programs
@@ -201,9 +201,8 @@ impl Probes {
     /// Starts following `target`: its sockets, and its `stages`. Returns the uprobes
     /// attached. On failure nothing of it stays attached.
     pub fn add(&mut self, target: &Target, stages: &Stages) -> Result<u32> {
-        self.traced
-            .insert(target.pid, 1, 0)
-            .context("registering the PID with the socket probes (64 processes at most)")?;
+        self.set_traced(target.pid, true)
+            .context("registering the PID with the socket probes")?;
         self.processes.insert(
             target.pid,
             ProcessProbes {
@@ -379,8 +378,18 @@ impl Probes {
         }
         let (semaphore, usdt_events) = (process.semaphore, process.usdt_events);
         std::thread::spawn(move || drop((links, semaphore, usdt_events)));
-        // A dead process's entry may already be gone: nothing to say then.
-        let _ = self.traced.remove(&pid);
+        if let Err(e) = self.set_traced(pid, false) {
+            log::warn!("PID {pid} stays in the socket probes' filter: {e:#}");
+        }
+    }
+
+    /// Sets or clears `pid`'s bit in the socket probes' process filter.
+    fn set_traced(&mut self, pid: u32, on: bool) -> Result<()> {
+        let (index, bit) = (pid / 64, 1u64 << (pid % 64));
+        let word = self.traced.get(&index, 0)?;
+        let word = if on { word | bit } else { word & !bit };
+        self.traced.set(index, word, 0)?;
+        Ok(())
     }
 
     /// Stage uprobes attached (markers, USDT sites, symbol entries and returns), all
