@@ -4,7 +4,7 @@
 //! a request between worker threads. Nothing is dropped silently: every event that cannot
 //! be placed is counted in [`AssemblyStats`].
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 
 use probe_common::marker::Stage;
 

@@ -18,7 +18,7 @@
 //! request with the most votes that still has a free upstream stage — once the votes are
 //! in: when that request ends, or a moment after the exchange itself ends.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use crate::{
     assembly::UpstreamCall,

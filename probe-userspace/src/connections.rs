@@ -10,6 +10,8 @@
 
 use std::{collections::HashMap, net::SocketAddr};
 
+use foldhash::HashMapExt as _;
+
 use probe_common::socket::PREFIX_CAP;
 
 use crate::{
@@ -267,7 +269,7 @@ impl Head {
 }
 
 pub struct Connections {
-    connections: HashMap<(u32, i32), Connection>,
+    connections: foldhash::HashMap<(u32, i32), Connection>,
     names: UpstreamNames,
     resolve: Resolver,
     idle_ns: u64,
@@ -281,7 +283,7 @@ impl Connections {
     /// `idle_ns`: an exchange whose response has been quiet this long is over.
     pub fn new(names: UpstreamNames, idle_ns: u64, resolve: Resolver) -> Self {
         Self {
-            connections: HashMap::new(),
+            connections: foldhash::HashMap::new(),
             names,
             resolve,
             idle_ns,

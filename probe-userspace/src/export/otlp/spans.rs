@@ -2,7 +2,9 @@
 //! by time, upstream calls as CLIENT `chat {model}` spans with the GenAI and socket
 //! attributes, tool executions as `execute_tool {name}`.
 
-use std::{borrow::Cow, collections::HashMap, net::SocketAddr};
+use std::{borrow::Cow, net::SocketAddr};
+
+use foldhash::HashMap;
 
 use opentelemetry::{
     InstrumentationScope, KeyValue, Value,
@@ -410,7 +412,7 @@ mod tests {
             }],
             ..Request::default()
         };
-        let facts = HashMap::from([(
+        let facts: HashMap<u64, CallFacts> = [(
             9,
             CallFacts {
                 upstream: "openai".into(),
@@ -419,7 +421,9 @@ mod tests {
                 response_bytes: 900,
                 ..CallFacts::default()
             },
-        )]);
+        )]
+        .into_iter()
+        .collect();
         let start = TraceStart {
             trace_id: TraceId::from_bytes([1; 16]),
             remote_parent: None,
