@@ -135,12 +135,12 @@ pub fn put<T: Copy>(field: &mut T, value: T) {
     unsafe { core::ptr::write_volatile(field, value) }
 }
 
-/// Zeroes the first `WORDS` 8-byte words of a record as that many stores (see [`put`]).
+/// Zeroes 8-byte words `FIRST..END` of a record as that many stores (see [`put`]).
 #[inline(always)]
-pub fn zero_words<T, const WORDS: usize>(record: &mut T) {
-    const { assert!(WORDS * 8 <= size_of::<T>() && align_of::<T>() >= 8) };
+pub fn zero_words<T, const FIRST: usize, const END: usize>(record: &mut T) {
+    const { assert!(FIRST <= END && END * 8 <= size_of::<T>() && align_of::<T>() >= 8) };
     let words = (record as *mut T).cast::<u64>();
-    for i in 0..WORDS {
+    for i in FIRST..END {
         // SAFETY: within the record and 8-aligned, as the assertion above checks.
         unsafe { words.add(i).write_volatile(0) };
     }

@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use probe_common::{
-    event::{Counter, Source},
+    event::{Counter, EventHeader, Source},
     maps::{MAX_CONNECTING, MAX_SOCKET_ADDRESSES, MAX_SOCKETS},
     socket::{
         DIRECTION_RECV, DIRECTION_SEND, PREFIX_CAP, SocketEvent, SocketKind, SocketState,
@@ -357,18 +357,19 @@ pub fn sk_ready(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// A socket record's 8-byte words before its prefix bytes.
-const SOCKET_FIXED_WORDS: usize = {
+/// A socket record's 8-byte words after its header and before its prefix bytes.
+const SOCKET_BODY_WORDS: (usize, usize) = {
+    let header = core::mem::size_of::<EventHeader>();
     let fixed = core::mem::offset_of!(SocketEvent, prefix);
-    assert!(fixed % 8 == 0);
-    fixed / 8
+    assert!(header % 8 == 0 && fixed % 8 == 0);
+    (header / 8, fixed / 8)
 };
 
-/// Every field of the record zero (see [`put`]), then who, when and the fd; the caller
+/// The header (who, when), every other field zero (see [`put`]) and the fd; the caller
 /// writes the rest.
 #[inline(always)]
 fn fill(event: &mut SocketEvent, kind: SocketKind, task: (u32, u32), fd: i32, ts_ns: u64) {
-    zero_words::<_, SOCKET_FIXED_WORDS>(event);
+    zero_words::<_, { SOCKET_BODY_WORDS.0 }, { SOCKET_BODY_WORDS.1 }>(event);
     write_header(&mut event.header, Source::Socket, kind as u32, task, ts_ns);
     put(&mut event.fd, fd);
 }
