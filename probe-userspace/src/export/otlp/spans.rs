@@ -193,7 +193,8 @@ fn describe(
     // Known stages' names are static: no copy per span.
     let stage_name: Cow<'static, str> = match &stage.id {
         StageId::Known(known) => known.name().into(),
-        id => id.name().to_owned().into(),
+        StageId::Tool(_) => Stage::ToolExecute.name().into(),
+        StageId::Custom(name) => name.clone().into(),
     };
     let mut attributes = vec![KeyValue::new("brokerprobe.stage", stage_name.clone())];
     match &stage.id {
