@@ -17,8 +17,8 @@ pub const EVENTS_POLL_MS: u64 = 10;
 /// (`PID_MAX_LIMIT`, 4 Mi on 64-bit), 512 KiB.
 pub const TRACED_PROCESS_WORDS: u32 = (1 << 22) / 64;
 
-/// Threads of traced processes with a trapped probe hit pending at once. LRU: a thread
-/// that exits meanwhile is forgotten in time.
+/// Threads of traced processes with a trapped probe hit pending at once (LRU: a thread
+/// that exits meanwhile is forgotten in time), and slots for threads' writes in progress.
 pub const MAX_TRACED_THREADS: u32 = 16384;
 
 /// Socket fds of traced processes followed at once (LRU).

@@ -12,13 +12,13 @@
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_probe_read_user as read_raw},
     macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray},
+    maps::{Array, LruHashMap},
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
 use probe_common::{
     event::{Counter, EventHeader, Source},
-    maps::{MAX_CONNECTING, MAX_SOCKET_ADDRESSES, MAX_SOCKETS},
+    maps::{MAX_CONNECTING, MAX_SOCKET_ADDRESSES, MAX_SOCKETS, MAX_TRACED_THREADS},
     socket::{
         DIRECTION_RECV, DIRECTION_SEND, PREFIX_CAP, SocketEvent, SocketKind, SocketState,
         WireEndpoint,
@@ -32,7 +32,7 @@ use crate::events::{
 use probe_common::socket::socket_key;
 
 /// How a syscall passes its buffer: which memory to read a prefix from.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Shape {
     /// (fd, buffer, ...)
     Plain,
@@ -112,7 +112,7 @@ fn field<T>(ctx: &TracePointContext, offset: usize) -> Option<T> {
     unsafe { ctx.read_at::<T>(offset) }.ok()
 }
 
-/// When a thread's write began sending: slot 0 per CPU.
+/// When a thread's write began sending.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct SendStart {
@@ -122,12 +122,20 @@ struct SendStart {
     ns: u64,
 }
 
-/// Per CPU: the last write of a traced thread that began sending and is not yet done. Per
-/// CPU rather than per socket: no hashing in a program that runs on every TCP write of
-/// every process. A thread moved to another CPU inside the write finds another thread's
-/// slot, and its write is timed when done.
+/// Slot `tid % MAX_TRACED_THREADS`: the write a traced thread began sending and whose
+/// `sock_send_length` has not run yet. An array, not a hash: no hashing in a program that
+/// runs on every TCP write of every process. Two threads that share a slot and write at
+/// once find each other's thread id in it, and one of them is timed when its write is done.
 #[map]
-static SEND_STARTS: PerCpuArray<SendStart> = PerCpuArray::with_max_entries(1, 0);
+static SEND_STARTS: Array<SendStart> = Array::with_max_entries(MAX_TRACED_THREADS, 0);
+
+#[inline(always)]
+fn send_start_slot(tid: u32) -> Option<&'static mut SendStart> {
+    let slot = SEND_STARTS.get_ptr_mut(tid % MAX_TRACED_THREADS)?;
+    // SAFETY: a map value lives as long as the map. Only the thread named in it, inside
+    // a write, uses a slot, but for threads that share one: see SEND_STARTS.
+    Some(unsafe { &mut *slot })
+}
 
 /// A thread of a traced process began sending on a TCP socket (`tcp:tcp_sendmsg_locked`,
 /// once per segment it fills): remember when, for its `sock_send_length`, which runs only
@@ -138,9 +146,7 @@ pub fn send_begin(_ctx: TracePointContext) -> u32 {
     if !traced(tgid) {
         return 0;
     }
-    if let Some(slot) = SEND_STARTS.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot; programs on this CPU use it one at a time.
-        let slot = unsafe { &mut *slot };
+    if let Some(slot) = send_start_slot(tid) {
         // Later segments of the same write keep its start.
         if slot.tid != tid {
             slot.tid = tid;
@@ -151,13 +157,11 @@ pub fn send_begin(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// When the current thread's write began sending, if `send_begin` saw it on this CPU;
-/// taken, so that the next write is not timed from it.
+/// When the current thread's write began sending, if `send_begin` saw it; taken, so
+/// that the next write is not timed from it.
 #[inline(always)]
 fn take_send_start(tid: u32) -> Option<u64> {
-    let slot = SEND_STARTS.get_ptr_mut(0)?;
-    // SAFETY: as in send_begin.
-    let slot = unsafe { &mut *slot };
+    let slot = send_start_slot(tid)?;
     if slot.tid != tid {
         return None;
     }
