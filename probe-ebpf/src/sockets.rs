@@ -3,7 +3,8 @@
 //! `sock:sock_send_length`/`sock:sock_recv_length` see every socket read and write with
 //! its byte count, but not the file descriptor; the read/write-family syscall around them
 //! does, and its arguments are still in the thread's saved registers. No program runs at
-//! syscall entries: one there would run on every syscall of every process.
+//! the read/write syscalls' entries: one there would run on every read and write of
+//! every process.
 //! `tcp:tcp_sendmsg_locked` marks when a write began, before its bytes left. Connects are
 //! timed by the TCP state changes (SYN_SENT in `connect()`, ESTABLISHED in softirq when
 //! the SYN-ACK arrives), and arrivals by `sock:sk_data_ready` (softirq, when received

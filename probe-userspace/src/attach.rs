@@ -48,8 +48,8 @@ const TRAP_PREEMPTED: (&str, &str, &str) = ("trap_preempted", "sched", "sched_sw
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
 
 /// Socket tracepoints: (program, category, tracepoints). docs/sockets.md says why each.
-/// None is a syscall tracepoint: with one attached, every syscall of every process takes
-/// the kernel's slower path.
+/// Accept's exit and close's entry are the only syscall tracepoints: the socket layer has
+/// none that names the fd there.
 const SOCKET_TRACEPOINTS: &[(&str, &str, &[&str])] = &[
     (
         "accept_exit",

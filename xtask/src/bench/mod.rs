@@ -164,13 +164,15 @@ fn overhead_section(doc: &mut String, o: &overhead::Overhead) {
          `fake-upstream --ttfb-ms 0 --chunks 1` (zero delay), driven by the workspace's \
          `loadgen` (half streaming, model gpt-fast): at saturation (32 in flight, 5 s: \
          throughput, broker CPU per request from /proc/PID/stat) and at a fixed rate of \
-         {:.0} requests/s (a quarter of A's saturation; 5 s: latency). Three rounds, the \
-         order of set-ups rotated each round; medians. Everything shares the 2 cores, so \
-         brokerprobe's own work (and bpftrace's, and the trace receiver's) competes with the \
-         broker, as it would on a small production node.\n\n\
+         {:.0} requests/s (a quarter of A's saturation in a warm-up run before the rounds; \
+         5 s: latency). {} rounds, the order of set-ups rotated each round; medians. \
+         Everything shares the 2 cores, so brokerprobe's own work (and bpftrace's, and the \
+         trace receiver's) competes with the broker, as it would on a small production \
+         node.\n\n\
          | set-up | requests/s | vs A | broker CPU µs/request | vs A | p50 µs | added p50 µs | p99 µs | added p99 µs |\n\
          |---|---|---|---|---|---|---|---|---|\n",
-        o.fixed_rate
+        o.fixed_rate,
+        overhead::ROUNDS
     );
     for (setup, f) in &o.figures {
         let _ = writeln!(

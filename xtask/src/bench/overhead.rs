@@ -50,7 +50,7 @@ impl Setup {
 pub const SECONDS: u64 = 5;
 /// Requests in flight at saturation.
 const CONCURRENCY: &str = "32";
-const ROUNDS: usize = 5;
+pub const ROUNDS: usize = 5;
 
 /// One set-up's medians over the rounds.
 #[derive(Clone, Copy, Debug, Default)]
@@ -58,7 +58,8 @@ pub struct Figures {
     /// At saturation: requests per second and broker CPU per request (µs).
     pub rps: f64,
     pub cpu_us: f64,
-    /// At a fixed rate (a quarter of A's saturation): latency percentiles (µs).
+    /// At a fixed rate (a quarter of A's saturation in a warm-up run): latency
+    /// percentiles (µs).
     pub p50_us: f64,
     pub p99_us: f64,
     /// Largest minus smallest p99 and CPU per request over the rounds: what comparisons
