@@ -46,7 +46,7 @@ pub fn submit_flags() -> u64 {
 
 /// Slot 0 is 1 while user space wants events. Probes are attached and detached one by one;
 /// events are switched on only once all are in place and off before any goes, so no
-/// event reports half a picture (a read whose syscall entry was not seen, for instance).
+/// event reports half a picture (a connect whose start was not seen, for instance).
 #[map]
 static ARMED: Array<u32> = Array::with_max_entries(1, 0);
 
