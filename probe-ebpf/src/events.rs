@@ -46,7 +46,8 @@ pub fn submit_flags() -> u64 {
 
 /// Slot 0 is 1 while user space wants events. Probes are attached and detached one by one;
 /// events are switched on only once all are in place and off before any goes, so no
-/// event reports half a picture (a connect whose start was not seen, for instance).
+/// event reports half a picture (an end marker whose begin marker was not attached yet, for
+/// instance).
 #[map]
 static ARMED: Array<u32> = Array::with_max_entries(1, 0);
 
@@ -161,17 +162,24 @@ pub struct Syscall {
     pub arg1: u64,
 }
 
+/// `-ENOSYS`, which x86-64 puts in a syscall's saved rax at entry and which stays there
+/// until the syscall returns its result.
+const IN_SYSCALL_RAX: u64 = -38i64 as u64;
+
 /// The syscall the current task is in: a probe inside one (a socket tracepoint) reads
 /// its number and first two arguments here rather than keeping them from the syscall's
-/// entry, which would take a program on every syscall entry of every process.
+/// entry, which would take a program on every syscall entry of every process. None when
+/// the task is not inside a syscall's own work: an io_uring worker (it starts with a copy
+/// of its creator's registers, rax 0), or task work run on the way back to user space.
 #[inline(always)]
 pub fn current_syscall() -> Option<Syscall> {
-    // x86-64 `struct pt_regs` keeps rsi, rdi and orig_rax side by side: one read.
+    // x86-64 `struct pt_regs` keeps rax, rcx, rdx, rsi, rdi and orig_rax side by side: one
+    // read.
     // SAFETY: read through the helper, which fails rather than faults.
-    let [arg1, arg0, nr] =
-        unsafe { bpf_probe_read_kernel(&raw const (*user_registers()).rsi as *const [u64; 3]) }
+    let [rax, _, _, arg1, arg0, nr] =
+        unsafe { bpf_probe_read_kernel(&raw const (*user_registers()).rax as *const [u64; 6]) }
             .ok()?;
-    Some(Syscall { nr, arg0, arg1 })
+    (rax == IN_SYSCALL_RAX).then_some(Syscall { nr, arg0, arg1 })
 }
 
 /// (tgid, tid) of the current task.

@@ -125,8 +125,9 @@ struct SendStart {
 
 /// Slot `tid % MAX_TRACED_THREADS`: the write a traced thread began sending and whose
 /// `sock_send_length` has not run yet. An array, not a hash: no hashing in a program that
-/// runs on every TCP write of every process. Two threads that share a slot and write at
-/// once find each other's thread id in it, and one of them is timed when its write is done.
+/// runs on every TCP write of every process. Two traced threads that share a slot and
+/// write at the same moment can disturb each other's start: one write may then be timed
+/// from a later point of itself, or from the other write's start.
 #[map]
 static SEND_STARTS: Array<SendStart> = Array::with_max_entries(MAX_TRACED_THREADS, 0);
 
@@ -140,11 +141,18 @@ fn send_start_slot(tid: u32) -> Option<&'static mut SendStart> {
 
 /// A thread of a traced process began sending on a TCP socket (`tcp:tcp_sendmsg_locked`,
 /// once per segment it fills): remember when, for its `sock_send_length`, which runs only
-/// once the bytes have left and may already have been answered (on loopback).
+/// once the bytes have left and may already have been answered (on loopback). Only inside
+/// a followed write syscall, whose `sock_send_length` takes the time: TCP data sent by
+/// anything else (kTLS flushing at close, say) would leave it for the thread's next write.
 #[tracepoint]
 pub fn send_begin(_ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_task();
     if !traced(tgid) {
+        return 0;
+    }
+    let in_write =
+        current_syscall().is_some_and(|syscall| io_shape(syscall.nr, DIRECTION_SEND).is_some());
+    if !in_write {
         return 0;
     }
     if let Some(slot) = send_start_slot(tid) {
@@ -203,6 +211,13 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     if !traced(tgid) {
         return 0;
     }
+    // Taken from any write, failed or on a socket not followed (SMC over TCP, say), so
+    // that the thread's next write is not timed from it.
+    let send_start_ns = if direction == DIRECTION_SEND {
+        take_send_start(tid)
+    } else {
+        None
+    };
     let family = field::<u16>(ctx, SOCK_FAMILY).unwrap_or(0);
     let protocol = field::<u16>(ctx, SOCK_PROTOCOL).unwrap_or(0);
     let bytes = field::<i32>(ctx, SOCK_RET).unwrap_or(0);
@@ -210,12 +225,6 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     if (family != AF_INET && family != AF_INET6) || protocol != IPPROTO_TCP {
         return 0;
     }
-    // Taken even from a failed write, so that the next one is not timed from it.
-    let send_start_ns = if direction == DIRECTION_SEND {
-        take_send_start(tid)
-    } else {
-        None
-    };
     if bytes <= 0 || (direction == DIRECTION_RECV && flags & MSG_PEEK != 0) {
         return 0;
     }
@@ -267,8 +276,10 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
         state.ready_ns = 0;
         (first, state.last_ready_ns)
     } else {
-        // Bytes ready before a new request began cannot answer it.
-        if new_message && state.ready_ns != 0 && state.ready_ns < ts_ns {
+        // Bytes ready before a new request began cannot answer it. Without the write's
+        // start, an answer may have come before this tracepoint (on loopback): keep it.
+        let stale = send_start_ns.is_some_and(|start| state.ready_ns < start);
+        if new_message && state.ready_ns != 0 && stale {
             state.ready_ns = 0;
         }
         (0, 0)
