@@ -206,8 +206,8 @@ fn overhead_section(doc: &mut String, o: &overhead::Overhead) {
          statistics on (`BPF_ENABLE_STATS`, through aya; off during the rounds above, as it \
          adds a clock read per run): each of brokerprobe's programs' run count and run time, \
          per request served. This is the programs' own time, without the uprobe trap or \
-         tracepoint around them; the socket tracepoints run for every process's TCP reads, \
-         writes and arrivals (the load generator's and the upstream's stop at the process filter).\n\n\
+         tracepoint around them; the socket tracepoints run for every process's socket reads \
+         and writes and TCP arrivals (the load generator's and the upstream's stop at the process filter).\n\n\
          | program | family | runs per request | ns per run | kernel µs per request |\n\
          |---|---|---|---|---|\n",
         overhead::SECONDS
@@ -546,9 +546,9 @@ fn findings_section(
          executable is now memory-mapped.\n\
          5. **No program at the read/write syscalls' exits.** One ran at every exit of eight \
          syscalls of every process, first to forget the thread's stashed fd (a locked LRU \
-         delete), later behind a PID check; now the stash carries its syscall number and \
-         the sock tracepoints take it only while the thread is still in that syscall \
-         (section 2's program table shows what the socket programs cost now).\n\
+         delete), later behind a PID check; the stash then carried its syscall number and \
+         the sock tracepoints took it only while the thread was still in that syscall \
+         (item 9 removed the stash altogether).\n\
          6. **E made like for like.** E's bpftrace first probed four markers (stage and \
          request begin and end) and kept two histograms, while B probes all nine, eight of \
          them hit under this load: E cost the broker fewer uprobe hits per request than B, \

@@ -78,7 +78,7 @@ pub struct Overhead {
 }
 
 /// One of brokerprobe's eBPF programs in set-up C at the fixed rate. Its runs include
-/// every process's events that reach it (the load generator's and the upstream's TCP
+/// every process's events that reach it (the load generator's and the upstream's socket
 /// reads and writes pass the socket tracepoints too, and stop at the process filter).
 pub struct ProgramCost {
     pub name: String,
