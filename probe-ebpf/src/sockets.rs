@@ -150,18 +150,19 @@ pub fn send_begin(_ctx: TracePointContext) -> u32 {
     if !traced(tgid) {
         return 0;
     }
-    let in_write =
-        current_syscall().is_some_and(|syscall| io_shape(syscall.nr, DIRECTION_SEND).is_some());
-    if !in_write {
+    let Some(slot) = send_start_slot(tid) else {
+        return 0;
+    };
+    // Later segments of the same write keep its start (and skip the register read).
+    if slot.tid == tid {
         return 0;
     }
-    if let Some(slot) = send_start_slot(tid) {
-        // Later segments of the same write keep its start.
-        if slot.tid != tid {
-            slot.tid = tid;
-            // SAFETY: reading the clock has no preconditions.
-            slot.ns = unsafe { bpf_ktime_get_ns() };
-        }
+    let in_write =
+        current_syscall().is_some_and(|syscall| io_shape(syscall.nr, DIRECTION_SEND).is_some());
+    if in_write {
+        slot.tid = tid;
+        // SAFETY: reading the clock has no preconditions.
+        slot.ns = unsafe { bpf_ktime_get_ns() };
     }
     0
 }
