@@ -59,13 +59,18 @@ pub struct Figures {
     pub rps: f64,
     pub cpu_us: f64,
     /// At a fixed rate (a quarter of A's saturation in a warm-up run): latency
-    /// percentiles (µs).
+    /// percentiles and broker CPU per request (µs). With cores to spare, the CPU figure
+    /// is what the set-up costs the broker itself; at saturation it also moves with how
+    /// many requests each of the broker's wake-ups serves, which CPU taken by anything
+    /// else on the machine (brokerprobe, bpftrace) changes.
     pub p50_us: f64,
     pub p99_us: f64,
+    pub fixed_cpu_us: f64,
     /// Largest minus smallest p99 and CPU per request over the rounds: what comparisons
     /// of the medians can resolve.
     pub p99_spread_us: f64,
     pub cpu_spread_us: f64,
+    pub fixed_cpu_spread_us: f64,
     /// Events brokerprobe received per request (its exit report; B and C only).
     pub events_per_request: f64,
 }
@@ -183,8 +188,10 @@ pub fn run(bins: &Path) -> Result<Overhead> {
                 cpu_us: pick(|f| f.cpu_us),
                 p50_us: pick(|f| f.p50_us),
                 p99_us: pick(|f| f.p99_us),
+                fixed_cpu_us: pick(|f| f.fixed_cpu_us),
                 p99_spread_us: spread(|f| f.p99_us),
                 cpu_spread_us: spread(|f| f.cpu_us),
+                fixed_cpu_spread_us: spread(|f| f.fixed_cpu_us),
                 events_per_request: pick(|f| f.events_per_request),
             };
             (setup, figures)
@@ -205,7 +212,12 @@ impl Bench<'_> {
     fn measure(&self, setup: Setup, fixed_rate: f64) -> Result<Figures> {
         let attached = self.attach(setup)?;
         let (mut figures, _) = self.saturation(setup)?;
+        let pid = self.broker_pid(setup);
+        let cpu_before = cpu_time(pid)?;
         let line = self.fixed_rate_load(setup, fixed_rate)?;
+        let cpu = cpu_time(pid)?.saturating_sub(cpu_before);
+        let requests = field(&line, "requests").context("loadgen: no request count")?;
+        figures.fixed_cpu_us = cpu.as_secs_f64() * 1e6 / requests.max(1.0);
         figures.p50_us = field(&line, "p50_us").unwrap_or(f64::NAN);
         figures.p99_us = field(&line, "p99_us").unwrap_or(f64::NAN);
         figures.events_per_request = f64::NAN;
