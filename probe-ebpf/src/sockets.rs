@@ -109,8 +109,7 @@ const SYSCALL_RET: usize = 16;
 
 /// A field of the tracepoint's record, loaded straight from it: the verifier lets a
 /// tracepoint program load its record at constant offsets aligned to the load's size,
-/// where `read_at` calls a helper per field (a third of what `sk_ready` did for the
-/// arrivals of processes not followed).
+/// where `read_at` calls a helper per field.
 #[inline(always)]
 fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
     // SAFETY: offsets come from the tracepoint's format (a stable ABI) and are aligned

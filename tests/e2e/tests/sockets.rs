@@ -230,6 +230,99 @@ fn io_outside_followed_syscalls_is_counted_not_misattributed() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A connection over IPv6, made after attach: its connect is seen in the kernel
+/// (`connect_ns`) and its endpoints come from the kernel's record of the connect,
+/// 16-byte addresses included.
+#[test]
+fn an_ipv6_connection_is_followed_with_its_addresses() {
+    const ROUNDS: usize = 5;
+    const HEAD: &[u8] = b"GET /v6 HTTP/1.1\r\nHost: x\r\n\r\n";
+    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+    require_root();
+    let dir = scratch_dir("sockets-ipv6");
+    let exchanges_path = dir.join("exchanges.jsonl");
+    let listener = std::net::TcpListener::bind("[::1]:0")
+        .expect("IPv6 loopback ([::1]) is needed for this test");
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut peer, _) = listener.accept().unwrap();
+        let mut head = vec![0; HEAD.len()];
+        for _ in 0..ROUNDS {
+            peer.read_exact(&mut head).unwrap();
+            peer.write_all(ANSWER).unwrap();
+        }
+    });
+    let script = format!(
+        "import socket, sys\n\
+         print('ready', flush=True); sys.stdin.readline()\n\
+         s = socket.create_connection(('::1', {port}))\n\
+         for _ in range({ROUNDS}):\n\
+         \x20   s.sendall(b{head:?})\n\
+         \x20   got = b''\n\
+         \x20   while len(got) < {answer}: got += s.recv(1024)\n\
+         print('port', s.getsockname()[1], flush=True)\n\
+         s.close(); sys.stdin.readline()\n",
+        head = String::from_utf8_lossy(HEAD),
+        answer = ANSWER.len(),
+    );
+    let mut client =
+        Proc::spawn("IPv6 client", Command::new("python3").args(["-c", &script])).unwrap();
+    client
+        .wait_for_line("ready", Duration::from_secs(30))
+        .unwrap();
+    let (mut probe, metrics_url) = attach_brokerprobe(
+        client.pid(),
+        &[
+            "--mode",
+            "sockets",
+            "--exchanges-out",
+            exchanges_path.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    client.write_line("go").unwrap();
+    let local_port = client
+        .wait_for_line("port ", Duration::from_secs(30))
+        .unwrap()
+        .trim()
+        .trim_start_matches("port ")
+        .parse::<u16>()
+        .expect("the client prints its local port");
+    server.join().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(wait_for_counter(
+        &metrics_url,
+        "brokerprobe_upstream_exchanges_total",
+        ROUNDS,
+    ))
+    .unwrap();
+    probe.interrupt().unwrap();
+    assert!(probe.wait_exit(Duration::from_secs(30)).unwrap().success());
+    client.write_line("exit").unwrap();
+    let exchanges = read_jsonl(&exchanges_path);
+    let upstream = upstream_exchanges(&exchanges);
+    assert_eq!(upstream.len(), ROUNDS, "{exchanges:#?}");
+    // The connect's time goes with the connection's first exchange (the file is in the
+    // order exchanges were written out, not begun).
+    let first = upstream
+        .iter()
+        .min_by_key(|e| e["start_ns"].as_u64())
+        .unwrap();
+    assert!(first["connect_ns"].as_u64().is_some(), "{first:#}");
+    for exchange in upstream {
+        assert_eq!(exchange["remote"], format!("[::1]:{port}"), "{exchange}");
+        assert_eq!(
+            exchange["local"],
+            format!("[::1]:{local_port}"),
+            "{exchange}"
+        );
+        assert_eq!(exchange["request_bytes"], HEAD.len(), "{exchange}");
+        assert_eq!(exchange["response_bytes"], ANSWER.len(), "{exchange}");
+        assert_eq!(exchange["path"], "/v6", "{exchange}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// One brokerprobe exchange matched to the upstream's record of it.
 struct Matched {
     observed: Json,
