@@ -109,12 +109,14 @@ const SYSCALL_RET: usize = 16;
 
 /// A field of the tracepoint's record, loaded straight from it: the verifier lets a
 /// tracepoint program load its record at constant offsets aligned to the load's size,
-/// where `read_at` calls a helper per field.
+/// where `read_at` calls a helper per field. Volatile, so that LLVM keeps each load as
+/// written rather than merging loads into a copy through a pointer off the context, which
+/// the verifier refuses.
 #[inline(always)]
 fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
     // SAFETY: offsets come from the tracepoint's format (a stable ABI) and are aligned
     // for T; the record is that long, and the verifier checks the load.
-    unsafe { ctx.as_ptr().cast::<u8>().add(offset).cast::<T>().read() }
+    unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
 }
 
 /// When a thread's write began sending.
@@ -558,34 +560,38 @@ pub fn tcp_state(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn endpoints(ctx: &TracePointContext) -> (WireEndpoint, WireEndpoint) {
     let family = field::<u16>(ctx, STATE_FAMILY);
-    let mut local = WireEndpoint {
-        family,
-        port: field::<u16>(ctx, STATE_SPORT),
-        addr: [0; 16],
-    };
-    let mut remote = WireEndpoint {
-        family,
-        port: field::<u16>(ctx, STATE_DPORT),
-        addr: [0; 16],
-    };
     // Addresses are byte arrays in the record, loaded as aligned words (a load must be
-    // aligned to its size) and stored back in memory order.
-    if family == AF_INET6 {
-        local.addr = v6_bytes(field::<[u64; 2]>(ctx, STATE_SADDR_V6));
-        remote.addr = v6_bytes(field::<[u64; 2]>(ctx, STATE_DADDR_V6));
+    // aligned to its size) and kept in memory order.
+    let (local, remote) = if family == AF_INET6 {
+        (
+            field::<[u64; 2]>(ctx, STATE_SADDR_V6),
+            field::<[u64; 2]>(ctx, STATE_DADDR_V6),
+        )
     } else {
-        local.addr[..4].copy_from_slice(&field::<u32>(ctx, STATE_SADDR).to_ne_bytes());
-        remote.addr[..4].copy_from_slice(&field::<u32>(ctx, STATE_DADDR).to_ne_bytes());
-    }
-    (local, remote)
+        (
+            [v4_word(field::<u32>(ctx, STATE_SADDR)), 0],
+            [v4_word(field::<u32>(ctx, STATE_DADDR)), 0],
+        )
+    };
+    let endpoint = |port, words| WireEndpoint {
+        family,
+        port: field::<u16>(ctx, port),
+        addr: address_bytes(words),
+    };
+    (endpoint(STATE_SPORT, local), endpoint(STATE_DPORT, remote))
+}
+
+/// An IPv4 address's 4 bytes followed by 4 zero bytes, in memory order.
+#[inline(always)]
+fn v4_word(address: u32) -> u64 {
+    let [a, b, c, d] = address.to_ne_bytes();
+    u64::from_ne_bytes([a, b, c, d, 0, 0, 0, 0])
 }
 
 #[inline(always)]
-fn v6_bytes([high, low]: [u64; 2]) -> [u8; 16] {
-    let mut bytes = [0; 16];
-    bytes[..8].copy_from_slice(&high.to_ne_bytes());
-    bytes[8..].copy_from_slice(&low.to_ne_bytes());
-    bytes
+fn address_bytes(words: [u64; 2]) -> [u8; 16] {
+    // SAFETY: same size, and every bit pattern is valid for both types.
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) }
 }
 
 #[tracepoint]
