@@ -306,7 +306,7 @@ fn an_ipv6_connection_is_followed_with_its_addresses() {
     // order exchanges were written out, not begun).
     let first = upstream
         .iter()
-        .min_by_key(|e| e["start_ns"].as_u64())
+        .min_by_key(|e| e["start_ns"].as_u64().unwrap())
         .unwrap();
     assert!(first["connect_ns"].as_u64().is_some(), "{first:#}");
     for exchange in upstream {
@@ -448,6 +448,14 @@ fn profile(broker: Broker) -> Run {
     );
     let exchanges = read_jsonl(&exchanges_path);
     let upstream = upstream_exchanges(&exchanges);
+    // Both ends named, the upstream's as the broker dialled it (from the kernel's record
+    // of the connect, for connections made while attached).
+    let upstream_addr = upstream_url.trim_start_matches("http://");
+    for e in &upstream {
+        assert_eq!(e["remote"], upstream_addr, "{e}");
+        let local = e["local"].as_str().unwrap_or_default();
+        assert!(local.starts_with("127.0.0.1:"), "{e}");
+    }
     let matched = match_to_ledger(&upstream, &ledger);
     if matched.len() != upstream.len() {
         let ids: std::collections::HashSet<u64> = matched
