@@ -51,6 +51,8 @@ pub const SECONDS: u64 = 5;
 /// Requests in flight at saturation.
 const CONCURRENCY: &str = "32";
 pub const ROUNDS: usize = 5;
+/// Pause between the saturation load and the fixed-rate one.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// One set-up's medians over the rounds.
 #[derive(Clone, Copy, Debug, Default)]
@@ -59,12 +61,13 @@ pub struct Figures {
     pub rps: f64,
     pub cpu_us: f64,
     /// At a fixed rate (a quarter of A's saturation in a warm-up run): latency
-    /// percentiles and broker CPU per request (µs). With cores to spare, the CPU figure
-    /// is what the set-up costs the broker itself; at saturation it also moves with how
-    /// many requests each of the broker's wake-ups serves, which CPU taken by anything
-    /// else on the machine (brokerprobe, bpftrace) changes.
+    /// percentiles (µs).
     pub p50_us: f64,
     pub p99_us: f64,
+    /// Broker CPU per request (µs) at the fixed rate. At saturation that figure also moves
+    /// with how many requests each of the broker's wake-ups serves, which CPU taken by
+    /// anything else on the machine (brokerprobe, bpftrace) changes; with cores to spare
+    /// it moves less with it.
     pub fixed_cpu_us: f64,
     /// Largest minus smallest p99 and CPU per request over the rounds: what comparisons
     /// of the medians can resolve.
@@ -212,6 +215,9 @@ impl Bench<'_> {
     fn measure(&self, setup: Setup, fixed_rate: f64) -> Result<Figures> {
         let attached = self.attach(setup)?;
         let (mut figures, _) = self.saturation(setup)?;
+        // Work the saturation load left behind (D's exporter runs in the broker) is not
+        // the fixed rate's.
+        std::thread::sleep(SETTLE);
         let pid = self.broker_pid(setup);
         let cpu_before = cpu_time(pid)?;
         let line = self.fixed_rate_load(setup, fixed_rate)?;
