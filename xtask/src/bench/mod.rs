@@ -632,8 +632,12 @@ fn findings_section(
          way before its first lookup. By hand with BPF run-time statistics at 1500 \
          requests/s, old and new interleaved twice: `sk_ready` went from 805 and 924 to 785 \
          and 771 ns per run, `tcp_state` from 373 and 358 to 171 and 166; `sock_send` and \
-         `sock_recv` moved within their own noise (1.1–1.4 µs per run): their map lookups, not \
-         their field reads, are the cost.\n",
+         `sock_recv` moved within their own noise (1.1–1.4 µs per run). Cut-down variants of \
+         their common code, same method, two runs each against 888–1086 ns per run for the \
+         full one (an average over every process's runs, about half of them the broker's): \
+         without the prefix copy, or without the socket-address check, no change; without \
+         the ring-buffer record, 769–833; stopping right after the socket's lookup, \
+         429–606.\n",
     );
     let p99_noise = p99_noise(o);
     let throughput_or_p99_missed =
