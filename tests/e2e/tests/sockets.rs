@@ -179,47 +179,21 @@ fn io_outside_followed_syscalls_is_counted_not_misattributed() {
         head = String::from_utf8_lossy(HEAD),
         answer = ANSWER.len(),
     );
-    let mut client = Proc::spawn(
-        "sendfile client",
-        Command::new("python3").args(["-c", &script]),
-    )
-    .unwrap();
-    client
-        .wait_for_line("connected", Duration::from_secs(30))
-        .unwrap();
-    let (mut probe, metrics_url) = attach_brokerprobe(
-        client.pid(),
-        &[
-            "--mode",
-            "sockets",
-            "--exchanges-out",
-            exchanges_path.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
-    client.write_line("go").unwrap();
-    client
+    let mut followed =
+        FollowedClient::start("sendfile client", &script, "connected", &exchanges_path);
+    followed
+        .client
         .wait_for_line("done", Duration::from_secs(30))
         .unwrap();
     server.join().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let text = rt
-        .block_on(wait_for_counter(
-            &metrics_url,
-            "brokerprobe_socket_io_unfollowed_total",
-            ROUNDS,
-        ))
-        .unwrap();
+    let text = followed.wait_for_counter("brokerprobe_socket_io_unfollowed_total", ROUNDS);
     let metrics = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
     assert_eq!(
         e2e::harness::counter_sum(&metrics, "brokerprobe_socket_io_unfollowed_total"),
         ROUNDS as f64,
         "one sendfile per round counted"
     );
-    probe.interrupt().unwrap();
-    assert!(probe.wait_exit(Duration::from_secs(30)).unwrap().success());
-    client.write_line("exit").unwrap();
-    let exchanges = read_jsonl(&exchanges_path);
+    let exchanges = followed.finish(&exchanges_path);
     let upstream = upstream_exchanges(&exchanges);
     assert_eq!(upstream.len(), ROUNDS, "{exchanges:#?}");
     for exchange in upstream {
@@ -265,23 +239,9 @@ fn an_ipv6_connection_is_followed_with_its_addresses() {
         head = String::from_utf8_lossy(HEAD),
         answer = ANSWER.len(),
     );
-    let mut client =
-        Proc::spawn("IPv6 client", Command::new("python3").args(["-c", &script])).unwrap();
-    client
-        .wait_for_line("ready", Duration::from_secs(30))
-        .unwrap();
-    let (mut probe, metrics_url) = attach_brokerprobe(
-        client.pid(),
-        &[
-            "--mode",
-            "sockets",
-            "--exchanges-out",
-            exchanges_path.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
-    client.write_line("go").unwrap();
-    let local_port = client
+    let mut followed = FollowedClient::start("IPv6 client", &script, "ready", &exchanges_path);
+    let local_port = followed
+        .client
         .wait_for_line("port ", Duration::from_secs(30))
         .unwrap()
         .trim()
@@ -289,17 +249,8 @@ fn an_ipv6_connection_is_followed_with_its_addresses() {
         .parse::<u16>()
         .expect("the client prints its local port");
     server.join().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(wait_for_counter(
-        &metrics_url,
-        "brokerprobe_upstream_exchanges_total",
-        ROUNDS,
-    ))
-    .unwrap();
-    probe.interrupt().unwrap();
-    assert!(probe.wait_exit(Duration::from_secs(30)).unwrap().success());
-    client.write_line("exit").unwrap();
-    let exchanges = read_jsonl(&exchanges_path);
+    followed.wait_for_counter("brokerprobe_upstream_exchanges_total", ROUNDS);
+    let exchanges = followed.finish(&exchanges_path);
     let upstream = upstream_exchanges(&exchanges);
     assert_eq!(upstream.len(), ROUNDS, "{exchanges:#?}");
     // The connect's time goes with the connection's first exchange (the file is in the
@@ -321,6 +272,61 @@ fn an_ipv6_connection_is_followed_with_its_addresses() {
         assert_eq!(exchange["path"], "/v6", "{exchange}");
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A Python client of a server in this test, followed by brokerprobe in socket-only
+/// mode: spawned, attached to once it prints its ready line, then told to go (its script
+/// reads a line from stdin for each).
+struct FollowedClient {
+    client: Proc,
+    probe: Proc,
+    metrics_url: String,
+}
+
+impl FollowedClient {
+    fn start(name: &str, script: &str, ready: &str, exchanges_out: &Path) -> Self {
+        let mut client = Proc::spawn(name, Command::new("python3").args(["-c", script])).unwrap();
+        client
+            .wait_for_line(ready, Duration::from_secs(30))
+            .unwrap();
+        let (probe, metrics_url) = attach_brokerprobe(
+            client.pid(),
+            &[
+                "--mode",
+                "sockets",
+                "--exchanges-out",
+                exchanges_out.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+        client.write_line("go").unwrap();
+        Self {
+            client,
+            probe,
+            metrics_url,
+        }
+    }
+
+    /// The metrics page once `counter` reached `expected` (or timed out).
+    fn wait_for_counter(&self, counter: &str, expected: usize) -> String {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(wait_for_counter(&self.metrics_url, counter, expected))
+            .unwrap()
+    }
+
+    /// Stops brokerprobe (it must exit cleanly), lets the client go, and returns the
+    /// exchanges brokerprobe wrote.
+    fn finish(mut self, exchanges_out: &Path) -> Vec<Json> {
+        self.probe.interrupt().unwrap();
+        assert!(
+            self.probe
+                .wait_exit(Duration::from_secs(30))
+                .unwrap()
+                .success()
+        );
+        self.client.write_line("exit").unwrap();
+        read_jsonl(exchanges_out)
+    }
 }
 
 /// One brokerprobe exchange matched to the upstream's record of it.
