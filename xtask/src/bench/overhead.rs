@@ -218,12 +218,9 @@ impl Bench<'_> {
         // Work the saturation load left behind (D's exporter runs in the broker) is not
         // the fixed rate's.
         std::thread::sleep(SETTLE);
-        let pid = self.broker_pid(setup);
-        let cpu_before = cpu_time(pid)?;
-        let line = self.fixed_rate_load(setup, fixed_rate)?;
-        let cpu = cpu_time(pid)?.saturating_sub(cpu_before);
-        let requests = field(&line, "requests").context("loadgen: no request count")?;
-        figures.fixed_cpu_us = cpu.as_secs_f64() * 1e6 / requests.max(1.0);
+        let (fixed_cpu_us, line) =
+            self.broker_cpu_per_request(setup, || self.fixed_rate_load(setup, fixed_rate))?;
+        figures.fixed_cpu_us = fixed_cpu_us;
         figures.p50_us = field(&line, "p50_us").unwrap_or(f64::NAN);
         figures.p99_us = field(&line, "p99_us").unwrap_or(f64::NAN);
         figures.events_per_request = f64::NAN;
@@ -284,18 +281,16 @@ impl Bench<'_> {
     /// The latency load: `fixed_rate` requests per second for [`SECONDS`]; loadgen's
     /// summary line.
     fn fixed_rate_load(&self, setup: Setup, fixed_rate: f64) -> Result<String> {
-        load(
-            self.bins,
-            self.url(setup),
-            &[
-                "--duration",
-                &format!("{SECONDS}s"),
-                "--concurrency",
-                "64",
-                "--rate",
-                &fixed_rate.to_string(),
-            ],
-        )
+        self.timed_load(setup, "64", &["--rate", &fixed_rate.to_string()])
+    }
+
+    /// [`SECONDS`] of load on the set-up's broker with `concurrency` requests in flight
+    /// at most; loadgen's summary line.
+    fn timed_load(&self, setup: Setup, concurrency: &str, extra: &[&str]) -> Result<String> {
+        let duration = format!("{SECONDS}s");
+        let mut args = vec!["--duration", &duration, "--concurrency", concurrency];
+        args.extend_from_slice(extra);
+        load(self.bins, self.url(setup), &args)
     }
 
     fn url(&self, setup: Setup) -> &str {
@@ -312,25 +307,27 @@ impl Bench<'_> {
         }
     }
 
-    /// Throughput and broker CPU per request at saturation.
-    fn saturation(&self, setup: Setup) -> Result<(Figures, String)> {
+    /// The broker's CPU per request (µs) over `run_load`, and loadgen's summary line.
+    fn broker_cpu_per_request(
+        &self,
+        setup: Setup,
+        run_load: impl FnOnce() -> Result<String>,
+    ) -> Result<(f64, String)> {
         let pid = self.broker_pid(setup);
         let cpu_before = cpu_time(pid)?;
-        let line = load(
-            self.bins,
-            self.url(setup),
-            &[
-                "--duration",
-                &format!("{SECONDS}s"),
-                "--concurrency",
-                CONCURRENCY,
-            ],
-        )?;
+        let line = run_load()?;
         let cpu = cpu_time(pid)?.saturating_sub(cpu_before);
         let requests = field(&line, "requests").context("loadgen: no request count")?;
+        Ok((cpu.as_secs_f64() * 1e6 / requests.max(1.0), line))
+    }
+
+    /// Throughput and broker CPU per request at saturation.
+    fn saturation(&self, setup: Setup) -> Result<(Figures, String)> {
+        let (cpu_us, line) =
+            self.broker_cpu_per_request(setup, || self.timed_load(setup, CONCURRENCY, &[]))?;
         let figures = Figures {
             rps: field(&line, "rate").context("loadgen: no rate")?,
-            cpu_us: cpu.as_secs_f64() * 1e6 / requests.max(1.0),
+            cpu_us,
             ..Figures::default()
         };
         Ok((figures, line))
