@@ -544,6 +544,8 @@ pub(crate) fn stage_by_name(name: &str, label: &str) -> Result<(u32, Option<Stri
 
 /// Where the instruction at `file_offset` of `exe` is in process `pid`'s memory (the
 /// address a uprobe there sees): found in /proc/PID/maps by the file's device and inode.
+/// Linkers may let two segments share a file page (lld: the end of the read-only data and
+/// the start of the code): the executable mapping is the instruction's.
 pub fn runtime_address(pid: u32, exe: &Path, file_offset: u64) -> Result<u64> {
     use std::os::unix::fs::MetadataExt as _;
     let file = fs::metadata(exe).with_context(|| format!("reading {}", exe.display()))?;
@@ -554,10 +556,11 @@ pub fn runtime_address(pid: u32, exe: &Path, file_offset: u64) -> Result<u64> {
     );
     let maps_path = format!("/proc/{pid}/maps");
     let maps = fs::read_to_string(&maps_path).with_context(|| format!("reading {maps_path}"))?;
+    let mut found = None;
     for line in maps.lines() {
         // start-end perms offset dev inode [path]
         let mut fields = line.split_whitespace();
-        let (Some(range), Some(_), Some(offset), Some(dev), Some(inode)) = (
+        let (Some(range), Some(perms), Some(offset), Some(dev), Some(inode)) = (
             fields.next(),
             fields.next(),
             fields.next(),
@@ -577,8 +580,15 @@ pub fn runtime_address(pid: u32, exe: &Path, file_offset: u64) -> Result<u64> {
             continue;
         };
         if (offset..offset + (end - start)).contains(&file_offset) {
-            return Ok(start + (file_offset - offset));
+            let address = start + (file_offset - offset);
+            if perms.contains('x') {
+                return Ok(address);
+            }
+            found.get_or_insert(address);
         }
+    }
+    if let Some(address) = found {
+        return Ok(address);
     }
     bail!(
         "file offset {file_offset:#x} of {} is not mapped in PID {pid}",

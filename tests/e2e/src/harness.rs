@@ -389,18 +389,22 @@ fn read_mapped(pid: u32, file_offset: u64, buf: &mut [u8]) -> Result<()> {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
     // Mappings of the executable: "start-end perms offset dev inode path".
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    // Two segments may share a file page (a read-only one and the writable data holding
+    // the semaphores, say): the written copy is in the writable or executable mapping.
     let address = maps
         .lines()
         .filter(|l| l.ends_with(exe.to_str().unwrap_or_default()))
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (start, end) = f.next()?.split_once('-')?;
-            let offset = f.nth(1)?;
+            let perms = f.next()?;
+            let offset = f.next()?;
             let hex = |s: &str| u64::from_str_radix(s, 16).ok();
-            Some((hex(start)?, hex(end)?, hex(offset)?))
+            Some((hex(start)?, hex(end)?, hex(offset)?, perms))
         })
-        .find(|(start, end, offset)| (*offset..offset + (end - start)).contains(&file_offset))
-        .map(|(start, _, offset)| start + file_offset - offset)
+        .filter(|(start, end, offset, _)| (*offset..offset + (end - start)).contains(&file_offset))
+        .min_by_key(|(.., perms)| !(perms.contains('w') || perms.contains('x')))
+        .map(|(start, _, offset, _)| start + file_offset - offset)
         .with_context(|| format!("file offset {file_offset:#x} is not mapped"))?;
     let mut mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
     mem.seek(SeekFrom::Start(address))?;
