@@ -30,6 +30,10 @@ pub const MAX_CONNECTING: u32 = 4096;
 /// Kernel sockets (`struct sock *`) of followed fds, so softirq events can find them (LRU).
 pub const MAX_SOCKET_ADDRESSES: u32 = MAX_SOCKETS;
 
+/// Streaming requests whose later chunks are counted in the kernel at once (a hash, not an
+/// LRU: past it, chunks go to user space one record each, as before, and none is lost).
+pub const MAX_TALLIED_STREAMS: u32 = 16384;
+
 /// USDT probe sites (process, address) followed at once, over all processes.
 pub const MAX_USDT_SITES: u32 = 4096;
 

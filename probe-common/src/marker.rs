@@ -132,7 +132,8 @@ impl Stage {
 ///
 /// Field use by kind (`values`, `text`):
 /// - RequestBegin: -, [model, traceparent]
-/// - RequestEnd: [status, -], [error type, -]
+/// - RequestEnd: [status, when the last tallied chunk came], [error type, -]; `tallied`:
+///   chunks after the first that the kernel counted instead of sending one by one
 /// - StageBegin / StageEnd: [stage, -], [custom stage or tool name, -]
 /// - Provider: -, [provider, -]
 /// - TokenUsage: [input tokens, output tokens], -
@@ -150,7 +151,7 @@ pub struct MarkerEvent {
     pub text_len: [u32; 2],
     /// Bit `slot` set if reading that string from the broker's memory failed (bad pointer).
     pub read_failed: u32,
-    pub _reserved: u32,
+    pub tallied: u32,
     pub text: [[u8; TEXT_CAP]; 2],
 }
 
@@ -161,7 +162,7 @@ impl MarkerEvent {
         values: [0; 2],
         text_len: [0; 2],
         read_failed: 0,
-        _reserved: 0,
+        tallied: 0,
         text: [[0; TEXT_CAP]; 2],
     };
 

@@ -3,22 +3,64 @@
 //!
 //! Program names equal the marker symbol suffixes, so user space attaches program
 //! `request_begin` to `brokerprobe_v1_request_begin`.
+//!
+//! A stream's chunks after its first are counted here, not sent one by one: the chunk is the
+//! marker a streaming broker hits most, and its record, and decoding it, cost more than a
+//! count. The count and the last chunk's time ride on the request's end.
 
 use aya_ebpf::{
     helpers::{
         bpf_ktime_get_ns,
         generated::{bpf_probe_read_user, bpf_probe_read_user_str},
     },
-    macros::uprobe,
+    macros::{map, uprobe},
+    maps::HashMap,
     programs::ProbeContext,
 };
 use aya_log_ebpf::warn;
 use probe_common::{
     event::{Counter, Source},
+    maps::MAX_TALLIED_STREAMS,
     marker::{MarkerEvent, MarkerKind, TEXT_CAP},
 };
 
 use crate::events::{EVENTS, armed, count_loss, current_task, put, submit_flags, write_header};
+
+/// A request's chunks, by process and request id.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TallyKey {
+    tgid: u32,
+    _pad: u32,
+    request_id: u64,
+}
+
+/// Chunks of one stream after its first, and when the last came.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ChunkTally {
+    count: u64,
+    last_ns: u64,
+}
+
+/// Streams whose first chunk was sent: their later chunks are counted here until the
+/// request ends. A hash, not an LRU: an evicted count would be lost silently, where a full
+/// map only sends chunks one record each again.
+#[map]
+static CHUNK_TALLIES: HashMap<TallyKey, ChunkTally> =
+    HashMap::with_max_entries(MAX_TALLIED_STREAMS, 0);
+
+/// `BPF_NOEXIST`: insert only if absent.
+const BPF_NOEXIST: u64 = 1;
+
+#[inline(always)]
+fn tally_key(ctx: &ProbeContext) -> TallyKey {
+    TallyKey {
+        tgid: current_task().0,
+        _pad: 0,
+        request_id: arg(ctx, 0),
+    }
+}
 
 /// Where a string of a hit comes from.
 pub enum Text<'a> {
@@ -44,8 +86,8 @@ fn text_arg(ctx: &ProbeContext, ptr: usize, len: usize) -> Text<'static> {
     }
 }
 
-/// The shape request_end and stage_begin/end share: a 32-bit value (status or stage),
-/// then one string (error type, or custom stage / tool name).
+/// The shape of stage_begin/end: a 32-bit value (the stage), then one string (custom
+/// stage or tool name).
 #[inline(always)]
 fn emit_value_and_text(ctx: &ProbeContext, kind: MarkerKind) -> u32 {
     let values = [arg(ctx, 1) as u32 as u64, 0];
@@ -57,16 +99,17 @@ fn emit_value_and_text(ctx: &ProbeContext, kind: MarkerKind) -> u32 {
 fn emit(ctx: &ProbeContext, kind: MarkerKind, values: [u64; 2], texts: [Text; 2]) -> u32 {
     // SAFETY: reading the clock has no preconditions.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
-    emit_event(ctx, (kind, ts_ns), arg(ctx, 0), values, texts)
+    emit_event(ctx, (kind, ts_ns), arg(ctx, 0), (values, 0), texts)
 }
 
-/// Writes one [`MarkerEvent`] of a hit at `ts_ns`, whichever probe family saw it.
+/// Writes one [`MarkerEvent`] of a hit at `ts_ns`, whichever probe family saw it, with
+/// its values and (request ends only) its tallied chunks.
 #[inline(always)]
 pub fn emit_event(
     ctx: &ProbeContext,
     (kind, ts_ns): (MarkerKind, u64),
     request_id: u64,
-    values: [u64; 2],
+    (values, tallied): ([u64; 2], u32),
     texts: [Text; 2],
 ) -> u32 {
     if !armed() {
@@ -96,7 +139,7 @@ pub fn emit_event(
     put(&mut event.values[0], values[0]);
     put(&mut event.values[1], values[1]);
     put(&mut event.read_failed, 0);
-    put(&mut event._reserved, 0);
+    put(&mut event.tallied, tallied);
     for (slot, text) in texts.iter().enumerate() {
         put(&mut event.text_len[slot], 0);
         let buffer = &mut event.text[slot];
@@ -149,13 +192,32 @@ pub fn emit_event(
 
 #[uprobe]
 pub fn request_begin(ctx: ProbeContext) -> u32 {
+    // A count left by an earlier request with this id that never ended is not this one's.
+    let _ = CHUNK_TALLIES.remove(&tally_key(&ctx));
     let texts = [text_arg(&ctx, 1, 2), text_arg(&ctx, 3, 4)];
     emit(&ctx, MarkerKind::RequestBegin, [0; 2], texts)
 }
 
 #[uprobe]
 pub fn request_end(ctx: ProbeContext) -> u32 {
-    emit_value_and_text(&ctx, MarkerKind::RequestEnd)
+    let key = tally_key(&ctx);
+    // SAFETY: copied out at once.
+    let tally = unsafe { CHUNK_TALLIES.get(&key) }.copied();
+    if tally.is_some() {
+        let _ = CHUNK_TALLIES.remove(&key);
+    }
+    let (tallied, last_ns) =
+        tally.map_or((0, 0), |t| (t.count.min(u32::MAX.into()) as u32, t.last_ns));
+    // SAFETY: reading the clock has no preconditions.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    let values = [arg(&ctx, 1) as u32 as u64, last_ns];
+    emit_event(
+        &ctx,
+        (MarkerKind::RequestEnd, ts_ns),
+        key.request_id,
+        (values, tallied),
+        [text_arg(&ctx, 2, 3), Text::None],
+    )
 }
 
 #[uprobe]
@@ -188,9 +250,38 @@ pub fn first_byte(ctx: ProbeContext) -> u32 {
     )
 }
 
+/// The first chunk of a request is sent (its time is the time to first chunk); later ones
+/// are counted.
 #[uprobe]
 pub fn chunk(ctx: ProbeContext) -> u32 {
-    emit(&ctx, MarkerKind::Chunk, [0; 2], [Text::None, Text::None])
+    if !armed() {
+        return 0;
+    }
+    let key = tally_key(&ctx);
+    // SAFETY: reading the clock has no preconditions.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    if let Some(tally) = CHUNK_TALLIES.get_ptr_mut(&key) {
+        // SAFETY: a map value stays valid while this program runs; one request's chunks
+        // come one after another.
+        let tally = unsafe { &mut *tally };
+        tally.count += 1;
+        tally.last_ns = ts_ns;
+        return 0;
+    }
+    // (The first chunk's time, though unused, keeps LLVM from zeroing it with a `memset`.)
+    let first = ChunkTally {
+        count: 0,
+        last_ns: ts_ns,
+    };
+    // Full: this chunk and the next go as records, as a first one does.
+    let _ = CHUNK_TALLIES.insert(&key, &first, BPF_NOEXIST);
+    emit_event(
+        &ctx,
+        (MarkerKind::Chunk, ts_ns),
+        key.request_id,
+        ([0; 2], 0),
+        [Text::None, Text::None],
+    )
 }
 
 #[uprobe]

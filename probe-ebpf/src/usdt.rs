@@ -56,7 +56,7 @@ pub fn usdt(ctx: ProbeContext) -> u32 {
         &ctx,
         (kind, ts_ns),
         request_id,
-        values,
+        (values, 0),
         [first, text(&ctx, &spec.texts[1])],
     )
 }

@@ -1,11 +1,14 @@
 //! Marker hits on demand, for `cargo xtask bench` to attach probes to:
 //! - `marker_load hits N`: prints `ready`, waits for a line on stdin (probes are attached
-//!   meanwhile), then times N calls of `chunk` (a marker: 5-byte NOP entry) and N calls of
-//!   `plain_function` (an ordinary function entry), interleaved over 5 rounds, and prints
-//!   `chunk NS` and `plain_function NS`: the median ns per call.
+//!   meanwhile), then times N calls of `first_byte` (a marker: 5-byte NOP entry) and N
+//!   calls of `plain_function` (an ordinary function entry), interleaved over 5 rounds, and
+//!   prints `first_byte NS` and `plain_function NS`: the median ns per call.
 //! - `marker_load storm RATE SECONDS`: prints `ready`, waits for a line, then calls
-//!   `chunk` RATE times per second (paced in 1 ms steps) for SECONDS, prints
+//!   `first_byte` RATE times per second (paced in 1 ms steps) for SECONDS, prints
 //!   `hits N seconds S`, and waits for another line (or the end of stdin) to exit.
+//!
+//! `first_byte`, not `chunk`: each of its hits is one event, where the kernel counts a
+//! request's chunks after the first instead of sending them (docs/markers.md, "Chunks").
 
 use std::{
     hint::black_box,
@@ -60,12 +63,12 @@ fn hits(calls: u64) {
     };
     let (mut marker, mut plain) = (Vec::new(), Vec::new());
     for _ in 0..5 {
-        marker.push(time(&|i| probe_markers::chunk(RequestId::from_raw(i))));
+        marker.push(time(&|i| probe_markers::first_byte(RequestId::from_raw(i))));
         plain.push(time(&|i| {
             black_box(plain_function(i));
         }));
     }
-    for (name, mut samples) in [("chunk", marker), ("plain_function", plain)] {
+    for (name, mut samples) in [("first_byte", marker), ("plain_function", plain)] {
         samples.sort_by(f64::total_cmp);
         println!("{name} {:.1}", samples[samples.len() / 2]);
     }
@@ -79,7 +82,7 @@ fn storm(rate: u64, seconds: u64) {
     let mut step = start;
     while step < end {
         for _ in 0..per_ms {
-            probe_markers::chunk(RequestId::from_raw(black_box(hits)));
+            probe_markers::first_byte(RequestId::from_raw(black_box(hits)));
             hits += 1;
         }
         step += Duration::from_millis(1);

@@ -430,9 +430,17 @@ impl Assembler {
         let request = &mut open.request;
         match event.what {
             What::RequestBegin { .. } => unreachable!("handled above"),
-            What::RequestEnd { status, error_type } => {
+            What::RequestEnd {
+                status,
+                error_type,
+                tallied_chunks,
+            } => {
                 request.status = status;
                 request.error_type = error_type;
+                if let Some(tallied) = tallied_chunks {
+                    request.chunks = request.chunks.saturating_add(tallied.count);
+                    request.last_chunk_ns = Some(tallied.last_ns);
+                }
                 request.end_ns = event.ts_ns;
                 // Its upstream exchanges have all been read by now: decide them while
                 // the request can still take them.
@@ -621,6 +629,7 @@ mod tests {
     use probe_common::marker::Stage;
 
     use super::*;
+    use crate::decode::TalliedChunks;
 
     fn ev(ts_ns: u64, request_id: u64, what: What) -> Event {
         Event {
@@ -651,6 +660,7 @@ mod tests {
             What::RequestEnd {
                 status: 200,
                 error_type: None,
+                tallied_chunks: None,
             },
         )
     }
@@ -721,6 +731,38 @@ mod tests {
         let two = asm.on_event(end(31, 2)).unwrap();
         assert_eq!(two.stages[0].duration_ns(), 8);
         assert_eq!(asm.in_flight(), 0);
+    }
+
+    #[test]
+    fn chunks_tallied_in_the_kernel_join_the_first_one_sent() {
+        let mut asm = Assembler::new(10);
+        asm.on_event(begin(10, 1));
+        asm.on_event(ev(20, 1, What::Chunk));
+        let tallied = ev(
+            50,
+            1,
+            What::RequestEnd {
+                status: 200,
+                error_type: None,
+                tallied_chunks: Some(TalliedChunks {
+                    count: 4,
+                    last_ns: 40,
+                }),
+            },
+        );
+        let one = asm.on_event(tallied).unwrap();
+        assert_eq!(
+            (one.chunks, one.first_chunk_ns, one.last_chunk_ns),
+            (5, Some(20), Some(40))
+        );
+        // A single chunk: nothing tallied, the first is also the last.
+        asm.on_event(begin(60, 2));
+        asm.on_event(ev(70, 2, What::Chunk));
+        let two = asm.on_event(end(80, 2)).unwrap();
+        assert_eq!(
+            (two.chunks, two.first_chunk_ns, two.last_chunk_ns),
+            (1, Some(70), Some(70))
+        );
     }
 
     #[test]

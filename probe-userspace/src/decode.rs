@@ -106,6 +106,8 @@ pub enum What {
     RequestEnd {
         status: u16,
         error_type: Option<String>,
+        /// Chunks after the first that the kernel counted instead of sending.
+        tallied_chunks: Option<TalliedChunks>,
     },
     StageBegin(StageId),
     StageEnd(StageId),
@@ -120,6 +122,14 @@ pub enum What {
         from: String,
         to: String,
     },
+}
+
+/// A stream's chunks after its first, counted in the kernel (docs/markers.md, "Chunks").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TalliedChunks {
+    pub count: u32,
+    /// When the last of them came.
+    pub last_ns: u64,
 }
 
 /// A stage instance's identity: the well-known stage, or a broker-defined name; tool
@@ -312,6 +322,10 @@ fn decode_marker(raw: MarkerEvent) -> Result<Event, DecodeError> {
         MarkerKind::RequestEnd => What::RequestEnd {
             status: u16::try_from(raw.values[0]).unwrap_or(0),
             error_type: some_text(0),
+            tallied_chunks: (raw.tallied > 0).then_some(TalliedChunks {
+                count: raw.tallied,
+                last_ns: raw.values[1],
+            }),
         },
         MarkerKind::StageBegin => What::StageBegin(stage()?),
         MarkerKind::StageEnd => What::StageEnd(stage()?),
@@ -416,6 +430,31 @@ mod tests {
                 model: "gpt-4o".into(),
                 traceparent: Some(String::from_utf8(tp.to_vec()).unwrap())
             }
+        );
+    }
+
+    #[test]
+    fn request_end_with_chunks_tallied_in_the_kernel() {
+        let mut raw = event(MarkerKind::RequestEnd);
+        raw.values = [200, 7_000];
+        assert_eq!(
+            marker(&raw).what,
+            What::RequestEnd {
+                status: 200,
+                error_type: None,
+                tallied_chunks: None
+            }
+        );
+        raw.tallied = 39;
+        let What::RequestEnd { tallied_chunks, .. } = marker(&raw).what else {
+            panic!()
+        };
+        assert_eq!(
+            tallied_chunks,
+            Some(TalliedChunks {
+                count: 39,
+                last_ns: 7_000
+            })
         );
     }
 

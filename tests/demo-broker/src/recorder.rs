@@ -46,6 +46,8 @@ struct Trace {
     fallback: Option<FallbackRecord>,
     first_byte_ns: Vec<u64>,
     chunks: u32,
+    first_chunk_ns: Option<u64>,
+    last_chunk_ns: Option<u64>,
     input_tokens: u64,
     output_tokens: u64,
 }
@@ -172,7 +174,11 @@ impl Recorder {
         if markers_enabled() {
             instrument::chunk(self.id);
         }
-        self.record(at, |trace, _| trace.chunks += 1);
+        self.record(at, |trace, at| {
+            trace.chunks += 1;
+            trace.first_chunk_ns.get_or_insert(at);
+            trace.last_chunk_ns = Some(at);
+        });
     }
 
     pub fn token_usage(&self, input_tokens: u64, output_tokens: u64) {
@@ -214,6 +220,8 @@ impl Trace {
             fallback: None,
             first_byte_ns: Vec::new(),
             chunks: 0,
+            first_chunk_ns: None,
+            last_chunk_ns: None,
             input_tokens: 0,
             output_tokens: 0,
         }

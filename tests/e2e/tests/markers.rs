@@ -327,6 +327,20 @@ fn compare(observed: &[Json], truth: &HashMap<u64, Json>) -> Comparison {
                 .entry(s["stage"].as_str().unwrap().to_owned())
                 .or_default() += 1;
         }
+        // The first chunk is an event, later ones are counted in the kernel with the last
+        // one's time (docs/markers.md, "Chunks"): both times as the broker saw them.
+        for field in ["first_chunk_ns", "last_chunk_ns"] {
+            assert_eq!(
+                seen[field].is_null(),
+                truth[field].is_null(),
+                "request {id}: {field}"
+            );
+            if !truth[field].is_null() {
+                result
+                    .offsets
+                    .push(ns(seen, field).abs_diff(ns(truth, field)));
+            }
+        }
         let seen_request = ns(seen, "end_ns") - ns(seen, "begin_ns");
         let true_request = ns(truth, "end_ns") - ns(truth, "begin_ns");
         result.stage_diffs.push(seen_request.abs_diff(true_request));

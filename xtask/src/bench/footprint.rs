@@ -185,7 +185,7 @@ fn main() {
     unsafe { big_symbol_0() };
     println!("ready");
     loop {
-        probe_markers::chunk(id);
+        probe_markers::first_byte(id);
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }

@@ -58,7 +58,7 @@ pub fn attached(bins: &Path) -> Result<Attached> {
                 .and_then(|v| v.parse().ok())
                 .with_context(|| format!("marker_load printed {line:?}"))
         };
-        let marker = value(load.wait_for("chunk ", Duration::from_secs(120))?)?;
+        let marker = value(load.wait_for("first_byte ", Duration::from_secs(120))?)?;
         let plain = value(load.wait_for("plain_function ", Duration::from_secs(120))?)?;
         Ok((marker, plain))
     };
@@ -82,9 +82,9 @@ pub fn attached(bins: &Path) -> Result<Attached> {
     let mut load = start()?;
     set_semaphore(load.pid(), 1)?;
     let pid = load.pid().to_string();
-    let chunk = MarkerKind::Chunk.symbol_suffix();
+    let marker = MarkerKind::FirstByte.symbol_suffix();
     let script = format!(
-        "uprobe:/proc/{pid}/exe:{MARKER_SYMBOL_PREFIX}{chunk} {{ @marker = count(); }} \
+        "uprobe:/proc/{pid}/exe:{MARKER_SYMBOL_PREFIX}{marker} {{ @marker = count(); }} \
          uprobe:/proc/{pid}/exe:plain_function {{ @plain = count(); }}"
     );
     let mut bpftrace = Service::start(

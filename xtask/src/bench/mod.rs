@@ -134,7 +134,7 @@ fn marker_section(doc: &mut String, compiled_in: &str, compiled_away: &str, a: &
         doc,
         "\n### Attached\n\n\
          Method: `marker_load hits 20000` (probe-markers example) times 20,000 calls of the \
-         `chunk` marker (entry: a 5-byte NOP) and of `plain_function` (an ordinary function \
+         `first_byte` marker (entry: a 5-byte NOP) and of `plain_function` (an ordinary function \
          entry), interleaved, 5 rounds, median — once with `brokerprobe attach --no-sockets` \
          on the markers (the full cost: a ring-buffer event per hit, {} lost), once with \
          bpftrace counting hits on both (the least a uprobe can do), so the two entry kinds \
@@ -337,7 +337,7 @@ fn figures(o: &overhead::Overhead, setup: Setup) -> Figures {
 fn pipeline_section(doc: &mut String, steps: &[pipeline::Step]) {
     doc.push_str(
         "\n## 3. Event pipeline\n\n\
-         Method: `marker_load storm RATE 2` hits the `chunk` marker RATE times per second on \
+         Method: `marker_load storm RATE 2` hits the `first_byte` marker RATE times per second on \
          CPU 1 (paced per millisecond; past what one core can do, as fast as it can); \
          `brokerprobe attach --no-sockets`, pinned to CPU 0 (`taskset`), takes the events in. \
          Every hit must be received or counted as lost. brokerprobe's CPU time over the \
