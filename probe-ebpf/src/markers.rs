@@ -192,14 +192,18 @@ pub fn emit_event(
 
 #[uprobe]
 pub fn request_begin(ctx: ProbeContext) -> u32 {
-    // A count left by an earlier request with this id that never ended is not this one's.
-    let _ = CHUNK_TALLIES.remove(&tally_key(&ctx));
     let texts = [text_arg(&ctx, 1, 2), text_arg(&ctx, 3, 4)];
-    emit(&ctx, MarkerKind::RequestBegin, [0; 2], texts)
+    emit(&ctx, MarkerKind::RequestBegin, [0; 2], texts);
+    // A count left by an earlier request with this id that never ended is not this one's
+    // (after the record: the begin's time is taken first).
+    let _ = CHUNK_TALLIES.remove(&tally_key(&ctx));
+    0
 }
 
 #[uprobe]
 pub fn request_end(ctx: ProbeContext) -> u32 {
+    // SAFETY: reading the clock has no preconditions.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
     let key = tally_key(&ctx);
     // SAFETY: copied out at once.
     let tally = unsafe { CHUNK_TALLIES.get(&key) }.copied();
@@ -208,8 +212,6 @@ pub fn request_end(ctx: ProbeContext) -> u32 {
     }
     let (tallied, last_ns) =
         tally.map_or((0, 0), |t| (t.count.min(u32::MAX.into()) as u32, t.last_ns));
-    // SAFETY: reading the clock has no preconditions.
-    let ts_ns = unsafe { bpf_ktime_get_ns() };
     let values = [arg(&ctx, 1) as u32 as u64, last_ns];
     emit_event(
         &ctx,
