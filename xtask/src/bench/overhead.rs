@@ -54,6 +54,19 @@ pub const ROUNDS: usize = 5;
 /// Pause between the saturation load and the fixed-rate one.
 const SETTLE: Duration = Duration::from_secs(1);
 
+/// The request mix of the rounds: half streaming, one chunk per stream.
+const MIX: [&str; 4] = ["--streaming", "0.5", "--models", "gpt-fast"];
+/// Long streams: a model the upstream streams in STREAM_CHUNKS chunks, STREAM_INTERVAL_MS
+/// apart, every request streaming, at STREAM_RATE requests per second.
+const STREAM_MODEL: &str = "claude-slow";
+pub const STREAM_CHUNKS: u32 = 40;
+pub const STREAM_INTERVAL_MS: u64 = 1;
+pub const STREAM_RATE: u32 = 300;
+const STREAM_MIX: [&str; 4] = ["--streaming", "1", "--models", STREAM_MODEL];
+/// Set-ups and rounds of the long-stream runs.
+pub const STREAM_SETUPS: [Setup; 2] = [Setup::A, Setup::C];
+pub const STREAM_ROUNDS: usize = 3;
+
 /// One set-up's medians over the rounds.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Figures {
@@ -83,6 +96,19 @@ pub struct Overhead {
     pub figures: Vec<(Setup, Figures)>,
     /// C's eBPF programs, dearest first.
     pub programs: Vec<ProgramCost>,
+    /// Long streams, by set-up ([`STREAM_SETUPS`]).
+    pub streams: Vec<(Setup, StreamFigures)>,
+}
+
+/// One set-up under long streams: medians over [`STREAM_ROUNDS`], with the spread of the
+/// broker's CPU per request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamFigures {
+    pub broker_cpu_us: f64,
+    pub broker_cpu_spread_us: f64,
+    /// brokerprobe's own CPU per request, and the events it received per request (C).
+    pub brokerprobe_cpu_us: f64,
+    pub events_per_request: f64,
 }
 
 /// One of brokerprobe's eBPF programs in set-up C at the fixed rate. Its runs include
@@ -109,18 +135,22 @@ struct Bench<'a> {
 }
 
 pub fn run(bins: &Path) -> Result<Overhead> {
+    // Zero delay, one chunk; the long-stream model streams STREAM_CHUNKS chunks.
+    let upstream_config = std::env::temp_dir().join("brokerprobe-bench-upstream.json");
+    std::fs::write(
+        &upstream_config,
+        format!(
+            r#"{{"default": {{"ttfb_ms": 0, "chunks": 1, "chunk_interval_ms": 0}},
+               "models": {{"{STREAM_MODEL}": {{"ttfb_ms": 0, "chunks": {STREAM_CHUNKS},
+                 "chunk_interval_ms": {STREAM_INTERVAL_MS}}}}}}}"#
+        ),
+    )
+    .context("writing the fake upstream's script")?;
     let (upstream, upstream_addr) = listening(
         "fake-upstream",
-        Command::new(bins.join("fake-upstream")).args([
-            "--listen",
-            "127.0.0.1:0",
-            "--ttfb-ms",
-            "0",
-            "--chunks",
-            "1",
-            "--chunk-interval-ms",
-            "0",
-        ]),
+        Command::new(bins.join("fake-upstream"))
+            .args(["--listen", "127.0.0.1:0", "--config"])
+            .arg(&upstream_config),
     )?;
     let (store, _) = listening("trace-store", &mut Command::new(bins.join("trace-store")))?;
     let otlp_http = store
@@ -156,6 +186,7 @@ pub fn run(bins: &Path) -> Result<Overhead> {
         load(
             bins,
             url,
+            &MIX,
             &["--duration", "2s", "--concurrency", CONCURRENCY],
         )?;
     }
@@ -202,10 +233,12 @@ pub fn run(bins: &Path) -> Result<Overhead> {
         .collect();
     eprintln!("bench: C's eBPF programs, BPF run-time statistics on");
     let programs = bench.program_costs(fixed_rate)?;
+    let streams = bench.long_streams()?;
     Ok(Overhead {
         fixed_rate,
         figures,
         programs,
+        streams,
     })
 }
 
@@ -234,6 +267,73 @@ impl Bench<'_> {
             set_semaphore(self.broker.pid(), 0)?;
         }
         Ok(figures)
+    }
+
+    /// Long streams, A and C interleaved: the broker's CPU per request, brokerprobe's, and
+    /// the events it received per request.
+    fn long_streams(&self) -> Result<Vec<(Setup, StreamFigures)>> {
+        let mut samples: Vec<(Setup, Vec<StreamFigures>)> =
+            STREAM_SETUPS.iter().map(|s| (*s, Vec::new())).collect();
+        let rate = STREAM_RATE.to_string();
+        for round in 0..STREAM_ROUNDS {
+            for i in 0..STREAM_SETUPS.len() {
+                let setup = STREAM_SETUPS[(i + round) % STREAM_SETUPS.len()];
+                eprintln!(
+                    "bench: long streams, round {}/{STREAM_ROUNDS}, {}",
+                    round + 1,
+                    setup.describe()
+                );
+                let attached = self.attach(setup)?;
+                let probe_before = attached.as_ref().map(|a| cpu_time(a.pid())).transpose()?;
+                let (broker_cpu_us, line) = self.broker_cpu_per_request(setup, || {
+                    let duration = format!("{SECONDS}s");
+                    let args = [
+                        "--duration",
+                        &duration,
+                        "--concurrency",
+                        "128",
+                        "--rate",
+                        &rate,
+                    ];
+                    load(self.bins, self.url(setup), &STREAM_MIX, &args)
+                })?;
+                let requests = field(&line, "requests")
+                    .context("loadgen: no request count")?
+                    .max(1.0);
+                let mut figures = StreamFigures {
+                    broker_cpu_us,
+                    ..StreamFigures::default()
+                };
+                if let (Some(attached), Some(before)) = (attached, probe_before) {
+                    let used = cpu_time(attached.pid())?.saturating_sub(before);
+                    figures.brokerprobe_cpu_us = used.as_secs_f64() * 1e6 / requests;
+                    figures.events_per_request = events_per_request(&attached.stop(libc::SIGINT)?)?;
+                }
+                samples
+                    .iter_mut()
+                    .find(|(s, _)| *s == setup)
+                    .expect("every setup has a slot")
+                    .1
+                    .push(figures);
+            }
+        }
+        Ok(samples
+            .into_iter()
+            .map(|(setup, rounds)| {
+                let pick = |f: fn(&StreamFigures) -> f64| {
+                    median(&mut rounds.iter().map(f).collect::<Vec<_>>())
+                };
+                let cpu = rounds.iter().map(|f| f.broker_cpu_us);
+                let figures = StreamFigures {
+                    broker_cpu_us: pick(|f| f.broker_cpu_us),
+                    broker_cpu_spread_us: cpu.clone().fold(f64::MIN, f64::max)
+                        - cpu.fold(f64::MAX, f64::min),
+                    brokerprobe_cpu_us: pick(|f| f.brokerprobe_cpu_us),
+                    events_per_request: pick(|f| f.events_per_request),
+                };
+                (setup, figures)
+            })
+            .collect())
     }
 
     /// Set-up C at the fixed rate, with the kernel's BPF run-time statistics switched on
@@ -290,7 +390,7 @@ impl Bench<'_> {
         let duration = format!("{SECONDS}s");
         let mut args = vec!["--duration", &duration, "--concurrency", concurrency];
         args.extend_from_slice(extra);
-        load(self.bins, self.url(setup), &args)
+        load(self.bins, self.url(setup), &MIX, &args)
     }
 
     fn url(&self, setup: Setup) -> &str {
@@ -446,19 +546,14 @@ fn bpftrace_script(pid: &str) -> String {
     .join("\n")
 }
 
-/// Runs the load generator; returns its summary line.
-fn load(bins: &Path, url: &str, args: &[&str]) -> Result<String> {
+/// Runs the load generator with request mix `mix` (streaming share and models); returns
+/// its summary line.
+fn load(bins: &Path, url: &str, mix: &[&str], args: &[&str]) -> Result<String> {
     let out = Command::new(bins.join("loadgen"))
         .args(["--url", url])
-        .args(["--streaming", "0.5", "--tools", "0", "--fallback", "0"])
-        .args([
-            "--unknown-model",
-            "0",
-            "--traceparent",
-            "0",
-            "--models",
-            "gpt-fast",
-        ])
+        .args(["--tools", "0", "--fallback", "0"])
+        .args(["--unknown-model", "0", "--traceparent", "0"])
+        .args(mix)
         .args(args)
         .output()
         .context("starting loadgen")?;
