@@ -1,4 +1,5 @@
-//! Marker events: one per hit of a `brokerprobe_v1_*` marker function in the broker.
+//! Marker events: one per hit of a `brokerprobe_v1_*` marker function in the broker,
+//! but for a stream's chunks after the first, which the request's end carries as a count.
 //!
 //! The marker ABI (symbols, argument registers, strings) is specified in docs/markers.md;
 //! [`MarkerKind`] and [`Stage`] numbers here are that ABI's, and probe-markers' own copy
@@ -127,6 +128,32 @@ impl Stage {
         }
     }
 }
+
+/// `CHUNK_TALLIES` key: a request's chunks, by process and request id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TallyKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub request_id: u64,
+}
+
+/// `CHUNK_TALLIES` value: chunks of one stream after its first one sent, and when the last
+/// came.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkTally {
+    pub count: u64,
+    pub last_ns: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain old data of integers, no padding.
+unsafe impl aya::Pod for TallyKey {}
+
+#[cfg(feature = "user")]
+// SAFETY: plain old data of integers, no padding.
+unsafe impl aya::Pod for ChunkTally {}
 
 /// One marker hit, as written by the kernel into the ring buffer.
 ///

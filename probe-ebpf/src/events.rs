@@ -99,14 +99,23 @@ pub fn losses() -> u64 {
 #[inline(always)]
 pub fn count_loss(counter: Counter) -> u64 {
     if let Some(slot) = LOSSES.get_ptr_mut(0) {
-        // SAFETY: an aligned u64 in a map value that lives as long as the map. CPUs add to
-        // it concurrently, so the add is the BPF atomic one (Debian's core for bpfel has no
-        // atomic read-modify-write: hence the instruction itself).
-        unsafe {
-            core::arch::asm!("lock *(u64 *)({slot} + 0) += {one}", slot = in(reg) slot, one = in(reg) 1u64);
-        }
+        // SAFETY: an aligned u64 in a map value that lives as long as the map.
+        unsafe { atomic_add_one(slot) };
     }
     count(counter)
+}
+
+/// Adds one to `*slot` with the BPF atomic add, for a word CPUs add to concurrently
+/// (Debian's core for bpfel has no atomic read-modify-write: hence the instruction itself).
+///
+/// # Safety
+/// `slot` points to an aligned u64 in a map value.
+#[inline(always)]
+pub unsafe fn atomic_add_one(slot: *mut u64) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        core::arch::asm!("lock *(u64 *)({slot} + 0) += {one}", slot = in(reg) slot, one = in(reg) 1u64);
+    }
 }
 
 /// Writes the first bytes of a record: who, when, and the losses so far (which let user

@@ -1,5 +1,6 @@
 //! Uprobes on the broker's marker functions (docs/markers.md): each hit becomes one
-//! [`MarkerEvent`] in the ring buffer, timestamped here, never by the broker.
+//! [`MarkerEvent`] in the ring buffer, timestamped here, never by the broker — but for a
+//! stream's later chunks, which are counted (below).
 //!
 //! Program names equal the marker symbol suffixes, so user space attaches program
 //! `request_begin` to `brokerprobe_v1_request_begin`.
@@ -21,31 +22,17 @@ use aya_log_ebpf::warn;
 use probe_common::{
     event::{Counter, Source},
     maps::MAX_TALLIED_STREAMS,
-    marker::{MarkerEvent, MarkerKind, TEXT_CAP},
+    marker::{ChunkTally, MarkerEvent, MarkerKind, TEXT_CAP, TallyKey},
 };
 
-use crate::events::{EVENTS, armed, count_loss, current_task, put, submit_flags, write_header};
-
-/// A request's chunks, by process and request id.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct TallyKey {
-    tgid: u32,
-    _pad: u32,
-    request_id: u64,
-}
-
-/// Chunks of one stream after its first, and when the last came.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ChunkTally {
-    count: u64,
-    last_ns: u64,
-}
+use crate::events::{
+    EVENTS, armed, atomic_add_one, count_loss, current_task, put, submit_flags, write_header,
+};
 
 /// Streams whose first chunk was sent: their later chunks are counted here until the
-/// request ends. A hash, not an LRU: an evicted count would be lost silently, where a full
-/// map only sends chunks one record each again.
+/// request ends (user space removes a process's entries when it lets the process go). A
+/// hash, not an LRU: an evicted count would be lost silently, where a full map only sends
+/// chunks one record each again.
 #[map]
 static CHUNK_TALLIES: HashMap<TallyKey, ChunkTally> =
     HashMap::with_max_entries(MAX_TALLIED_STREAMS, 0);
@@ -263,11 +250,11 @@ pub fn chunk(ctx: ProbeContext) -> u32 {
     // SAFETY: reading the clock has no preconditions.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
     if let Some(tally) = CHUNK_TALLIES.get_ptr_mut(&key) {
-        // SAFETY: a map value stays valid while this program runs; one request's chunks
-        // come one after another.
-        let tally = unsafe { &mut *tally };
-        tally.count += 1;
-        tally.last_ns = ts_ns;
+        // SAFETY: a map value stays valid while this program runs; its words are aligned.
+        // Atomic: a broker may forward one request's chunks from two threads at once.
+        unsafe { atomic_add_one(&raw mut (*tally).count) };
+        // SAFETY: as above; an aligned 8-byte store does not tear.
+        unsafe { (*tally).last_ns = ts_ns };
         return 0;
     }
     // (The first chunk's time, though unused, keeps LLVM from zeroing it with a `memset`.)

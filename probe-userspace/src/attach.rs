@@ -21,7 +21,7 @@ use aya::{
 use aya_log::EbpfLogger;
 use probe_common::{
     event::Counter,
-    marker::MarkerKind,
+    marker::{ChunkTally, MarkerKind, TallyKey},
     socket::{SocketState, socket_key},
     usdt::{UsdtSite, UsdtSpec},
 };
@@ -104,6 +104,8 @@ pub struct Probes {
     sockets: HashMap<MapData, u64, SocketState>,
     /// What each USDT probe site's hits mean, per process.
     usdt_sites: HashMap<MapData, UsdtSite, UsdtSpec>,
+    /// Streams' chunk counts (docs/markers.md, "Chunks"); a process's go with it.
+    chunk_tallies: HashMap<MapData, TallyKey, ChunkTally>,
     processes: std::collections::HashMap<u32, ProcessProbes>,
     /// Whether [`TRAP_PREEMPTED`] is attached.
     trap_timing: bool,
@@ -161,6 +163,7 @@ impl Session {
         let armed = Array::try_from(take_map(&mut ebpf, "ARMED")?)?;
         let traced = Array::try_from(take_map(&mut ebpf, "TRACED_PROCESSES")?)?;
         let usdt_sites = HashMap::try_from(take_map(&mut ebpf, "USDT_SITES")?)?;
+        let chunk_tallies = HashMap::try_from(take_map(&mut ebpf, "CHUNK_TALLIES")?)?;
         let programs = MarkerKind::ALL.map(MarkerKind::symbol_suffix);
         for name in programs
             .into_iter()
@@ -183,6 +186,7 @@ impl Session {
                 traced,
                 sockets: sockets_map,
                 usdt_sites,
+                chunk_tallies,
                 processes: std::collections::HashMap::new(),
                 trap_timing: false,
             },
@@ -375,6 +379,16 @@ impl Probes {
         }
         for site in &process.usdt_sites {
             let _ = self.usdt_sites.remove(site);
+        }
+        // Streams it left unended would hold their entries until the map filled.
+        let left: Vec<TallyKey> = self
+            .chunk_tallies
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.tgid == pid)
+            .collect();
+        for key in &left {
+            let _ = self.chunk_tallies.remove(key);
         }
         let (semaphore, usdt_events) = (process.semaphore, process.usdt_events);
         std::thread::spawn(move || drop((links, semaphore, usdt_events)));

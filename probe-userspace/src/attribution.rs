@@ -18,7 +18,7 @@
 //! request with the most votes that still has a free upstream stage — once the votes are
 //! in: when that request ends, or a moment after the exchange itself ends.
 
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 
 use crate::{
     assembly::UpstreamCall,
@@ -34,9 +34,6 @@ const ADJACENT_NS: u64 = 10_000_000;
 /// An exchange that ended unattributed waits this long past its last response byte for
 /// the votes of its last reads (cast by the next marker hit on their threads).
 const HOLD_NS: u64 = 100_000_000;
-
-/// Distinct requests voted for, kept per exchange; past it the weakest vote goes.
-const MAX_CANDIDATES: usize = 8;
 
 /// What attribution needs of the open requests (implemented by assembly).
 pub trait UpstreamStages {
@@ -59,8 +56,6 @@ pub struct AttributionStats {
     pub only_candidate: u64,
     /// No adjacency evidence for a request that could take it, and not a sole candidate.
     pub unattributed: u64,
-    /// Votes let go because an exchange had votes for too many requests.
-    pub votes_dropped: u64,
 }
 
 /// An upstream exchange that started and is not attributed yet.
@@ -98,10 +93,7 @@ pub struct Attributor {
 
 impl Attributor {
     pub fn stats(&self) -> AttributionStats {
-        AttributionStats {
-            votes_dropped: self.evidence.votes_dropped,
-            ..self.stats
-        }
+        self.stats
     }
 
     /// A marker hit of request `request_id` on thread `tid`.
@@ -342,7 +334,11 @@ struct Evidence {
     votes: HashMap<u64, (u32, Vec<Vote>)>,
     /// Request → exchanges that voted for it (some may be decided since).
     by_request: HashMap<RequestKey, Vec<u64>>,
-    votes_dropped: u64,
+    /// Exchanges whose response reads have voted: the first read's next marker is the
+    /// request's own (its first byte), while after a stream's later reads it may be any
+    /// request's, as the kernel counts a stream's later chunk markers instead of sending
+    /// them (docs/markers.md, "Chunks").
+    read_voted: HashSet<u64>,
 }
 
 impl Evidence {
@@ -352,6 +348,7 @@ impl Evidence {
         if let Some((Some(exchange), read_ns)) = trail.read.take() {
             if ts_ns.saturating_sub(read_ns) <= ADJACENT_NS {
                 self.vote(exchange, request_id, ts_ns);
+                self.read_voted.insert(exchange);
             }
         }
     }
@@ -382,7 +379,8 @@ impl Evidence {
     }
 
     fn on_read(&mut self, exchange: Option<u64>, pid: u32, tid: u32, ts_ns: u64) {
-        let exchange = exchange.filter(|id| self.votes.contains_key(id));
+        let exchange =
+            exchange.filter(|id| self.votes.contains_key(id) && !self.read_voted.contains(id));
         let trail = self.threads.entry((pid, tid)).or_default();
         trail.read = Some((exchange, ts_ns));
     }
@@ -397,26 +395,12 @@ impl Evidence {
             vote.last_ns = ts_ns;
             return;
         }
-        let vote = Vote {
+        // At most three: the start's, the connect's and the response's reads'.
+        votes.push(Vote {
             request_id,
             count: 1,
             last_ns: ts_ns,
-        };
-        if votes.len() < MAX_CANDIDATES {
-            votes.push(vote);
-        } else {
-            // The weakest, stalest vote makes room: an early stray vote must not keep the
-            // real owner's later ones out.
-            self.votes_dropped += 1;
-            let weakest = votes
-                .iter_mut()
-                .min_by_key(|v| (v.count, v.last_ns))
-                .expect("MAX_CANDIDATES > 0");
-            if weakest.count > 1 {
-                return;
-            }
-            *weakest = vote;
-        }
+        });
         self.by_request
             .entry((*pid, request_id))
             .or_default()
@@ -463,6 +447,7 @@ impl Evidence {
     /// The exchange is attributed, or never will be: forget its votes.
     fn close(&mut self, exchange: u64) {
         self.votes.remove(&exchange);
+        self.read_voted.remove(&exchange);
     }
 
     /// Forgets threads and connects quiet for `idle_ns` (threads come and go with the
@@ -511,6 +496,20 @@ mod tests {
     }
 
     #[test]
+    fn a_responses_reads_vote_once() {
+        let mut e = Evidence::default();
+        e.on_start(1, PID, 10, 3, 110);
+        // The head comes in two reads before the request's first-byte marker: one vote.
+        e.on_read(Some(1), PID, 11, 500);
+        e.on_read(Some(1), PID, 11, 505);
+        e.on_marker(PID, 11, 7, 510);
+        // A later read of the stream, then another request's marker on that thread.
+        e.on_read(Some(1), PID, 11, 600);
+        e.on_marker(PID, 11, 8, 610);
+        assert_eq!(votes(&e, 1), [(7, 1)]);
+    }
+
+    #[test]
     fn only_the_adjacent_event_votes() {
         let mut e = Evidence::default();
         e.on_marker(PID, 10, 7, 100);
@@ -532,16 +531,24 @@ mod tests {
     #[test]
     fn ranking_prefers_more_then_fresher_votes_and_closed_exchanges_take_none() {
         let mut e = Evidence::default();
-        e.on_start(1, PID, 10, 3, 0);
-        for (request, ts) in [(7, 10), (8, 20), (8, 30), (9, 40), (9, 50)] {
-            e.on_read(Some(1), PID, 11, ts);
-            e.on_marker(PID, 11, request, ts + 1);
-        }
-        assert_eq!(votes(&e, 1), [(9, 2), (8, 2), (7, 1)]);
+        e.on_marker(PID, 10, 8, 0);
+        e.on_connect(PID, 10, 3, 1); // request 8's task connects fd 3
+        e.on_marker(PID, 10, 9, 5);
+        e.on_start(1, PID, 10, 3, 6); // written after request 9's marker
+        e.on_read(Some(1), PID, 11, 20);
+        e.on_marker(PID, 11, 9, 21);
+        assert_eq!(votes(&e, 1), [(9, 2), (8, 1)]);
+        // One vote each: the fresher first.
+        e.on_marker(PID, 10, 7, 30);
+        e.on_start(2, PID, 10, 4, 31);
+        e.on_read(Some(2), PID, 11, 40);
+        e.on_marker(PID, 11, 8, 41);
+        assert_eq!(votes(&e, 2), [(8, 1), (7, 1)]);
         e.close(1);
+        e.close(2);
         e.on_read(Some(1), PID, 11, 60);
         e.on_marker(PID, 11, 7, 61);
-        assert!(e.votes.is_empty());
+        assert!(e.votes.is_empty() && e.read_voted.is_empty());
         e.forget_quiet(61, 1_000);
         assert!(
             e.by_request.is_empty(),
@@ -559,24 +566,5 @@ mod tests {
         assert_eq!(votes(&e, 1), [(7, 1)]);
         e.on_start(2, PID, 11, 5, 300); // the connection's next exchange: no connect vote
         assert!(e.ranked(2).is_empty());
-    }
-
-    #[test]
-    fn stray_single_votes_make_room_for_the_owners_later_ones() {
-        let mut e = Evidence::default();
-        e.on_start(1, PID, 10, 3, 0);
-        let mut ts = 0;
-        let mut vote_for = |e: &mut Evidence, request| {
-            ts += 10;
-            e.on_read(Some(1), PID, 11, ts);
-            e.on_marker(PID, 11, request, ts + 1);
-        };
-        for stray in 100..100 + MAX_CANDIDATES as u64 {
-            vote_for(&mut e, stray);
-        }
-        vote_for(&mut e, 7);
-        vote_for(&mut e, 7);
-        assert_eq!(votes(&e, 1)[0], (7, 2));
-        assert_eq!(e.votes_dropped, 1);
     }
 }

@@ -359,7 +359,7 @@ pub fn health_text(health: &ProbeHealth) -> String {
              open at attach, {} learned later, {} unresolved ({} events not followed); {} stray \
              response bytes; {} I/O outside read/write syscalls; {} events outside the window; \
              {} response reads without arrival time; upstream exchanges attributed: {} by \
-             adjacency, {} only candidate, {} not attributed ({} votes dropped)",
+             adjacency, {} only candidate, {} not attributed",
             c.exchanges,
             c.unanswered,
             c.connects,
@@ -375,7 +375,6 @@ pub fn health_text(health: &ProbeHealth) -> String {
             a.attribution.adjacent,
             a.attribution.only_candidate,
             a.attribution.unattributed,
-            a.attribution.votes_dropped,
         );
     }
     text

@@ -339,7 +339,7 @@ pub fn marker_entry_bytes(pid: u32) -> Result<Vec<[u8; 5]>> {
         .iter()
         .map(|marker| {
             let mut entry = [0u8; 5];
-            read_mapped(pid, marker.file_offset, &mut entry)
+            read_mapped(pid, marker.file_offset, 'x', &mut entry)
                 .with_context(|| format!("reading {:?}", marker.kind))?;
             Ok(entry)
         })
@@ -352,7 +352,7 @@ pub fn marker_semaphore(pid: u32) -> Result<u16> {
         .semaphore
         .context("the broker has no marker semaphore")?;
     let mut value = [0u8; 2];
-    read_mapped(pid, semaphore.counter_offset, &mut value)?;
+    read_mapped(pid, semaphore.counter_offset, 'w', &mut value)?;
     Ok(u16::from_ne_bytes(value))
 }
 
@@ -368,7 +368,7 @@ pub fn usdt_semaphores(pid: u32) -> Result<Vec<u16>> {
                 .semaphore_offset
                 .with_context(|| format!("USDT probe {probe} has no semaphore"))?;
             let mut value = [0u8; 2];
-            read_mapped(pid, offset, &mut value)?;
+            read_mapped(pid, offset, 'w', &mut value)?;
             Ok(u16::from_ne_bytes(value))
         })
         .collect()
@@ -383,14 +383,15 @@ fn marker_scan(pid: u32) -> Result<probe_userspace::target::MarkerScan> {
     Ok(scan)
 }
 
-/// Reads `pid`'s memory where its executable's `file_offset` is mapped.
-fn read_mapped(pid: u32, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+/// Reads `pid`'s memory where its executable's `file_offset` is mapped, in the mapping
+/// with permission `perm` (`x` code, `w` data) if two share the file page.
+fn read_mapped(pid: u32, file_offset: u64, perm: char, buf: &mut [u8]) -> Result<()> {
     use std::io::{Read as _, Seek as _, SeekFrom};
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
     // Mappings of the executable: "start-end perms offset dev inode path".
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    // Two segments may share a file page (a read-only one and the writable data holding
-    // the semaphores, say): the written copy is in the writable or executable mapping.
+    // Two segments may share a file page (lld: read-only data and the writable data
+    // holding the semaphores, say): what the kernel wrote is in the mapping for its kind.
     let address = maps
         .lines()
         .filter(|l| l.ends_with(exe.to_str().unwrap_or_default()))
@@ -403,7 +404,7 @@ fn read_mapped(pid: u32, file_offset: u64, buf: &mut [u8]) -> Result<()> {
             Some((hex(start)?, hex(end)?, hex(offset)?, perms))
         })
         .filter(|(start, end, offset, _)| (*offset..offset + (end - start)).contains(&file_offset))
-        .min_by_key(|(.., perms)| !(perms.contains('w') || perms.contains('x')))
+        .min_by_key(|(.., perms)| !perms.contains(perm))
         .map(|(start, _, offset, _)| start + file_offset - offset)
         .with_context(|| format!("file offset {file_offset:#x} is not mapped"))?;
     let mut mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;

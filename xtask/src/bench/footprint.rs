@@ -178,6 +178,7 @@ fn main() {
     probe_markers::provider(id, "p");
     drop(probe_markers::stage(id, Stage::Route));
     probe_markers::first_byte(id);
+    probe_markers::chunk(id);
     probe_markers::token_usage(id, 1, 1);
     probe_markers::fallback(id, "a", "b");
     probe_markers::request_end(id, 200, None);

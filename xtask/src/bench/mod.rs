@@ -161,8 +161,8 @@ fn overhead_section(doc: &mut String, o: &overhead::Overhead) {
         doc,
         "\n## 2. Broker overhead\n\n\
          Method: the demo broker (2 tokio workers, 64 keys so the pool never waits) in front of \
-         `fake-upstream --ttfb-ms 0 --chunks 1` (zero delay), driven by the workspace's \
-         `loadgen` (half streaming, model gpt-fast): at saturation (32 in flight, 5 s: \
+         `fake-upstream`, which answers model gpt-fast at once in one chunk (zero delay), \
+         driven by the workspace's `loadgen` (half streaming, model gpt-fast): at saturation (32 in flight, 5 s: \
          throughput, broker CPU per request from /proc/PID/task/*/schedstat) and, after a \
          1 s pause, at a fixed rate of \
          {:.0} requests/s (a quarter of A's saturation in a warm-up run before the rounds; \
@@ -242,19 +242,22 @@ fn overhead_section(doc: &mut String, o: &overhead::Overhead) {
 fn long_streams_section(doc: &mut String, o: &overhead::Overhead) {
     let _ = write!(
         doc,
-        "
-### Long streams
-
-         Method: the same broker, every request streaming a model the upstream sends in {}          chunks {} ms apart (the rounds above stream one chunk; an LLM streams tens to          thousands), {} requests/s for {} s, set-ups {} interleaved, {} rounds, medians: the          broker's CPU per request (and its spread over the rounds), brokerprobe's own CPU          per request and the events it received per request. Each chunk passes the `chunk`          marker, an upstream read and a client write.
-
-         | set-up | broker CPU µs/request | vs A | spread µs | brokerprobe CPU µs/request | events per request |
-         |---|---|---|---|---|---|
-",
+        "\n### Long streams\n\n\
+         Method: the same broker, every request streaming a model the upstream sends in {} \
+         chunks {} ms apart (the rounds above stream one chunk; an LLM streams tens to \
+         thousands), {} requests/s for {} s, set-ups {} interleaved, {} rounds, medians: the \
+         broker's CPU per request (and its spread over the rounds), brokerprobe's own CPU \
+         per request and the events it received per request. Each chunk passes the `chunk` \
+         marker, an upstream read and a client write.\n\n\
+         | set-up | broker CPU µs/request | vs A | spread µs | brokerprobe CPU µs/request | events per request |\n\
+         |---|---|---|---|---|---|\n",
         overhead::STREAM_CHUNKS,
         overhead::STREAM_INTERVAL_MS,
         overhead::STREAM_RATE,
         overhead::SECONDS,
-        overhead::STREAM_SETUPS.map(|s| format!("{s:?}")).join(" and "),
+        overhead::STREAM_SETUPS
+            .map(|s| format!("{s:?}"))
+            .join(" and "),
         overhead::STREAM_ROUNDS,
     );
     let a = o

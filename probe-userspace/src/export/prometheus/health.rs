@@ -164,12 +164,6 @@ const HEALTH_COUNTERS: &[HealthCounter] = &[
         |h| h.assembly.attribution.unattributed,
     ),
     (
-        "brokerprobe_attribution_votes_dropped_total",
-        "Thread-adjacency votes not kept: an exchange had votes for too many requests.",
-        None,
-        |h| h.assembly.attribution.votes_dropped,
-    ),
-    (
         "brokerprobe_export_dropped_total",
         "Records an exporter could not write (after a write error to its file), by exporter.",
         Some(("exporter", "requests_out")),
