@@ -953,8 +953,9 @@ mod tests {
     }
 
     /// Work stealing breaks one adjacency: exchange 100 is written on the thread where
-    /// request 2 began last, but its response reads wake request 1. The majority wins,
-    /// and the request reports network TTFB, broker wait and their difference.
+    /// request 2 began last, but its response read wakes request 1. One vote each: the
+    /// fresher (the read's) wins, and the request reports network TTFB, broker wait and
+    /// their difference.
     #[test]
     fn upstream_exchanges_go_to_the_request_most_adjacent_to_their_io() {
         let mut asm = Assembler::new(10);

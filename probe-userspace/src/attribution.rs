@@ -13,8 +13,8 @@
 //!   connecting thread names the request of the connection's first exchange.
 //!
 //! Threads alone are not enough (tasks move between workers), and one adjacency can be
-//! broken by work stealing; so every write start, connect and response read of an
-//! exchange casts a vote ([`Evidence`]), and the [`Attributor`] gives the exchange to the
+//! broken by work stealing; so an exchange's write start, connect and response read each
+//! cast a vote ([`Evidence`]), and the [`Attributor`] gives the exchange to the
 //! request with the most votes that still has a free upstream stage — once the votes are
 //! in: when that request ends, or a moment after the exchange itself ends.
 
@@ -32,7 +32,7 @@ pub type RequestKey = (u32, u64);
 const ADJACENT_NS: u64 = 10_000_000;
 
 /// An exchange that ended unattributed waits this long past its last response byte for
-/// the votes of its last reads (cast by the next marker hit on their threads).
+/// its read's vote (cast by the next marker hit on the reading thread).
 const HOLD_NS: u64 = 100_000_000;
 
 /// What attribution needs of the open requests (implemented by assembly).
@@ -345,10 +345,14 @@ impl Evidence {
     fn on_marker(&mut self, pid: u32, tid: u32, request_id: u64, ts_ns: u64) {
         let trail = self.threads.entry((pid, tid)).or_default();
         trail.marker = Some((request_id, ts_ns));
+        // The first marker after any of an open exchange's reads uses up its read vote,
+        // cast or not (too far apart), whichever thread read.
         if let Some((Some(exchange), read_ns)) = trail.read.take() {
-            if ts_ns.saturating_sub(read_ns) <= ADJACENT_NS {
+            if self.votes.contains_key(&exchange)
+                && self.read_voted.insert(exchange)
+                && ts_ns.saturating_sub(read_ns) <= ADJACENT_NS
+            {
                 self.vote(exchange, request_id, ts_ns);
-                self.read_voted.insert(exchange);
             }
         }
     }
@@ -395,7 +399,7 @@ impl Evidence {
             vote.last_ns = ts_ns;
             return;
         }
-        // At most three: the start's, the connect's and the response's reads'.
+        // At most three: the start's, the connect's and the response's read's.
         votes.push(Vote {
             request_id,
             count: 1,
@@ -507,6 +511,25 @@ mod tests {
         e.on_read(Some(1), PID, 11, 600);
         e.on_marker(PID, 11, 8, 610);
         assert_eq!(votes(&e, 1), [(7, 1)]);
+        // Reads on two threads before either's next marker: the first marker votes.
+        e.on_start(2, PID, 10, 4, 700);
+        e.on_read(Some(2), PID, 11, 800);
+        e.on_read(Some(2), PID, 12, 805);
+        e.on_marker(PID, 12, 7, 806);
+        e.on_marker(PID, 11, 8, 810);
+        assert_eq!(votes(&e, 2), [(7, 1)]);
+        // A read whose next marker came too late still uses the vote up.
+        e.on_start(3, PID, 10, 5, 900);
+        e.on_read(Some(3), PID, 11, 1_000);
+        e.on_marker(PID, 11, 9, 1_000 + ADJACENT_NS + 1);
+        e.on_read(Some(3), PID, 11, 2 * ADJACENT_NS);
+        e.on_marker(PID, 11, 8, 2 * ADJACENT_NS + 1);
+        assert!(e.ranked(3).is_empty());
+        // A closed exchange's late read leaves nothing behind.
+        e.on_read(Some(3), PID, 13, 3 * ADJACENT_NS);
+        e.close(3);
+        e.on_marker(PID, 13, 8, 3 * ADJACENT_NS + 1);
+        assert!(!e.read_voted.contains(&3));
     }
 
     #[test]
