@@ -194,43 +194,25 @@ pub fn run(bins: &Path) -> Result<Overhead> {
     let (bare, _) = bench.saturation(Setup::A)?;
     let fixed_rate = (bare.rps / 4.0).round().max(10.0);
 
-    let mut samples: Vec<(Setup, Vec<Figures>)> = SETUPS.iter().map(|s| (*s, Vec::new())).collect();
-    for round in 0..ROUNDS {
-        for i in 0..SETUPS.len() {
-            let setup = SETUPS[(i + round) % SETUPS.len()];
-            eprintln!("bench: round {}/{ROUNDS}, {}", round + 1, setup.describe());
-            let figures = bench.measure(setup, fixed_rate)?;
-            samples
-                .iter_mut()
-                .find(|(s, _)| *s == setup)
-                .expect("every setup has a slot")
-                .1
-                .push(figures);
-        }
-    }
-    let figures = samples
-        .into_iter()
-        .map(|(setup, rounds)| {
-            let pick =
-                |f: fn(&Figures) -> f64| median(&mut rounds.iter().map(f).collect::<Vec<_>>());
-            let spread = |f: fn(&Figures) -> f64| {
-                rounds.iter().map(f).fold(f64::MIN, f64::max)
-                    - rounds.iter().map(f).fold(f64::MAX, f64::min)
-            };
-            let figures = Figures {
-                rps: pick(|f| f.rps),
-                cpu_us: pick(|f| f.cpu_us),
-                p50_us: pick(|f| f.p50_us),
-                p99_us: pick(|f| f.p99_us),
-                fixed_cpu_us: pick(|f| f.fixed_cpu_us),
-                p99_spread_us: spread(|f| f.p99_us),
-                cpu_spread_us: spread(|f| f.cpu_us),
-                fixed_cpu_spread_us: spread(|f| f.fixed_cpu_us),
-                events_per_request: pick(|f| f.events_per_request),
-            };
-            (setup, figures)
-        })
-        .collect();
+    let figures = interleaved(&SETUPS, ROUNDS, "round", |setup| {
+        bench.measure(setup, fixed_rate)
+    })?
+    .into_iter()
+    .map(|(setup, rounds)| {
+        let figures = Figures {
+            rps: median_of(&rounds, |f| f.rps),
+            cpu_us: median_of(&rounds, |f| f.cpu_us),
+            p50_us: median_of(&rounds, |f| f.p50_us),
+            p99_us: median_of(&rounds, |f| f.p99_us),
+            fixed_cpu_us: median_of(&rounds, |f| f.fixed_cpu_us),
+            p99_spread_us: spread_of(&rounds, |f| f.p99_us),
+            cpu_spread_us: spread_of(&rounds, |f| f.cpu_us),
+            fixed_cpu_spread_us: spread_of(&rounds, |f| f.fixed_cpu_us),
+            events_per_request: median_of(&rounds, |f| f.events_per_request),
+        };
+        (setup, figures)
+    })
+    .collect();
     eprintln!("bench: C's eBPF programs, BPF run-time statistics on");
     let programs = bench.program_costs(fixed_rate)?;
     let streams = bench.long_streams()?;
@@ -272,64 +254,38 @@ impl Bench<'_> {
     /// Long streams, A and C interleaved: the broker's CPU per request, brokerprobe's, and
     /// the events it received per request.
     fn long_streams(&self) -> Result<Vec<(Setup, StreamFigures)>> {
-        let mut samples: Vec<(Setup, Vec<StreamFigures>)> =
-            STREAM_SETUPS.iter().map(|s| (*s, Vec::new())).collect();
         let rate = STREAM_RATE.to_string();
-        for round in 0..STREAM_ROUNDS {
-            for i in 0..STREAM_SETUPS.len() {
-                let setup = STREAM_SETUPS[(i + round) % STREAM_SETUPS.len()];
-                eprintln!(
-                    "bench: long streams, round {}/{STREAM_ROUNDS}, {}",
-                    round + 1,
-                    setup.describe()
-                );
+        let samples = interleaved(
+            &STREAM_SETUPS,
+            STREAM_ROUNDS,
+            "long streams, round",
+            |setup| {
                 let attached = self.attach(setup)?;
                 let probe_before = attached.as_ref().map(|a| cpu_time(a.pid())).transpose()?;
                 let (broker_cpu_us, line) = self.broker_cpu_per_request(setup, || {
-                    let duration = format!("{SECONDS}s");
-                    let args = [
-                        "--duration",
-                        &duration,
-                        "--concurrency",
-                        "128",
-                        "--rate",
-                        &rate,
-                    ];
-                    load(self.bins, self.url(setup), &STREAM_MIX, &args)
+                    self.timed_load(setup, &STREAM_MIX, "128", &["--rate", &rate])
                 })?;
-                let requests = field(&line, "requests")
-                    .context("loadgen: no request count")?
-                    .max(1.0);
                 let mut figures = StreamFigures {
                     broker_cpu_us,
                     ..StreamFigures::default()
                 };
                 if let (Some(attached), Some(before)) = (attached, probe_before) {
+                    let requests = field(&line, "requests").context("loadgen: no request count")?;
                     let used = cpu_time(attached.pid())?.saturating_sub(before);
-                    figures.brokerprobe_cpu_us = used.as_secs_f64() * 1e6 / requests;
+                    figures.brokerprobe_cpu_us = used.as_secs_f64() * 1e6 / requests.max(1.0);
                     figures.events_per_request = events_per_request(&attached.stop(libc::SIGINT)?)?;
                 }
-                samples
-                    .iter_mut()
-                    .find(|(s, _)| *s == setup)
-                    .expect("every setup has a slot")
-                    .1
-                    .push(figures);
-            }
-        }
+                Ok(figures)
+            },
+        )?;
         Ok(samples
             .into_iter()
             .map(|(setup, rounds)| {
-                let pick = |f: fn(&StreamFigures) -> f64| {
-                    median(&mut rounds.iter().map(f).collect::<Vec<_>>())
-                };
-                let cpu = rounds.iter().map(|f| f.broker_cpu_us);
                 let figures = StreamFigures {
-                    broker_cpu_us: pick(|f| f.broker_cpu_us),
-                    broker_cpu_spread_us: cpu.clone().fold(f64::MIN, f64::max)
-                        - cpu.fold(f64::MAX, f64::min),
-                    brokerprobe_cpu_us: pick(|f| f.brokerprobe_cpu_us),
-                    events_per_request: pick(|f| f.events_per_request),
+                    broker_cpu_us: median_of(&rounds, |f| f.broker_cpu_us),
+                    broker_cpu_spread_us: spread_of(&rounds, |f| f.broker_cpu_us),
+                    brokerprobe_cpu_us: median_of(&rounds, |f| f.brokerprobe_cpu_us),
+                    events_per_request: median_of(&rounds, |f| f.events_per_request),
                 };
                 (setup, figures)
             })
@@ -381,16 +337,22 @@ impl Bench<'_> {
     /// The latency load: `fixed_rate` requests per second for [`SECONDS`]; loadgen's
     /// summary line.
     fn fixed_rate_load(&self, setup: Setup, fixed_rate: f64) -> Result<String> {
-        self.timed_load(setup, "64", &["--rate", &fixed_rate.to_string()])
+        self.timed_load(setup, &MIX, "64", &["--rate", &fixed_rate.to_string()])
     }
 
-    /// [`SECONDS`] of load on the set-up's broker with `concurrency` requests in flight
-    /// at most; loadgen's summary line.
-    fn timed_load(&self, setup: Setup, concurrency: &str, extra: &[&str]) -> Result<String> {
+    /// [`SECONDS`] of request mix `mix` on the set-up's broker with `concurrency` requests
+    /// in flight at most; loadgen's summary line.
+    fn timed_load(
+        &self,
+        setup: Setup,
+        mix: &[&str],
+        concurrency: &str,
+        extra: &[&str],
+    ) -> Result<String> {
         let duration = format!("{SECONDS}s");
         let mut args = vec!["--duration", &duration, "--concurrency", concurrency];
         args.extend_from_slice(extra);
-        load(self.bins, self.url(setup), &MIX, &args)
+        load(self.bins, self.url(setup), mix, &args)
     }
 
     fn url(&self, setup: Setup) -> &str {
@@ -424,7 +386,7 @@ impl Bench<'_> {
     /// Throughput and broker CPU per request at saturation.
     fn saturation(&self, setup: Setup) -> Result<(Figures, String)> {
         let (cpu_us, line) =
-            self.broker_cpu_per_request(setup, || self.timed_load(setup, CONCURRENCY, &[]))?;
+            self.broker_cpu_per_request(setup, || self.timed_load(setup, &MIX, CONCURRENCY, &[]))?;
         let figures = Figures {
             rps: field(&line, "rate").context("loadgen: no rate")?,
             cpu_us,
@@ -475,6 +437,40 @@ fn programs() -> Result<HashMap<u32, (String, u64, Duration)>> {
             Ok((info.id(), (name, info.run_count(), info.run_time())))
         })
         .collect()
+}
+
+/// Measures every set-up `rounds` times, the order rotated each round (so no set-up
+/// always follows the same one); each set-up's samples in round order.
+fn interleaved<F>(
+    setups: &[Setup],
+    rounds: usize,
+    label: &str,
+    mut measure: impl FnMut(Setup) -> Result<F>,
+) -> Result<Vec<(Setup, Vec<F>)>> {
+    let mut samples: Vec<(Setup, Vec<F>)> = setups.iter().map(|s| (*s, Vec::new())).collect();
+    for round in 0..rounds {
+        for i in 0..setups.len() {
+            let setup = setups[(i + round) % setups.len()];
+            eprintln!(
+                "bench: {label} {}/{rounds}, {}",
+                round + 1,
+                setup.describe()
+            );
+            let figures = measure(setup)?;
+            samples[(i + round) % setups.len()].1.push(figures);
+        }
+    }
+    Ok(samples)
+}
+
+/// Over one set-up's rounds: the median of figure `f`.
+fn median_of<F>(rounds: &[F], f: fn(&F) -> f64) -> f64 {
+    median(&mut rounds.iter().map(f).collect::<Vec<_>>())
+}
+
+/// Over one set-up's rounds: the largest minus the smallest of figure `f`.
+fn spread_of<F>(rounds: &[F], f: fn(&F) -> f64) -> f64 {
+    rounds.iter().map(f).fold(f64::MIN, f64::max) - rounds.iter().map(f).fold(f64::MAX, f64::min)
 }
 
 /// From brokerprobe's health line: `events N (...); requests M complete, ...`.
