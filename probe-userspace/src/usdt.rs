@@ -543,10 +543,17 @@ pub(crate) fn stage_by_name(name: &str, label: &str) -> Result<(u32, Option<Stri
 }
 
 /// Where the instruction at `file_offset` of `exe` is in process `pid`'s memory (the
-/// address a uprobe there sees): found in /proc/PID/maps by the file's device and inode.
-/// Linkers may let two segments share a file page (lld: the end of the read-only data and
-/// the start of the code): the executable mapping is the instruction's.
+/// address a uprobe there sees).
 pub fn runtime_address(pid: u32, exe: &Path, file_offset: u64) -> Result<u64> {
+    mapped_address(pid, exe, file_offset, 'x')
+}
+
+/// Where `file_offset` of `exe` is in process `pid`'s memory: found in /proc/PID/maps by
+/// the file's device and inode. Linkers may let two segments share a file page (lld: the
+/// end of the read-only data and the start of the code, or of the writable data), so the
+/// mapping with permission `perm` (`x` for code, `w` for data the process writes) is
+/// preferred.
+pub fn mapped_address(pid: u32, exe: &Path, file_offset: u64, perm: char) -> Result<u64> {
     use std::os::unix::fs::MetadataExt as _;
     let file = fs::metadata(exe).with_context(|| format!("reading {}", exe.display()))?;
     let device = format!(
@@ -581,7 +588,7 @@ pub fn runtime_address(pid: u32, exe: &Path, file_offset: u64) -> Result<u64> {
         };
         if (offset..offset + (end - start)).contains(&file_offset) {
             let address = start + (file_offset - offset);
-            if perms.contains('x') {
+            if perms.contains(perm) {
                 return Ok(address);
             }
             found.get_or_insert(address);

@@ -388,25 +388,7 @@ fn marker_scan(pid: u32) -> Result<probe_userspace::target::MarkerScan> {
 fn read_mapped(pid: u32, file_offset: u64, perm: char, buf: &mut [u8]) -> Result<()> {
     use std::io::{Read as _, Seek as _, SeekFrom};
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
-    // Mappings of the executable: "start-end perms offset dev inode path".
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    // Two segments may share a file page (lld: read-only data and the writable data
-    // holding the semaphores, say): what the kernel wrote is in the mapping for its kind.
-    let address = maps
-        .lines()
-        .filter(|l| l.ends_with(exe.to_str().unwrap_or_default()))
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (start, end) = f.next()?.split_once('-')?;
-            let perms = f.next()?;
-            let offset = f.next()?;
-            let hex = |s: &str| u64::from_str_radix(s, 16).ok();
-            Some((hex(start)?, hex(end)?, hex(offset)?, perms))
-        })
-        .filter(|(start, end, offset, _)| (*offset..offset + (end - start)).contains(&file_offset))
-        .min_by_key(|(.., perms)| !perms.contains(perm))
-        .map(|(start, _, offset, _)| start + file_offset - offset)
-        .with_context(|| format!("file offset {file_offset:#x} is not mapped"))?;
+    let address = probe_userspace::usdt::mapped_address(pid, &exe, file_offset, perm)?;
     let mut mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
     mem.seek(SeekFrom::Start(address))?;
     mem.read_exact(buf)?;
