@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     io::{Read as _, Write as _},
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
     time::Duration,
 };
@@ -193,7 +193,7 @@ fn io_outside_followed_syscalls_is_counted_not_misattributed() {
         ROUNDS as f64,
         "one sendfile per round counted"
     );
-    let exchanges = followed.finish(&exchanges_path);
+    let exchanges = followed.finish();
     let upstream = upstream_exchanges(&exchanges);
     assert_eq!(upstream.len(), ROUNDS, "{exchanges:#?}");
     for exchange in upstream {
@@ -250,7 +250,7 @@ fn an_ipv6_connection_is_followed_with_its_addresses() {
         .expect("the client prints its local port");
     server.join().unwrap();
     followed.wait_for_counter("brokerprobe_upstream_exchanges_total", ROUNDS);
-    let exchanges = followed.finish(&exchanges_path);
+    let exchanges = followed.finish();
     let upstream = upstream_exchanges(&exchanges);
     assert_eq!(upstream.len(), ROUNDS, "{exchanges:#?}");
     // The connect's time goes with the connection's first exchange (the file is in the
@@ -281,6 +281,7 @@ struct FollowedClient {
     client: Proc,
     probe: Proc,
     metrics_url: String,
+    exchanges_out: PathBuf,
 }
 
 impl FollowedClient {
@@ -304,6 +305,7 @@ impl FollowedClient {
             client,
             probe,
             metrics_url,
+            exchanges_out: exchanges_out.to_owned(),
         }
     }
 
@@ -316,7 +318,7 @@ impl FollowedClient {
 
     /// Stops brokerprobe (it must exit cleanly), lets the client go, and returns the
     /// exchanges brokerprobe wrote.
-    fn finish(mut self, exchanges_out: &Path) -> Vec<Json> {
+    fn finish(mut self) -> Vec<Json> {
         self.probe.interrupt().unwrap();
         assert!(
             self.probe
@@ -325,7 +327,7 @@ impl FollowedClient {
                 .success()
         );
         self.client.write_line("exit").unwrap();
-        read_jsonl(exchanges_out)
+        read_jsonl(&self.exchanges_out)
     }
 }
 
