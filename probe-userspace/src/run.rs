@@ -435,9 +435,16 @@ struct Run<'a> {
     socket_tracepoints: u32,
 }
 
+/// Tells the user a process is attached (stdout flushed: scripts wait for the line).
+fn announce(line: String) {
+    notice::say(line);
+    let _ = std::io::stdout().flush();
+}
+
 impl Run<'_> {
-    /// Attaches to one process and announces it.
-    fn attach_process(&mut self, found: Found, pipeline: &mut Pipeline) -> Result<()> {
+    /// Attaches to one process; returns its announcement, to be made once its events flow
+    /// (the probes armed).
+    fn attach_process(&mut self, found: Found, pipeline: &mut Pipeline) -> Result<String> {
         let Found {
             target,
             exit,
@@ -493,16 +500,14 @@ impl Run<'_> {
             (false, false) => probes,
             (true, _) => format!("{} socket tracepoints", self.socket_tracepoints),
         };
-        notice::say(format!(
-            "brokerprobe: attached {what} to {target} as replica {replica}; metrics on {}",
-            self.metrics_url
-        ));
         if matches!(stages, Stages::Markers) && !target.missing.is_empty() {
             let names: Vec<String> = target.missing.iter().map(|k| marker_symbol(*k)).collect();
             log::info!("not in PID {pid} (never called): {}", names.join(", "));
         }
-        std::io::stdout().flush()?;
-        Ok(())
+        Ok(format!(
+            "brokerprobe: attached {what} to {target} as replica {replica}; metrics on {}",
+            self.metrics_url
+        ))
     }
 
     /// `--follow`: attaches to processes that started matching since the last look.
@@ -513,7 +518,8 @@ impl Run<'_> {
             }
             let followed = open(pid)
                 .and_then(|opened| find(self.options, opened))
-                .and_then(|found| self.attach_process(found, pipeline));
+                .and_then(|found| self.attach_process(found, pipeline))
+                .map(announce);
             if refused(selector, pid, followed).is_none() {
                 self.processes.refused.insert(pid);
             }
@@ -659,8 +665,9 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
             traces.destinations.join(" and ")
         ));
     }
+    let mut announcements = Vec::new();
     for found in found {
-        run.attach_process(found, &mut pipeline)?;
+        announcements.push(run.attach_process(found, &mut pipeline)?);
     }
     if let Targets::Follow(selector) = &options.targets
         && run.processes.is_empty()
@@ -674,6 +681,8 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
     pipeline.connections.open_window(all_attached_ns);
     pipeline.assembler.open_window(all_attached_ns);
     run.probes.arm()?;
+    // Only now: whoever waits for "attached" (a user, a test) may send requests at once.
+    announcements.into_iter().for_each(announce);
     let server = tokio::spawn(server::serve(
         listener,
         pipeline.prometheus.registry(),
