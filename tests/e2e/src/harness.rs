@@ -450,3 +450,29 @@ pub fn loaded_bpf_programs() -> std::collections::BTreeSet<u32> {
         .map(|info| info.expect("listing loaded eBPF programs").id())
         .collect()
 }
+
+/// Open chunk tallies (`CHUNK_TALLIES`, docs/maps.md) of broker `pid` in the maps brokerprobe
+/// `probe` holds: its map found through its own file descriptors, so no other loader's
+/// map is read.
+pub fn chunk_tallies_of(probe: u32, pid: u32) -> Result<usize> {
+    use aya::maps::{HashMap, Map, MapData};
+    use probe_common::marker::{ChunkTally, TallyKey};
+    for entry in std::fs::read_dir(format!("/proc/{probe}/fdinfo"))? {
+        let info = std::fs::read_to_string(entry?.path()).unwrap_or_default();
+        let Some(id) = info
+            .lines()
+            .find_map(|line| line.strip_prefix("map_id:"))
+            .and_then(|id| id.trim().parse().ok())
+        else {
+            continue;
+        };
+        let map = MapData::from_id(id)?;
+        if map.info()?.name_as_str() != Some("CHUNK_TALLIES") {
+            continue;
+        }
+        let tallies = HashMap::<_, TallyKey, ChunkTally>::try_from(Map::HashMap(map))?;
+        let keys: Vec<TallyKey> = tallies.keys().collect::<Result<_, _>>()?;
+        return Ok(keys.iter().filter(|key| key.tgid == pid).count());
+    }
+    bail!("brokerprobe (PID {probe}) holds no CHUNK_TALLIES map")
+}

@@ -9,8 +9,8 @@ use std::{
 
 use e2e::{
     harness::{
-        Proc, attach_brokerprobe, bin, read_jsonl, require_root, scratch_dir, start_demo_broker,
-        start_listening, stats, wait_for_requests,
+        Proc, attach_brokerprobe, bin, chunk_tallies_of, read_jsonl, require_root, scratch_dir,
+        start_demo_broker, start_listening, stats, wait_for_requests,
     },
     load::{self, Mix, check_statuses},
     trace_store::TraceStore,
@@ -66,11 +66,11 @@ fn replicas_are_reported_apart_and_together() {
     let to_first = rt
         .block_on(load::drive(&first_url, 100, 8, &mix(), 1))
         .unwrap();
-    let to_second = rt
+    let tosecond = rt
         .block_on(load::drive(&second_url, 150, 8, &mix(), 2))
         .unwrap();
     check_statuses(&to_first);
-    check_statuses(&to_second);
+    check_statuses(&tosecond);
     let metrics = rt.block_on(wait_for_requests(&metrics_url, 250)).unwrap();
     let stats = rt.block_on(stats(&metrics_url)).unwrap();
     let by_replica = requests_by_replica(&metrics);
@@ -143,6 +143,83 @@ fn replicas_are_reported_apart_and_together() {
         "no per-process rows in the final table: {:#?}",
         probe.stdout
     );
+}
+
+/// A broker killed mid-stream never ends its streams: their chunk tallies would stay in the
+/// kernel's map (docs/maps.md) until it filled. brokerprobe removes them when it lets the
+/// process go, and goes on with the other replica.
+#[test]
+fn a_process_gone_mid_stream_leaves_no_chunk_tallies() {
+    require_root();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Streams of 400 chunks 10 ms apart: still open seconds later, when the broker goes.
+    let (_upstream, upstream) = start_listening(
+        "fake-upstream",
+        Command::new(bin("fake-upstream")).args(["--chunks", "400", "--chunk-interval-ms", "10"]),
+    )
+    .unwrap();
+    let (mut first, first_addr) = start_listening(
+        "demo-broker",
+        Command::new(bin("demo-broker"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--upstream", &format!("http://{upstream}")]),
+    )
+    .unwrap();
+    let (second, _) = start_demo_broker(&[]).unwrap();
+    let pids = format!("{},{}", first.pid(), second.pid());
+    let (mut probe, _) = attach_brokerprobe(first.pid(), &["--pid", &pids]).unwrap();
+    probe
+        .wait_for_line(
+            &format!("to PID {} (demo-broker", second.pid()),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+
+    const STREAMS: usize = 4;
+    let streams = Mix {
+        streaming: 1.0,
+        tools: 0.0,
+        fallback: 0.0,
+        unknown_model: 0.0,
+        traceparent: 0.0,
+        models: vec!["gpt-fast".into()],
+        ..Mix::default()
+    };
+    let url = format!("http://{first_addr}");
+    // Cut short by the kill: their outcome is not the point.
+    let _in_flight =
+        rt.spawn(async move { load::drive(&url, STREAMS, STREAMS, &streams, 4).await });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let open = loop {
+        let open = chunk_tallies_of(probe.pid(), first.pid()).unwrap();
+        if open == STREAMS || Instant::now() > deadline {
+            break open;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        open, STREAMS,
+        "tallies of the streams in flight, before the kill"
+    );
+
+    first.signal("KILL").unwrap();
+    first.wait_exit(Duration::from_secs(10)).unwrap();
+    probe
+        .wait_for_line(
+            &format!("PID {} exited", first.pid()),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let left = loop {
+        let left = chunk_tallies_of(probe.pid(), first.pid()).unwrap();
+        if left == 0 || Instant::now() > deadline {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!("chunk tallies of the killed broker: {open} open before, {left} after");
+    assert_eq!(left, 0, "tallies left behind by the killed broker");
 }
 
 /// `--follow PATH`: the broker restarts with a new PID; brokerprobe attaches to it within
