@@ -6,6 +6,11 @@
 //! - `marker_load storm RATE SECONDS`: prints `ready`, waits for a line, then calls
 //!   `first_byte` RATE times per second (paced in 1 ms steps) for SECONDS, prints
 //!   `hits N seconds S`, and waits for another line (or the end of stdin) to exit.
+//! - `marker_load streams N K`: prints `ready`, waits for a line, then begins N requests
+//!   (ids 1..=N), hits `chunk` K times for each (K rounds over all N: every stream open at
+//!   once), prints `chunked`, waits for a line, ends them all (status 200), prints `ended`
+//!   and waits for another line (or the end of stdin) to exit. Past the kernel's room for
+//!   chunk tallies, streams go one record per chunk: the e2e tests check none is lost.
 //!
 //! `first_byte`, not `chunk`: each of its hits is one event, where the kernel counts a
 //! request's chunks after the first instead of sending them (docs/markers.md, "Chunks").
@@ -38,19 +43,26 @@ fn main() {
     probe_markers::request_end(id, 200, None);
 
     let args: Vec<String> = std::env::args().skip(1).collect();
+    const USAGE: &str = "usage: marker_load hits N | storm RATE SECONDS | streams N K";
     let number = |i: usize| -> u64 {
         args.get(i)
             .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("usage: marker_load hits N | storm RATE SECONDS"))
+            .unwrap_or_else(|| panic!("{USAGE}"))
     };
     println!("ready");
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line).expect("stdin");
+    wait_for_line();
     match args.first().map(String::as_str) {
         Some("hits") => hits(number(1)),
         Some("storm") => storm(number(1), number(2)),
-        _ => panic!("usage: marker_load hits N | storm RATE SECONDS"),
+        Some("streams") => streams(number(1), number(2)),
+        _ => panic!("{USAGE}"),
     }
+}
+
+/// Waits for a line on stdin, or its end.
+fn wait_for_line() {
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
 }
 
 fn hits(calls: u64) {
@@ -93,6 +105,33 @@ fn storm(rate: u64, seconds: u64) {
     println!("hits {hits} seconds {:.3}", start.elapsed().as_secs_f64());
     // Alive until told (or stdin closes): brokerprobe ends its run when its target
     // exits, and the bench still reads its figures.
-    let mut line = String::new();
-    let _ = std::io::stdin().lock().read_line(&mut line);
+    wait_for_line();
+}
+
+fn streams(count: u64, chunks: u64) {
+    // A pause every thousand hits keeps the burst within what brokerprobe drains.
+    let paced = |i: u64| {
+        if i % 1000 == 999 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let ids = || (1..=count).map(RequestId::from_raw);
+    for (i, id) in ids().enumerate() {
+        probe_markers::request_begin(id, "stream", None);
+        paced(i as u64);
+    }
+    for _ in 0..chunks {
+        for (i, id) in ids().enumerate() {
+            probe_markers::chunk(id);
+            paced(i as u64);
+        }
+    }
+    println!("chunked");
+    wait_for_line();
+    for (i, id) in ids().enumerate() {
+        probe_markers::request_end(id, 200, None);
+        paced(i as u64);
+    }
+    println!("ended");
+    wait_for_line();
 }

@@ -8,13 +8,14 @@ use std::{
 
 use e2e::{
     harness::{
-        Proc, attach_brokerprobe, bin, counter_sum, demo_broker_usdt_map, ground_truth,
-        health_figure, loaded_bpf_programs, marker_entry_bytes, marker_semaphore, read_jsonl,
-        require_root, scratch_dir, start_demo_broker, start_demo_broker_variant, start_listening,
-        usdt_semaphores, wait_for_counter, wait_for_requests,
+        Proc, attach_brokerprobe, bin, chunk_tallies_of, counter_sum, demo_broker_usdt_map,
+        ground_truth, health_figure, loaded_bpf_programs, marker_entry_bytes, marker_semaphore,
+        read_jsonl, require_root, scratch_dir, start_demo_broker, start_demo_broker_variant,
+        start_listening, usdt_semaphores, wait_for_counter, wait_for_requests,
     },
     load::{self, Mix, check_statuses},
 };
+use probe_common::maps::MAX_TALLIED_STREAMS;
 use prometheus_parse::Scrape;
 use serde_json::Value as Json;
 
@@ -355,6 +356,74 @@ fn a_marker_storm_is_received_or_counted_exactly() {
     println!("marker storm: {hits} hits = {received} received + {lost} lost (counted)");
     assert!(lost > 0, "nothing was lost: the overflow was not tested");
     assert_eq!(received + lost, hits, "hits neither received nor counted");
+}
+
+/// More streams open at once than the kernel has room to tally (`CHUNK_TALLIES`,
+/// docs/maps.md): those past it go one record per chunk, and every chunk of every stream
+/// is counted; the tallies go with their requests' ends.
+#[test]
+fn streams_past_the_tally_map_lose_no_chunk() {
+    require_root();
+    const STREAMS: usize = MAX_TALLIED_STREAMS as usize + 2_000;
+    const CHUNKS: u64 = 3;
+    let dir = scratch_dir("tally-overflow");
+    let requests_out = dir.join("requests.jsonl");
+    let mut generator = Proc::spawn(
+        "marker_load",
+        Command::new(bin("examples/marker_load")).args([
+            "streams",
+            &STREAMS.to_string(),
+            &CHUNKS.to_string(),
+        ]),
+    )
+    .unwrap();
+    generator
+        .wait_for_line("ready", Duration::from_secs(10))
+        .unwrap();
+    let (mut probe, _) = attach_brokerprobe(
+        generator.pid(),
+        &[
+            "--no-sockets",
+            "--requests-out",
+            requests_out.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    generator.write_line("go").unwrap();
+    generator
+        .wait_for_line("chunked", Duration::from_secs(60))
+        .unwrap();
+    let tallied = chunk_tallies_of(probe.pid(), generator.pid()).unwrap();
+    generator.write_line("end").unwrap();
+    generator
+        .wait_for_line("ended", Duration::from_secs(60))
+        .unwrap();
+    let left = chunk_tallies_of(probe.pid(), generator.pid()).unwrap();
+    // What the ring buffer still holds is read within the poll interval.
+    std::thread::sleep(Duration::from_millis(500));
+    probe.interrupt().unwrap();
+    let lost = health_figure(&probe.stdout, "(lost: ");
+    let requests = read_jsonl(&requests_out);
+    let miscounted: Vec<&Json> = requests.iter().filter(|r| r["chunks"] != CHUNKS).collect();
+    println!(
+        "{STREAMS} streams of {CHUNKS} chunks: {tallied} tallied in the kernel, {} reported, \
+         {} with another chunk count, {lost} events lost, {left} tallies left",
+        requests.len(),
+        miscounted.len()
+    );
+    assert_eq!(
+        tallied, MAX_TALLIED_STREAMS as usize,
+        "the map was not filled"
+    );
+    assert_eq!(lost, 0, "events lost: the fallback was not what was tested");
+    assert_eq!(requests.len(), STREAMS, "requests reported");
+    assert!(
+        miscounted.is_empty(),
+        "chunks miscounted, e.g. {:?}",
+        miscounted.first()
+    );
+    assert_eq!(left, 0, "tallies left after every request ended");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// The OTLP receiver accepts and never answers, and scrapers connect and stall (never
