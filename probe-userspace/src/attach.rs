@@ -380,15 +380,20 @@ impl Probes {
         for site in &process.usdt_sites {
             let _ = self.usdt_sites.remove(site);
         }
-        // Streams it left unended would hold their entries until the map filled.
+        // Streams it left unended would hold their entries until the map filled (a walk of
+        // at most MAX_TALLIED_STREAMS keys, once per process gone).
         let left: Vec<TallyKey> = self
             .chunk_tallies
             .keys()
             .filter_map(Result::ok)
             .filter(|key| key.tgid == pid)
             .collect();
+        let mut kept = 0;
         for key in &left {
-            let _ = self.chunk_tallies.remove(key);
+            kept += usize::from(self.chunk_tallies.remove(key).is_err());
+        }
+        if kept > 0 {
+            log::warn!("PID {pid}: {kept} of its stream chunk tallies could not be removed");
         }
         let (semaphore, usdt_events) = (process.semaphore, process.usdt_events);
         std::thread::spawn(move || drop((links, semaphore, usdt_events)));
