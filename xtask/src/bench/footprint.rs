@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use super::run::{Service, attached_brokerprobe, cpu_time, listening, median, rss_kb};
+use super::run::{Service, attached_brokerprobe, cpu_time, interleaved, listening, median, rss_kb};
 use crate::{cargo, run, workspace_root};
 
 /// Requests per second of the two measured loads.
@@ -32,53 +32,128 @@ pub struct Load {
 }
 
 pub fn loads(bins: &Path) -> Result<Vec<Load>> {
-    let (store, _) = listening("trace-store", &mut Command::new(bins.join("trace-store")))?;
-    let otlp = store
-        .seen
-        .iter()
-        .find_map(|l| l.strip_prefix("http on "))
-        .context("trace-store printed no http address")?
-        .to_owned();
-    let (broker, addr) = listening(
-        "demo-broker",
-        Command::new(bins.join("demo-broker"))
-            .args(["--fake", "--listen", "127.0.0.1:0"])
-            .args(["--keys", "64", "--per-key-concurrency", "64"]),
-    )?;
-    let url = format!("http://{addr}");
+    let fixture = Fixture::start(bins)?;
+    let endpoint = fixture.otlp_endpoint();
     RATES
         .iter()
-        .map(|rate| {
-            let endpoint = format!("http://{otlp}/v1/traces");
-            let probe = attached_brokerprobe(
-                Command::new(bins.join("brokerprobe")),
-                broker.pid(),
-                &["--otlp-endpoint", &endpoint],
-            )?;
-            let cpu_before = cpu_time(probe.pid())?;
-            let out = Command::new(bins.join("loadgen"))
-                .args([
-                    "--url",
-                    &url,
-                    "--rate",
-                    &rate.to_string(),
-                    "--models",
-                    "gpt-fast",
-                ])
-                .args(["--concurrency", "256", "--duration", &format!("{SECONDS}s")])
-                .output()?;
-            let cpu = cpu_time(probe.pid())?.saturating_sub(cpu_before);
-            let rss_kb = rss_kb(probe.pid())?;
-            probe.stop(libc::SIGINT)?;
-            let summary = String::from_utf8_lossy(&out.stdout).into_owned();
-            Ok(Load {
-                rate: *rate,
-                served: super::run::field(&summary, "rate").unwrap_or(0.0),
-                cpu_percent: cpu.as_secs_f64() * 100.0 / SECONDS as f64,
-                rss_kb,
-            })
-        })
+        .map(|rate| fixture.load(*rate, &["--otlp-endpoint", &endpoint]))
         .collect()
+}
+
+/// What brokerprobe follows, each adding to the one before.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Following {
+    Markers,
+    MarkersSockets,
+    MarkersSocketsOtlp,
+}
+
+impl Following {
+    pub const ALL: [Following; 3] = [
+        Following::Markers,
+        Following::MarkersSockets,
+        Following::MarkersSocketsOtlp,
+    ];
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Following::Markers => "markers",
+            Following::MarkersSockets => "markers + sockets",
+            Following::MarkersSocketsOtlp => "markers + sockets + OTLP export",
+        }
+    }
+}
+
+/// Rounds of [`by_feature`].
+pub const FEATURE_ROUNDS: usize = 3;
+
+/// brokerprobe's CPU per request at [`FEATURE_RATE`] by what it follows, interleaved over
+/// [`FEATURE_ROUNDS`] rounds: each configuration's per-round figures (µs per request).
+pub fn by_feature(bins: &Path) -> Result<Vec<(Following, Vec<f64>)>> {
+    let fixture = Fixture::start(bins)?;
+    let endpoint = fixture.otlp_endpoint();
+    interleaved(
+        &Following::ALL,
+        FEATURE_ROUNDS,
+        "brokerprobe by feature, round",
+        Following::describe,
+        |following| {
+            let extra: &[&str] = match following {
+                Following::Markers => &["--no-sockets"],
+                Following::MarkersSockets => &[],
+                Following::MarkersSocketsOtlp => &["--otlp-endpoint", &endpoint],
+            };
+            let load = fixture.load(FEATURE_RATE, extra)?;
+            Ok(load.cpu_percent / 100.0 * 1e6 / load.served.max(1.0))
+        },
+    )
+}
+
+/// The requests/s of [`by_feature`]: the busier of [`RATES`].
+pub const FEATURE_RATE: u64 = RATES[1];
+
+/// A demo broker with its in-process upstream, and a trace receiver.
+struct Fixture<'a> {
+    bins: &'a Path,
+    broker: Service,
+    url: String,
+    otlp: String,
+    _store: Service,
+}
+
+impl<'a> Fixture<'a> {
+    fn start(bins: &'a Path) -> Result<Self> {
+        let (store, _) = listening("trace-store", &mut Command::new(bins.join("trace-store")))?;
+        let otlp = store
+            .seen
+            .iter()
+            .find_map(|l| l.strip_prefix("http on "))
+            .context("trace-store printed no http address")?
+            .to_owned();
+        let (broker, addr) = listening(
+            "demo-broker",
+            Command::new(bins.join("demo-broker"))
+                .args(["--fake", "--listen", "127.0.0.1:0"])
+                .args(["--keys", "64", "--per-key-concurrency", "64"]),
+        )?;
+        Ok(Self {
+            bins,
+            broker,
+            url: format!("http://{addr}"),
+            otlp,
+            _store: store,
+        })
+    }
+
+    fn otlp_endpoint(&self) -> String {
+        format!("http://{}/v1/traces", self.otlp)
+    }
+
+    /// brokerprobe attached with `extra` while the broker serves `rate` requests/s for
+    /// [`SECONDS`]: its CPU over the load and its RSS at the end.
+    fn load(&self, rate: u64, extra: &[&str]) -> Result<Load> {
+        let probe = attached_brokerprobe(
+            Command::new(self.bins.join("brokerprobe")),
+            self.broker.pid(),
+            extra,
+        )?;
+        let cpu_before = cpu_time(probe.pid())?;
+        let out = Command::new(self.bins.join("loadgen"))
+            .args(["--url", &self.url, "--rate", &rate.to_string()])
+            .args(["--models", "gpt-fast"])
+            .args(["--concurrency", "256", "--duration", &format!("{SECONDS}s")])
+            .output()?;
+        let cpu = cpu_time(probe.pid())?.saturating_sub(cpu_before);
+        let rss_kb = rss_kb(probe.pid())?;
+        probe.stop(libc::SIGINT)?;
+        let summary = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(Load {
+            rate,
+            served: super::run::field(&summary, "rate").unwrap_or(0.0),
+            cpu_percent: cpu.as_secs_f64() * 100.0 / SECONDS as f64,
+            rss_kb,
+        })
+    }
 }
 
 pub struct Attach {

@@ -12,8 +12,10 @@ use std::{fmt::Write as _, fs, process::Command};
 use anyhow::{Result, bail};
 
 use crate::{bin_dir, cargo, run as run_cmd, workspace_root};
+use footprint::Following;
 use overhead::{Figures, Setup};
 use probe_common::marker::MarkerKind;
+use run::{median_of, spread_of};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -66,15 +68,16 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if runs(Section::Footprint) {
         eprintln!("bench: brokerprobe's footprint");
         let loads = footprint::loads(&bins)?;
+        let features = footprint::by_feature(&bins)?;
         let attach = footprint::attach(&bins)?;
-        footprint_section(&mut doc, &loads, &attach);
-        footprint = Some((loads, attach));
+        footprint_section(&mut doc, &loads, &features, &attach);
+        footprint = Some((loads, features, attach));
     }
-    if let (Some(markers), Some(overhead), Some(steps), Some((loads, attach))) =
+    if let (Some(markers), Some(overhead), Some(steps), Some((loads, features, attach))) =
         (markers, overhead, steps, footprint)
     {
         targets_section(&mut doc, &markers, &overhead, &steps, &loads, &attach);
-        findings_section(&mut doc, &markers, &overhead, &steps, &loads);
+        findings_section(&mut doc, &markers, &overhead, &steps, &features);
         fs::write(workspace_root().join("BENCHMARKS.md"), &doc)?;
     }
     print!("{doc}");
@@ -419,7 +422,23 @@ fn pipeline_section(doc: &mut String, steps: &[pipeline::Step]) {
     }
 }
 
-fn footprint_section(doc: &mut String, loads: &[footprint::Load], a: &footprint::Attach) {
+/// Each configuration's median CPU per request over its rounds, and their spread.
+fn feature_costs(features: &[(Following, Vec<f64>)]) -> Vec<(Following, f64, f64)> {
+    features
+        .iter()
+        .map(|(following, rounds)| {
+            let of = |x: &f64| *x;
+            (*following, median_of(rounds, of), spread_of(rounds, of))
+        })
+        .collect()
+}
+
+fn footprint_section(
+    doc: &mut String,
+    loads: &[footprint::Load],
+    features: &[(Following, Vec<f64>)],
+    a: &footprint::Attach,
+) {
     doc.push_str(
         "\n## 4. brokerprobe's own footprint\n\n\
          Method: the demo broker (in-process fake upstream, model gpt-fast) at a fixed rate \
@@ -437,6 +456,27 @@ fn footprint_section(doc: &mut String, loads: &[footprint::Load], a: &footprint:
             l.cpu_percent,
             l.rss_kb as f64 / 1024.0
         );
+    }
+    let _ = write!(
+        doc,
+        "\nBy what brokerprobe follows: the same broker at {} requests/s, brokerprobe \
+         attached with markers only (`--no-sockets`), with markers and sockets, and with \
+         both and OTLP export, {} rounds, the order rotated each round; medians of its CPU \
+         per request served.\n\n\
+         | brokerprobe follows | CPU µs/request | spread µs | added µs/request |\n\
+         |---|---|---|---|\n",
+        footprint::FEATURE_RATE,
+        footprint::FEATURE_ROUNDS
+    );
+    let mut before = None;
+    for (following, cpu_us, spread_us) in feature_costs(features) {
+        let added = before.map_or("-".to_owned(), |b: f64| format!("{:+.1}", cpu_us - b));
+        let _ = writeln!(
+            doc,
+            "| {} | {cpu_us:.1} | {spread_us:.1} | {added} |",
+            following.describe()
+        );
+        before = Some(cpu_us);
     }
     let _ = write!(
         doc,
@@ -551,7 +591,7 @@ fn findings_section(
     attached: &markers::Attached,
     o: &overhead::Overhead,
     steps: &[pipeline::Step],
-    loads: &[footprint::Load],
+    features: &[(Following, Vec<f64>)],
 ) {
     let direct_rate_missed = lossless_rate(steps) < 2e6;
     let (a, b, c, d, e) = (
@@ -561,8 +601,7 @@ fn findings_section(
         figures(o, Setup::D),
         figures(o, Setup::E),
     );
-    let per_request_us = |l: &footprint::Load| l.cpu_percent / 100.0 * 1e6 / l.served.max(1.0);
-    let busiest = loads.iter().max_by_key(|l| l.rate);
+    let costs = feature_costs(features);
     let _ = write!(
         doc,
         "\n## Where the cost is\n\n\
@@ -606,16 +645,22 @@ fn findings_section(
             ))
             .collect::<Vec<_>>()
             .join("; "),
-        busiest.map_or(String::new(), |l| format!(
-            "At {} requests/s with sockets and OTLP export, brokerprobe used {:.1}% of a \
-             core: {:.0} µs per request (section 4). A `perf` profile taken by hand at 1000 \
-             requests/s (not part of this run) put about 70% of it on the event loop \
-             (decoding, assembly, attribution, Prometheus histograms, and the allocations \
-             among them) and 30% on the trace export thread.",
-            l.rate,
-            l.cpu_percent,
-            per_request_us(l)
-        )),
+        match costs[..] {
+            [(_, markers, _), (_, sockets, _), (_, otlp, _)] => format!(
+                "At {} requests/s, brokerprobe used {:.0} µs of CPU per request following \
+                 markers only, {:+.0} µs with sockets and {:+.0} µs more with OTLP export \
+                 (section 4, by what it follows). A `perf` profile taken by hand \
+                 (2026-12-02, not part of this run) put about two thirds of the export's \
+                 share on its own thread, most of it in the OTLP exporter crate turning the \
+                 SDK's span records into protobuf (`opentelemetry-proto`) and encoding them, \
+                 the rest on the event loop building those records.",
+                footprint::FEATURE_RATE,
+                markers,
+                sockets - markers,
+                otlp - sockets
+            ),
+            _ => String::new(),
+        },
     );
     doc.push_str(
         "\n## Changes made because of these measurements\n\n\

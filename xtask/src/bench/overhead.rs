@@ -20,7 +20,8 @@ use aya::{
 use probe_common::marker::{MARKER_SYMBOL_PREFIX, MarkerKind};
 
 use super::run::{
-    Service, attached_brokerprobe, cpu_time, field, listening, median, set_semaphore,
+    Service, attached_brokerprobe, cpu_time, field, interleaved, listening, median_of,
+    set_semaphore, spread_of,
 };
 
 pub const SETUPS: [Setup; 5] = [Setup::A, Setup::B, Setup::C, Setup::D, Setup::E];
@@ -194,7 +195,7 @@ pub fn run(bins: &Path) -> Result<Overhead> {
     let (bare, _) = bench.saturation(Setup::A)?;
     let fixed_rate = (bare.rps / 4.0).round().max(10.0);
 
-    let figures = interleaved(&SETUPS, ROUNDS, "round", |setup| {
+    let figures = interleaved(&SETUPS, ROUNDS, "round", Setup::describe, |setup| {
         bench.measure(setup, fixed_rate)
     })?
     .into_iter()
@@ -259,6 +260,7 @@ impl Bench<'_> {
             &STREAM_SETUPS,
             STREAM_ROUNDS,
             "long streams, round",
+            Setup::describe,
             |setup| {
                 let attached = self.attach(setup)?;
                 let probe_before = attached.as_ref().map(|a| cpu_time(a.pid())).transpose()?;
@@ -437,40 +439,6 @@ fn programs() -> Result<HashMap<u32, (String, u64, Duration)>> {
             Ok((info.id(), (name, info.run_count(), info.run_time())))
         })
         .collect()
-}
-
-/// Measures every set-up `rounds` times, the order rotated each round (so no set-up
-/// always follows the same one); each set-up's samples in round order.
-fn interleaved<F>(
-    setups: &[Setup],
-    rounds: usize,
-    label: &str,
-    mut measure: impl FnMut(Setup) -> Result<F>,
-) -> Result<Vec<(Setup, Vec<F>)>> {
-    let mut samples: Vec<(Setup, Vec<F>)> = setups.iter().map(|s| (*s, Vec::new())).collect();
-    for round in 0..rounds {
-        for i in 0..setups.len() {
-            let setup = setups[(i + round) % setups.len()];
-            eprintln!(
-                "bench: {label} {}/{rounds}, {}",
-                round + 1,
-                setup.describe()
-            );
-            let figures = measure(setup)?;
-            samples[(i + round) % setups.len()].1.push(figures);
-        }
-    }
-    Ok(samples)
-}
-
-/// Over one set-up's rounds: the median of figure `f`.
-fn median_of<F>(rounds: &[F], f: fn(&F) -> f64) -> f64 {
-    median(&mut rounds.iter().map(f).collect::<Vec<_>>())
-}
-
-/// Over one set-up's rounds: the largest minus the smallest of figure `f`.
-fn spread_of<F>(rounds: &[F], f: fn(&F) -> f64) -> f64 {
-    rounds.iter().map(f).fold(f64::MIN, f64::max) - rounds.iter().map(f).fold(f64::MAX, f64::min)
 }
 
 /// From brokerprobe's health line: `events N (...); requests M complete, ...`.

@@ -177,6 +177,37 @@ pub fn median(samples: &mut [f64]) -> f64 {
     samples.get(samples.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// Measures every set-up `rounds` times, the order rotated each round (so no set-up
+/// always follows the same one); each set-up's samples in round order.
+pub fn interleaved<S: Copy, F>(
+    setups: &[S],
+    rounds: usize,
+    label: &str,
+    describe: impl Fn(S) -> &'static str,
+    mut measure: impl FnMut(S) -> Result<F>,
+) -> Result<Vec<(S, Vec<F>)>> {
+    let mut samples: Vec<(S, Vec<F>)> = setups.iter().map(|s| (*s, Vec::new())).collect();
+    for round in 0..rounds {
+        for i in 0..setups.len() {
+            let setup = setups[(i + round) % setups.len()];
+            eprintln!("bench: {label} {}/{rounds}, {}", round + 1, describe(setup));
+            let figures = measure(setup)?;
+            samples[(i + round) % setups.len()].1.push(figures);
+        }
+    }
+    Ok(samples)
+}
+
+/// Over one set-up's rounds: the median of figure `f`.
+pub fn median_of<F>(rounds: &[F], f: fn(&F) -> f64) -> f64 {
+    median(&mut rounds.iter().map(f).collect::<Vec<_>>())
+}
+
+/// Over one set-up's rounds: the largest minus the smallest of figure `f`.
+pub fn spread_of<F>(rounds: &[F], f: fn(&F) -> f64) -> f64 {
+    rounds.iter().map(f).fold(f64::MIN, f64::max) - rounds.iter().map(f).fold(f64::MAX, f64::min)
+}
+
 /// Switches a broker's markers on (1) or off (0) for a tool that does not know their
 /// semaphore (bpftrace): writes [`SEMAPHORE_SYMBOL`] through /proc/PID/mem.
 pub fn set_semaphore(pid: u32, value: u16) -> Result<()> {
