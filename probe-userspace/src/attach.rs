@@ -382,12 +382,16 @@ impl Probes {
         }
         // Streams it left unended would hold their entries until the map filled (a walk of
         // at most MAX_TALLIED_STREAMS keys, once per process gone).
-        let left: Vec<TallyKey> = self
+        let mut left: Vec<TallyKey> = self
             .chunk_tallies
             .keys()
             .filter_map(Result::ok)
             .filter(|key| key.tgid == pid)
             .collect();
+        // A key deleted under the walk (another process's stream ending) restarts it from
+        // the first key: the same key may come twice.
+        left.sort_unstable_by_key(|key| key.request_id);
+        left.dedup();
         let mut kept = 0;
         for key in &left {
             kept += usize::from(self.chunk_tallies.remove(key).is_err());

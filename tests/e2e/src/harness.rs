@@ -466,7 +466,10 @@ pub fn chunk_tallies_of(probe: u32, pid: u32) -> Result<usize> {
         else {
             continue;
         };
-        let map = MapData::from_id(id)?;
+        // (A map whose fd closed meanwhile is not the one sought.)
+        let Ok(map) = MapData::from_id(id) else {
+            continue;
+        };
         if map.info()?.name_as_str() != Some("CHUNK_TALLIES") {
             continue;
         }

@@ -66,11 +66,11 @@ fn replicas_are_reported_apart_and_together() {
     let to_first = rt
         .block_on(load::drive(&first_url, 100, 8, &mix(), 1))
         .unwrap();
-    let tosecond = rt
+    let to_second = rt
         .block_on(load::drive(&second_url, 150, 8, &mix(), 2))
         .unwrap();
     check_statuses(&to_first);
-    check_statuses(&tosecond);
+    check_statuses(&to_second);
     let metrics = rt.block_on(wait_for_requests(&metrics_url, 250)).unwrap();
     let stats = rt.block_on(stats(&metrics_url)).unwrap();
     let by_replica = requests_by_replica(&metrics);
@@ -147,7 +147,7 @@ fn replicas_are_reported_apart_and_together() {
 
 /// A broker killed mid-stream never ends its streams: their chunk tallies would stay in the
 /// kernel's map (docs/maps.md) until it filled. brokerprobe removes them when it lets the
-/// process go, and goes on with the other replica.
+/// process go (a second replica keeps brokerprobe running meanwhile).
 #[test]
 fn a_process_gone_mid_stream_leaves_no_chunk_tallies() {
     require_root();

@@ -1,5 +1,6 @@
 //! brokerprobe's own cost: CPU and memory while it follows a broker at 100 and 1,000
-//! requests per second, and how long attaching and `inspect` take on a large binary.
+//! requests per second, its CPU by what it follows (markers, sockets, OTLP export), and
+//! how long attaching and `inspect` take on a large binary.
 
 use std::{
     fmt::Write as _,

@@ -462,7 +462,8 @@ fn footprint_section(
         "\nBy what brokerprobe follows: the same broker at {} requests/s, brokerprobe \
          attached with markers only (`--no-sockets`), with markers and sockets, and with \
          both and OTLP export, {} rounds, the order rotated each round; medians of its CPU \
-         per request served.\n\n\
+         per request served. The last row is the set-up of the table above, measured again \
+         in these rounds: the two differ by this machine's drift.\n\n\
          | brokerprobe follows | CPU µs/request | spread µs | added µs/request |\n\
          |---|---|---|---|\n",
         footprint::FEATURE_RATE,
@@ -645,21 +646,30 @@ fn findings_section(
             ))
             .collect::<Vec<_>>()
             .join("; "),
-        match costs[..] {
-            [(_, markers, _), (_, sockets, _), (_, otlp, _)] => format!(
-                "At {} requests/s, brokerprobe used {:.0} µs of CPU per request following \
-                 markers only, {:+.0} µs with sockets and {:+.0} µs more with OTLP export \
-                 (section 4, by what it follows). A `perf` profile taken by hand \
-                 (2026-12-02, not part of this run) put about two thirds of the export's \
-                 share on its own thread, most of it in the OTLP exporter crate turning the \
-                 SDK's span records into protobuf (`opentelemetry-proto`) and encoding them, \
-                 the rest on the event loop building those records.",
+        {
+            let cost = |following| {
+                costs
+                    .iter()
+                    .find(|(f, ..)| *f == following)
+                    .map_or(f64::NAN, |(_, cpu_us, _)| *cpu_us)
+            };
+            let widest = costs.iter().map(|(.., spread)| *spread).fold(0.0, f64::max);
+            format!(
+                "At {} requests/s brokerprobe used {:.0} µs of CPU per request following \
+                 markers only; following the sockets too changed that by {:+.0} µs, and \
+                 exporting spans over OTLP by {:+.0} µs more (section 4, by what it follows; \
+                 each figure varied by up to {:.0} µs between rounds). A `perf` profile of \
+                 brokerprobe taken by hand at 1000 requests/s (2026-12-02, not part of this \
+                 run) put about two thirds of the export's share on its own thread, most of it \
+                 in the OTLP exporter crate turning the SDK's span records into protobuf \
+                 (`opentelemetry-proto`) and encoding them, the rest on the event loop \
+                 building those records.",
                 footprint::FEATURE_RATE,
-                markers,
-                sockets - markers,
-                otlp - sockets
-            ),
-            _ => String::new(),
+                cost(Following::Markers),
+                cost(Following::MarkersSockets) - cost(Following::Markers),
+                cost(Following::MarkersSocketsOtlp) - cost(Following::MarkersSockets),
+                widest
+            )
         },
     );
     doc.push_str(
