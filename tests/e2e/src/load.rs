@@ -31,6 +31,22 @@ pub struct Mix {
     pub models: Vec<String>,
 }
 
+impl Mix {
+    /// Streaming requests for gpt-fast only: no tools, fallbacks, unknown models or
+    /// traceparents.
+    pub fn streaming_only() -> Self {
+        Self {
+            streaming: 1.0,
+            tools: 0.0,
+            fallback: 0.0,
+            unknown_model: 0.0,
+            hostile_model_names: false,
+            traceparent: 0.0,
+            models: vec!["gpt-fast".into()],
+        }
+    }
+}
+
 impl Default for Mix {
     fn default() -> Self {
         Self {

@@ -49,12 +49,8 @@ fn requests_by_replica(metrics: &str) -> Vec<(String, f64)> {
 /// Two replicas at once: each reported under its own `replica` label and in its own
 /// /stats line, their sum is the whole; one exiting leaves the other profiled, and the
 /// run ends with the last.
-#[test]
-fn replicas_are_reported_apart_and_together() {
-    require_root();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (mut first, first_url) = start_demo_broker(&[]).unwrap();
-    let (mut second, second_url) = start_demo_broker(&[]).unwrap();
+/// brokerprobe attached to two demo brokers as replicas, once it follows both.
+fn attach_to_both(first: &Proc, second: &Proc) -> (Proc, String) {
     let pids = format!("{},{}", first.pid(), second.pid());
     let (mut probe, metrics_url) = attach_brokerprobe(first.pid(), &["--pid", &pids]).unwrap();
     probe
@@ -63,6 +59,16 @@ fn replicas_are_reported_apart_and_together() {
             Duration::from_secs(30),
         )
         .unwrap();
+    (probe, metrics_url)
+}
+
+#[test]
+fn replicas_are_reported_apart_and_together() {
+    require_root();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut first, first_url) = start_demo_broker(&[]).unwrap();
+    let (mut second, second_url) = start_demo_broker(&[]).unwrap();
+    let (mut probe, metrics_url) = attach_to_both(&first, &second);
     let to_first = rt
         .block_on(load::drive(&first_url, 100, 8, &mix(), 1))
         .unwrap();
@@ -166,37 +172,15 @@ fn a_process_gone_mid_stream_leaves_no_chunk_tallies() {
     )
     .unwrap();
     let (second, _) = start_demo_broker(&[]).unwrap();
-    let pids = format!("{},{}", first.pid(), second.pid());
-    let (mut probe, _) = attach_brokerprobe(first.pid(), &["--pid", &pids]).unwrap();
-    probe
-        .wait_for_line(
-            &format!("to PID {} (demo-broker", second.pid()),
-            Duration::from_secs(30),
-        )
-        .unwrap();
+    let (mut probe, _) = attach_to_both(&first, &second);
 
     const STREAMS: usize = 4;
-    let streams = Mix {
-        streaming: 1.0,
-        tools: 0.0,
-        fallback: 0.0,
-        unknown_model: 0.0,
-        traceparent: 0.0,
-        models: vec!["gpt-fast".into()],
-        ..Mix::default()
-    };
+    let streams = Mix::streaming_only();
     let url = format!("http://{first_addr}");
     // Cut short by the kill: their outcome is not the point.
     let _in_flight =
         rt.spawn(async move { load::drive(&url, STREAMS, STREAMS, &streams, 4).await });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let open = loop {
-        let open = chunk_tallies_of(probe.pid(), first.pid()).unwrap();
-        if open == STREAMS || Instant::now() > deadline {
-            break open;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let open = tallies_once(&probe, &first, |n| n == STREAMS, Duration::from_secs(20));
     assert_eq!(
         open, STREAMS,
         "tallies of the streams in flight, before the kill"
@@ -210,16 +194,27 @@ fn a_process_gone_mid_stream_leaves_no_chunk_tallies() {
             Duration::from_secs(5),
         )
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let left = loop {
-        let left = chunk_tallies_of(probe.pid(), first.pid()).unwrap();
-        if left == 0 || Instant::now() > deadline {
-            break left;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let left = tallies_once(&probe, &first, |n| n == 0, Duration::from_secs(5));
     println!("chunk tallies of the killed broker: {open} open before, {left} after");
     assert_eq!(left, 0, "tallies left behind by the killed broker");
+}
+
+/// `broker`'s open chunk tallies in `probe`'s map, read until `settled` says yes or
+/// `timeout` passes: the last count read.
+fn tallies_once(
+    probe: &Proc,
+    broker: &Proc,
+    settled: fn(usize) -> bool,
+    timeout: Duration,
+) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let tallies = chunk_tallies_of(probe.pid(), broker.pid()).unwrap();
+        if settled(tallies) || Instant::now() > deadline {
+            return tallies;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `--follow PATH`: the broker restarts with a new PID; brokerprobe attaches to it within

@@ -363,7 +363,7 @@ fn profile(broker: Broker) -> Run {
     ]);
     let (broker_proc, broker_addr) = start_broker(broker, &upstream_url);
     let url = format!("http://{broker_addr}");
-    let mix = streaming_mix();
+    let mix = Mix::streaming_only();
 
     let warm = rt
         .block_on(load::drive(
@@ -551,18 +551,6 @@ fn start_broker(broker: Broker, upstream_url: &str) -> (Proc, String) {
         }
     };
     start_listening("broker", &mut command).unwrap()
-}
-
-fn streaming_mix() -> Mix {
-    Mix {
-        hostile_model_names: false,
-        streaming: 1.0,
-        tools: 0.0,
-        fallback: 0.0,
-        unknown_model: 0.0,
-        traceparent: 0.0,
-        models: vec!["gpt-fast".into()],
-    }
 }
 
 fn check_ok(outcomes: &[Outcome]) {

@@ -12,7 +12,9 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use super::run::{Service, attached_brokerprobe, cpu_time, interleaved, listening, median, rss_kb};
+use super::run::{
+    Service, attached_brokerprobe, cpu_time, interleaved, listening, median, rss_kb, trace_store,
+};
 use crate::{cargo, run, workspace_root};
 
 /// Requests per second of the two measured loads.
@@ -104,13 +106,7 @@ struct Fixture<'a> {
 
 impl<'a> Fixture<'a> {
     fn start(bins: &'a Path) -> Result<Self> {
-        let (store, _) = listening("trace-store", &mut Command::new(bins.join("trace-store")))?;
-        let otlp = store
-            .seen
-            .iter()
-            .find_map(|l| l.strip_prefix("http on "))
-            .context("trace-store printed no http address")?
-            .to_owned();
+        let (store, otlp) = trace_store(bins)?;
         let (broker, addr) = listening(
             "demo-broker",
             Command::new(bins.join("demo-broker"))

@@ -21,7 +21,7 @@ use probe_common::marker::{MARKER_SYMBOL_PREFIX, MarkerKind};
 
 use super::run::{
     Service, attached_brokerprobe, cpu_time, field, interleaved, listening, median_of,
-    set_semaphore, spread_of,
+    set_semaphore, spread_of, trace_store,
 };
 
 pub const SETUPS: [Setup; 5] = [Setup::A, Setup::B, Setup::C, Setup::D, Setup::E];
@@ -153,13 +153,7 @@ pub fn run(bins: &Path) -> Result<Overhead> {
             .args(["--listen", "127.0.0.1:0", "--config"])
             .arg(&upstream_config),
     )?;
-    let (store, _) = listening("trace-store", &mut Command::new(bins.join("trace-store")))?;
-    let otlp_http = store
-        .seen
-        .iter()
-        .find_map(|l| l.strip_prefix("http on "))
-        .context("trace-store printed no http address")?
-        .to_owned();
+    let (store, otlp_http) = trace_store(bins)?;
     let upstream_url = format!("http://{upstream_addr}");
     let broker_args = |command: &mut Command| {
         command.args(["--listen", "127.0.0.1:0", "--upstream", &upstream_url]);

@@ -2,6 +2,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
+    path::Path,
     process::{Child, ChildStdin, Command, Stdio},
     sync::mpsc::{self, Receiver, RecvTimeoutError},
     time::{Duration, Instant},
@@ -134,6 +135,18 @@ pub fn listening(name: &str, command: &mut Command) -> Result<(Service, String)>
     let line = service.wait_for("listening on", Duration::from_secs(30))?;
     let addr = line.rsplit(' ').next().unwrap_or_default().to_owned();
     Ok((service, addr))
+}
+
+/// The tests' OTLP receiver, and its OTLP/HTTP address.
+pub fn trace_store(bins: &Path) -> Result<(Service, String)> {
+    let (store, _) = listening("trace-store", &mut Command::new(bins.join("trace-store")))?;
+    let http = store
+        .seen
+        .iter()
+        .find_map(|l| l.strip_prefix("http on "))
+        .context("trace-store printed no http address")?
+        .to_owned();
+    Ok((store, http))
 }
 
 /// CPU time a process has used so far (user + system).
