@@ -11,10 +11,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        Program, ProgramError, TracePoint, UProbe,
+        BtfTracePoint, Program, ProgramError, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
@@ -62,8 +62,9 @@ const SOCKET_TRACEPOINTS: &[(&str, &str, &[&str])] = &[
     ("sock_recv", "sock", &["sock_recv_length"]),
 ];
 
-/// Socket tracepoints newer kernels have: (program, category, tracepoint, the kernel
-/// that added it, what is lost without it).
+/// Socket tracepoints newer kernels have, attached as BTF tracepoints (their programs
+/// read no field of the classic tracepoint's record, so the kernel need not write one):
+/// (program, category, tracepoint, the kernel that added it, what is lost without it).
 const OPTIONAL_SOCKET_TRACEPOINTS: [(&str, &str, &str, &str, &str); 2] = [
     (
         "sk_ready",
@@ -486,12 +487,11 @@ fn attach_socket_tracepoints(ebpf: &mut Ebpf) -> Result<u32> {
             attached += 1;
         }
     }
+    let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
     for (program_name, category, name, since, without) in OPTIONAL_SOCKET_TRACEPOINTS {
-        let tracepoint = program::<TracePoint>(ebpf, program_name)?;
-        tracepoint
-            .load()
-            .with_context(|| format!("loading eBPF program {program_name}"))?;
-        match tracepoint.attach(category, name) {
+        let tracepoint = program::<BtfTracePoint>(ebpf, program_name)?;
+        let loaded = tracepoint.load(name, &btf);
+        match loaded.and_then(|()| tracepoint.attach()) {
             Ok(_) => attached += 1,
             Err(e) => log::warn!(
                 "no tracepoint {category}:{name} ({e}; it needs Linux {since} or later): \
