@@ -182,14 +182,8 @@ pub fn request_begin(ctx: ProbeContext) -> u32 {
     let texts = [text_arg(&ctx, 1, 2), text_arg(&ctx, 3, 4)];
     emit(&ctx, MarkerKind::RequestBegin, [0; 2], texts);
     // A count left by an earlier request with this id that never ended is not this one's
-    // (after the record: the begin's time is taken first). Looked up first: a lookup takes
-    // no lock, where a delete locks its bucket even for a key that is absent, as it
-    // almost always is.
-    let key = tally_key(&ctx);
-    // SAFETY: only tested for presence.
-    if unsafe { CHUNK_TALLIES.get(&key) }.is_some() {
-        let _ = CHUNK_TALLIES.remove(&key);
-    }
+    // (after the record: the begin's time is taken first).
+    let _ = CHUNK_TALLIES.remove(&tally_key(&ctx));
     0
 }
 

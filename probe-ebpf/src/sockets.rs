@@ -150,8 +150,8 @@ fn send_start_slot(tid: u32) -> Option<&'static mut SendStart> {
 /// once the bytes have left and may already have been answered (on loopback). Only inside
 /// a followed write syscall, whose `sock_send_length` takes the time: TCP data sent by
 /// anything else (kTLS flushing at close, say) would leave it for the thread's next write.
-/// A BTF tracepoint: it reads none of the tracepoint's fields, and the kernel then calls
-/// it straight from the hook, without first writing the classic tracepoint's record.
+/// A BTF tracepoint: it reads none of the tracepoint's fields, so the kernel calls it
+/// straight from the hook, without first writing the classic tracepoint's record.
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn send_begin(_ctx: BtfTracePointContext) -> i32 {
     let (tgid, tid) = current_task();
@@ -258,11 +258,11 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     // and an arrival stored between our load and reset below is lost to `ready_ns` but
     // kept in `last_ready_ns`.
     let state = unsafe { &mut *state };
-    let new_message = state.direction != direction;
     let sk = field::<u64>(ctx, SOCK_SK);
     if sk != 0 {
-        follow_address(state, sk, key, new_message);
+        follow_address(state, sk, key);
     }
+    let new_message = state.direction != direction;
     let captured = if new_message { 0 } else { state.captured };
     state.direction = direction;
     // The first PREFIX_CAP bytes of each message are copied, over as many reads or
@@ -319,19 +319,19 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     0
 }
 
+/// sock:sk_data_ready fields.
+const READY_SKADDR: usize = 8;
+const READY_PROTOCOL: usize = 18;
+
 /// Keeps `SOCKET_ADDRESSES` pointing at this socket: the address may be new (first data
-/// event, or the fd now names another socket) or its entry evicted by the LRU. An
-/// eviction is looked for once per message, not on every read and write of it: a lookup
-/// each, for what happens only when the map is under pressure.
+/// event, or the fd now names another socket) or its entry evicted by the LRU.
 #[inline(always)]
-fn follow_address(state: &mut SocketState, sk: u64, key: u64, new_message: bool) {
+fn follow_address(state: &mut SocketState, sk: u64, key: u64) {
     if state.sk != sk {
         if state.sk != 0 {
             forget_address(state.sk, key);
         }
         state.sk = sk;
-    } else if !new_message {
-        return;
     }
     // SAFETY: copied out at once.
     if (unsafe { SOCKET_ADDRESSES.get(&sk) }).copied() != Some(key) {
@@ -351,12 +351,14 @@ fn forget_address(sk: u64, key: u64) {
 
 /// Received bytes were queued on a socket (softirq, any process): remember when, as the
 /// latest arrival and, the first time since the socket's last read, as the first.
-/// A BTF tracepoint, as `send_begin`: its one argument is the socket's address, and only
-/// followed TCP sockets' addresses are in `SOCKET_ADDRESSES`, so other protocols' arrivals
-/// miss the lookup as other processes' do.
-#[btf_tracepoint(function = "sk_data_ready")]
-pub fn sk_ready(ctx: BtfTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
+/// A classic tracepoint, unlike `send_begin`: its record's protocol field turns away the
+/// arrivals of every other protocol (UDP, Unix sockets) before any lookup.
+#[tracepoint]
+pub fn sk_ready(ctx: TracePointContext) -> u32 {
+    if field::<u16>(&ctx, READY_PROTOCOL) != IPPROTO_TCP {
+        return 0;
+    }
+    let sk = field::<u64>(&ctx, READY_SKADDR);
     // SAFETY: copied out at once.
     let Some(key) = (unsafe { SOCKET_ADDRESSES.get(&sk) }).copied() else {
         return 0;

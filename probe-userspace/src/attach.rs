@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
-    Btf, Ebpf, EbpfLoader,
+    Btf, BtfError, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         BtfTracePoint, Program, ProgramError, TracePoint, UProbe,
@@ -62,25 +62,50 @@ const SOCKET_TRACEPOINTS: &[(&str, &str, &[&str])] = &[
     ("sock_recv", "sock", &["sock_recv_length"]),
 ];
 
-/// Socket tracepoints newer kernels have, attached as BTF tracepoints (their programs
-/// read no field of the classic tracepoint's record, so the kernel need not write one):
-/// (program, category, tracepoint, the kernel that added it, what is lost without it).
-const OPTIONAL_SOCKET_TRACEPOINTS: [(&str, &str, &str, &str, &str); 2] = [
-    (
-        "sk_ready",
-        "sock",
-        "sk_data_ready",
-        "6.3",
-        "upstream responses are timed when the broker reads them, not when they arrive",
-    ),
-    (
-        "send_begin",
-        "tcp",
-        "tcp_sendmsg_locked",
-        "6.11",
-        "writes are timed when they are done, not when they began",
-    ),
-];
+/// A socket tracepoint newer kernels have: its program, the tracepoint, the kernel that
+/// added it, and what is lost without it.
+struct OptionalTracepoint {
+    program: &'static str,
+    category: &'static str,
+    name: &'static str,
+    since: &'static str,
+    without: &'static str,
+}
+
+impl OptionalTracepoint {
+    fn missing(&self, why: impl std::fmt::Display) {
+        let Self {
+            category,
+            name,
+            since,
+            without,
+            ..
+        } = self;
+        log::warn!(
+            "no tracepoint {category}:{name} ({why}; it needs Linux {since} or later): {without}"
+        );
+    }
+}
+
+/// Arrivals, attached as a classic tracepoint: its record's protocol field turns other
+/// protocols away before any lookup.
+const ARRIVALS: OptionalTracepoint = OptionalTracepoint {
+    program: "sk_ready",
+    category: "sock",
+    name: "sk_data_ready",
+    since: "6.3",
+    without: "upstream responses are timed when the broker reads them, not when they arrive",
+};
+
+/// Write starts, attached as a BTF tracepoint: its program reads none of the record's
+/// fields, so the kernel need not write one.
+const WRITE_STARTS: OptionalTracepoint = OptionalTracepoint {
+    program: "send_begin",
+    category: "tcp",
+    name: "tcp_sendmsg_locked",
+    since: "6.11",
+    without: "writes are timed when they are done, not when they began",
+};
 
 /// What loading yields: the probes, and the maps they write, which outlive them so that
 /// what was written before the detach can still be read.
@@ -487,20 +512,50 @@ fn attach_socket_tracepoints(ebpf: &mut Ebpf) -> Result<u32> {
             attached += 1;
         }
     }
-    let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
-    for (program_name, category, name, since, without) in OPTIONAL_SOCKET_TRACEPOINTS {
-        let tracepoint = program::<BtfTracePoint>(ebpf, program_name)?;
-        let loaded = tracepoint.load(name, &btf);
-        match loaded.and_then(|()| tracepoint.attach()) {
-            Ok(_) => attached += 1,
-            Err(e) => log::warn!(
-                "no tracepoint {category}:{name} ({e}; it needs Linux {since} or later): \
-                 {without}"
-            ),
-        }
+    let arrivals = program::<TracePoint>(ebpf, ARRIVALS.program)?;
+    arrivals
+        .load()
+        .with_context(|| format!("loading eBPF program {}", ARRIVALS.program))?;
+    match arrivals.attach(ARRIVALS.category, ARRIVALS.name) {
+        Ok(_) => attached += 1,
+        Err(e) => ARRIVALS.missing(e),
+    }
+    if attach_write_starts(ebpf)? {
+        attached += 1;
     }
     log::debug!("attached {attached} socket tracepoints");
     Ok(attached)
+}
+
+/// Attaches [`WRITE_STARTS`]; false if this kernel lacks the tracepoint (or its BTF
+/// cannot be read), which is said, not fatal. Any other failure is.
+fn attach_write_starts(ebpf: &mut Ebpf) -> Result<bool> {
+    let btf = match Btf::from_sys_fs() {
+        Ok(btf) => btf,
+        Err(e) => {
+            WRITE_STARTS.missing(format_args!("cannot read /sys/kernel/btf/vmlinux: {e}"));
+            return Ok(false);
+        }
+    };
+    let program = program::<BtfTracePoint>(ebpf, WRITE_STARTS.program)?;
+    match program.load(WRITE_STARTS.name, &btf) {
+        Ok(()) => {}
+        Err(ProgramError::Btf(e @ BtfError::UnknownBtfTypeName { .. })) => {
+            WRITE_STARTS.missing(e);
+            return Ok(false);
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("loading eBPF program {}", WRITE_STARTS.program));
+        }
+    }
+    program.attach().with_context(|| {
+        format!(
+            "attaching to tracepoint {}:{}",
+            WRITE_STARTS.category, WRITE_STARTS.name
+        )
+    })?;
+    Ok(true)
 }
 
 impl KernelCounters {

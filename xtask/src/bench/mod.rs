@@ -755,22 +755,25 @@ fn findings_section(
          broker's own CPU per request (A 897–992, old 987–1058, new 983–1120 µs) moved \
          within its noise: the uprobe still runs per chunk. With one chunk per stream, as \
          in the rounds, a streaming request pays a hash insert and every request a lookup \
-         at its begin and its end (item 14). Section 2, \"Long streams\", has this run's \
+         at its end and a delete at its begin. Section 2, \"Long streams\", has this run's \
          figures for such streams.\n\
-         14. **Less around the programs.** A `perf` profile of the whole machine (cpu-clock, \
-         4999 Hz) at 2000 requests/s, set-up C, split the kernel's time per request by the \
-         hook it ran under: the classic tracepoints wrote their record before calling the \
-         program, also for `sk_ready` and `send_begin`, which read none of its fields; \
-         `request_begin` deleted a chunk tally that was almost never there, and a delete \
-         locks its hash bucket either way; every read and write looked its socket's address \
-         up again, in case the LRU had evicted it. `sk_ready` and `send_begin` are now BTF \
-         tracepoints (the kernel calls them straight from the hook), `request_begin` looks \
-         the tally up before deleting it, and the address is checked once per message \
-         (docs/sockets.md, docs/maps.md). Same profile, old and new interleaved twice, 10 s \
-         each: the time inside uprobe and tracepoint hooks, programs included, went from 23.9 \
-         and 23.2 to 21.3 and 21.5 µs per request (the `sk_data_ready` hook from 3.0 and 2.7 \
-         to 2.6 and 2.6, `tcp_sendmsg_locked` from 1.6 and 1.3 to 1.1 and 1.2, \
-         `request_begin` from 1.2 and 1.3 to 1.1 and 1.0).\n",
+         14. **A BTF tracepoint where no field is read.** A `perf` profile of the whole \
+         machine (cpu-clock, 4999 Hz) at 2000 requests/s, set-up C, split the kernel's time \
+         per request by the hook it ran under: a classic tracepoint writes its record before \
+         calling the program, also for `send_begin`, which reads none of its fields. It is \
+         now a BTF tracepoint, which the kernel calls straight from the hook \
+         (docs/sockets.md). Same profile, old and new interleaved twice, 10 s each: the \
+         `tcp_sendmsg_locked` hook went from 1.29 and 1.13 to 0.81 and 0.72 µs per \
+         request; the time inside all hooks, programs included (old 18.5 and 17.1, new 19.4 \
+         and 17.0 µs), moved within its own noise. Tried and not kept, same method: `sk_ready` as a BTF \
+         tracepoint too (its argument is the socket, but the protocol is then unknown \
+         without a read from kernel memory at an offset aya 0.14 cannot relocate, so every \
+         UDP and Unix-socket arrival on the machine would pay a lookup; its hook's gain, 0.3 \
+         µs, was within the noise); `request_begin` looking its chunk tally up before \
+         deleting it (a delete locks its bucket, but the cost was the bucket's cache miss \
+         either way: no change); a 64 KiB counting filter in front of `sk_ready`'s address \
+         lookup (its own slot load missed the cache as the lookup did: `sk_ready` went from \
+         1.98 and 1.57 to 2.35 and 1.88 µs per request).\n",
     );
     let p99_noise = p99_noise(o);
     let throughput_or_p99_missed =
@@ -810,11 +813,11 @@ fn findings_section(
              (markers only), costs the broker {:+.1} µs per request against E's {:+.1} µs \
              and D's {:+.1} µs at saturation, and {:+.1} µs against {:+.1} µs and {:+.1} µs \
              at the fixed rate. What C's kernel time per request still goes to, by a \
-             `perf` profile taken by hand after item 14 (2026-12-02, two runs, not part of \
-             this run): 4.1–4.3 µs in the programs' ring-buffer reserves and submits (about \
-             17 records a request), 4.7–4.9 µs in hash-map lookups and updates (maps cold in \
-             the cache, most of it the socket-address lookup of every TCP arrival on the \
-             machine), 3.3 µs in the uprobes' perf-event layer (aya 0.14 attaches a uprobe \
+             `perf` profile taken by hand at 2000 requests/s (2026-12-02, two runs, not \
+             part of this run): 4.1–4.3 µs in the programs' ring-buffer reserves and \
+             submits (about 17 records a request), 4.7–4.9 µs in hash-map lookups and \
+             updates (maps cold in the cache; about 1.5–1.9 of it in `sk_ready`, which looks up \
+             every TCP arrival on the machine), 3.3 µs in the uprobes' perf-event layer (aya 0.14 attaches a uprobe \
              through a perf event; a `uprobe_multi` link would skip that layer, and aya 0.14 \
              cannot make one) and 1.8 µs finding the uprobe. Each is paid per kernel \
              crossing: fewer crossings per request is what would remove it.",
