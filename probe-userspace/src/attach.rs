@@ -73,6 +73,7 @@ struct OptionalTracepoint {
 }
 
 impl OptionalTracepoint {
+    /// This kernel lacks the tracepoint.
     fn missing(&self, why: impl std::fmt::Display) {
         let Self {
             category,
@@ -83,6 +84,21 @@ impl OptionalTracepoint {
         } = self;
         log::warn!(
             "no tracepoint {category}:{name} ({why}; it needs Linux {since} or later): {without}"
+        );
+    }
+
+    /// The kernel's BTF, which a BTF tracepoint is attached through, cannot be read: the
+    /// kernel may well have the tracepoint.
+    fn without_btf(&self, why: impl std::fmt::Display) {
+        let Self {
+            category,
+            name,
+            without,
+            ..
+        } = self;
+        log::warn!(
+            "no tracepoint {category}:{name}: attaching it needs the kernel's BTF \
+             (/sys/kernel/btf/vmlinux: {why}): {without}"
         );
     }
 }
@@ -533,7 +549,7 @@ fn attach_write_starts(ebpf: &mut Ebpf) -> Result<bool> {
     let btf = match Btf::from_sys_fs() {
         Ok(btf) => btf,
         Err(e) => {
-            WRITE_STARTS.missing(format_args!("cannot read /sys/kernel/btf/vmlinux: {e}"));
+            WRITE_STARTS.without_btf(e);
             return Ok(false);
         }
     };

@@ -274,6 +274,101 @@ fn an_ipv6_connection_is_followed_with_its_addresses() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Without the kernel's BTF (hidden by a bind mount in a private mount namespace) the
+/// write-start tracepoint, a BTF tracepoint, cannot be attached: brokerprobe says that
+/// this is why, not the kernel's version, and follows the sockets all the same (writes
+/// timed when they are done).
+#[test]
+fn without_kernel_btf_sockets_are_followed_and_the_cause_is_said() {
+    const ROUNDS: usize = 5;
+    const HEAD: &[u8] = b"GET /no-btf HTTP/1.1\r\nHost: x\r\n\r\n";
+    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+    require_root();
+    let dir = scratch_dir("sockets-no-btf");
+    let exchanges_path = dir.join("exchanges.jsonl");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut peer, _) = listener.accept().unwrap();
+        let mut head = vec![0; HEAD.len()];
+        for _ in 0..ROUNDS {
+            peer.read_exact(&mut head).unwrap();
+            peer.write_all(ANSWER).unwrap();
+        }
+    });
+    let script = format!(
+        "import socket, sys\n\
+         print('ready', flush=True); sys.stdin.readline()\n\
+         s = socket.create_connection(('127.0.0.1', {port}))\n\
+         for _ in range({ROUNDS}):\n\
+         \x20   s.sendall(b{head:?})\n\
+         \x20   got = b''\n\
+         \x20   while len(got) < {answer}: got += s.recv(1024)\n\
+         print('done', flush=True); sys.stdin.readline()\n",
+        head = String::from_utf8_lossy(HEAD),
+        answer = ANSWER.len(),
+    );
+    let attach_without_btf = |pid: u32, args: &[&str]| {
+        // Warnings go to stderr: merged into the stdout the harness reads.
+        let command = format!(
+            "mount --bind /dev/null /sys/kernel/btf/vmlinux && exec {probe} attach --pid {pid} \
+             --metrics-addr 127.0.0.1:0 {args} 2>&1",
+            probe = bin("brokerprobe").display(),
+            args = args.join(" "),
+        );
+        let mut probe = Proc::spawn(
+            "brokerprobe without BTF",
+            Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(command),
+        )
+        .unwrap();
+        let line = probe
+            .wait_for_line("brokerprobe: attached", Duration::from_secs(60))
+            .unwrap();
+        let metrics_url = line.rsplit(' ').next().unwrap().to_owned();
+        (probe, metrics_url)
+    };
+    let mut followed = FollowedClient::start_with(
+        "client",
+        &script,
+        "ready",
+        &exchanges_path,
+        attach_without_btf,
+    );
+    let warning = followed
+        .probe
+        .stdout
+        .iter()
+        .find(|line| line.contains("tcp:tcp_sendmsg_locked"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no word of the write-start tracepoint: {:?}",
+                followed.probe.stdout
+            )
+        });
+    assert!(
+        warning.contains("needs the kernel's BTF") && !warning.contains("Linux 6.11"),
+        "the cause is the missing BTF, not the kernel's version: {warning}"
+    );
+    followed
+        .client
+        .wait_for_line("done", Duration::from_secs(30))
+        .unwrap();
+    server.join().unwrap();
+    followed.wait_for_counter("brokerprobe_upstream_exchanges_total", ROUNDS);
+    let exchanges = followed.finish();
+    let upstream = upstream_exchanges(&exchanges);
+    assert_eq!(upstream.len(), ROUNDS, "{exchanges:#?}");
+    for exchange in upstream {
+        assert_eq!(exchange["request_bytes"], HEAD.len(), "{exchange}");
+        assert_eq!(exchange["response_bytes"], ANSWER.len(), "{exchange}");
+        assert_eq!(exchange["path"], "/no-btf", "{exchange}");
+        assert!(exchange["ttfb_ns"].as_u64().is_some(), "{exchange}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A Python client of a server in this test, followed by brokerprobe in socket-only
 /// mode: spawned, attached to once it prints its ready line, then told to go (its script
 /// reads a line from stdin for each).
@@ -286,20 +381,31 @@ struct FollowedClient {
 
 impl FollowedClient {
     fn start(name: &str, script: &str, ready: &str, exchanges_out: &Path) -> Self {
+        Self::start_with(name, script, ready, exchanges_out, |pid, args| {
+            attach_brokerprobe(pid, args).unwrap()
+        })
+    }
+
+    /// [`FollowedClient::start`], with brokerprobe started by `attach` (given the
+    /// client's PID and brokerprobe's arguments after `--pid`).
+    fn start_with(
+        name: &str,
+        script: &str,
+        ready: &str,
+        exchanges_out: &Path,
+        attach: impl FnOnce(u32, &[&str]) -> (Proc, String),
+    ) -> Self {
         let mut client = Proc::spawn(name, Command::new("python3").args(["-c", script])).unwrap();
         client
             .wait_for_line(ready, Duration::from_secs(30))
             .unwrap();
-        let (probe, metrics_url) = attach_brokerprobe(
-            client.pid(),
-            &[
-                "--mode",
-                "sockets",
-                "--exchanges-out",
-                exchanges_out.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
+        let args = [
+            "--mode",
+            "sockets",
+            "--exchanges-out",
+            exchanges_out.to_str().unwrap(),
+        ];
+        let (probe, metrics_url) = attach(client.pid(), &args);
         client.write_line("go").unwrap();
         Self {
             client,
