@@ -56,6 +56,31 @@ pub const DIRECTION_NONE: u32 = 0;
 pub const DIRECTION_SEND: u32 = 1;
 pub const DIRECTION_RECV: u32 = 2;
 
+/// A socket's reads and writes that continued a message past its copied start
+/// ([`PREFIX_CAP`]): the kernel tallies them instead of sending a record each (a stream
+/// is then a record per message, not per chunk). Totals since the socket was first
+/// followed: they only grow, so user space takes what is new since it last looked, from
+/// the next record or from the `SOCKETS` map, and never counts a read twice.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Skipped {
+    pub calls: u64,
+    pub bytes: u64,
+    /// The latest one: when it moved its bytes (timed as a record would be) and, for a
+    /// read, when its last bytes had arrived (0 if unknown, or a write).
+    pub last_ns: u64,
+    pub last_ready_ns: u64,
+}
+
+impl Skipped {
+    pub const NONE: Skipped = Skipped {
+        calls: 0,
+        bytes: 0,
+        last_ns: 0,
+        last_ready_ns: 0,
+    };
+}
+
 /// What the kernel keeps per followed socket (value of the `SOCKETS` map).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +97,7 @@ pub struct SocketState {
     pub ready_ns: u64,
     /// When received bytes last became ready; 0 if never seen.
     pub last_ready_ns: u64,
+    pub skipped: Skipped,
 }
 
 impl SocketState {
@@ -81,6 +107,7 @@ impl SocketState {
         sk: 0,
         ready_ns: 0,
         last_ready_ns: 0,
+        skipped: Skipped::NONE,
     };
 }
 
@@ -129,6 +156,8 @@ pub struct SocketEvent {
     /// [`PREFIX_CAP`] bytes are being copied (else 0, as when reading the buffer failed).
     pub prefix_len: u32,
     pub _reserved: u32,
+    /// Send/Recv/Close: the socket's tallies before this event.
+    pub skipped: Skipped,
     pub prefix: [u8; PREFIX_CAP],
 }
 
@@ -143,6 +172,7 @@ impl SocketEvent {
         remote: WireEndpoint::ZERO,
         prefix_len: 0,
         _reserved: 0,
+        skipped: Skipped::NONE,
         prefix: [0; PREFIX_CAP],
     };
 
@@ -163,7 +193,7 @@ mod tests {
         assert_eq!(SocketKind::from_wire(0), None);
         assert_eq!(
             core::mem::size_of::<SocketEvent>(),
-            232,
+            264,
             "wire size changed: update docs/maps.md"
         );
     }

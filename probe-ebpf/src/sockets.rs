@@ -22,7 +22,7 @@ use probe_common::{
     event::{Counter, EventHeader, Source},
     maps::{MAX_CONNECTING, MAX_SOCKET_ADDRESSES, MAX_SOCKETS, MAX_TRACED_THREADS},
     socket::{
-        DIRECTION_RECV, DIRECTION_SEND, PREFIX_CAP, SocketEvent, SocketKind, SocketState,
+        DIRECTION_RECV, DIRECTION_SEND, PREFIX_CAP, Skipped, SocketEvent, SocketKind, SocketState,
         WireEndpoint,
     },
 };
@@ -293,6 +293,16 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
         }
         (0, 0)
     };
+    // Past its copied start, a message's reads and writes are tallied, not sent: a
+    // stream is a record per message, not per chunk. The next record carries the totals.
+    if !new_message && !capture {
+        let skipped = &mut state.skipped;
+        skipped.calls += 1;
+        skipped.bytes += bytes as u64;
+        skipped.last_ns = ts_ns;
+        skipped.last_ready_ns = last_ready_ns;
+        return 0;
+    }
     if !armed() {
         return 0;
     }
@@ -311,6 +321,7 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     fill(event, kind, (tgid, tid), fd, ts_ns);
     put(&mut event.ready_ns, ready_ns);
     put(&mut event.last_ready_ns, last_ready_ns);
+    put_skipped(event, &state.skipped);
     event.bytes = bytes as u32;
     if capture {
         event.prefix_len = read_prefix(event, shape, syscall.arg1, bytes as u32);
@@ -399,6 +410,15 @@ fn fill(event: &mut SocketEvent, kind: SocketKind, task: (u32, u32), fd: i32, ts
     put(&mut event.fd, fd);
 }
 
+/// Field by field: a struct copy may become a `memcpy` call (events.rs).
+#[inline(always)]
+fn put_skipped(event: &mut SocketEvent, skipped: &Skipped) {
+    put(&mut event.skipped.calls, skipped.calls);
+    put(&mut event.skipped.bytes, skipped.bytes);
+    put(&mut event.skipped.last_ns, skipped.last_ns);
+    put(&mut event.skipped.last_ready_ns, skipped.last_ready_ns);
+}
+
 /// Copies the first bytes moved by the syscall; returns how many (0 if unreadable).
 #[inline(always)]
 fn read_prefix(event: &mut SocketEvent, shape: Shape, buffer: u64, moved: u32) -> u32 {
@@ -464,6 +484,7 @@ fn emit(
     tid: u32,
     fd: i32,
     endpoints: Option<(WireEndpoint, WireEndpoint)>,
+    skipped: &Skipped,
 ) -> u32 {
     if !armed() {
         return 0;
@@ -480,6 +501,7 @@ fn emit(
         event.local = local;
         event.remote = remote;
     }
+    put_skipped(event, skipped);
     entry.submit(submit_flags());
     0
 }
@@ -497,7 +519,15 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
     }
     let key = socket_key(tgid, fd as i32);
     let _ = SOCKETS.insert(&key, &SocketState::NEW, 0);
-    emit(&ctx, SocketKind::Accept, tgid, tid, fd as i32, None)
+    emit(
+        &ctx,
+        SocketKind::Accept,
+        tgid,
+        tid,
+        fd as i32,
+        None,
+        &Skipped::NONE,
+    )
 }
 
 /// sock:inet_sock_set_state fields.
@@ -540,7 +570,15 @@ pub fn tcp_state(ctx: TracePointContext) -> u32 {
         let _ = SOCKETS.insert(&key, &state, 0);
         let _ = SOCKET_ADDRESSES.insert(&sk, &key, 0);
         let endpoints = Some(endpoints(&ctx));
-        return emit(&ctx, SocketKind::ConnectStart, tgid, tid, fd, endpoints);
+        return emit(
+            &ctx,
+            SocketKind::ConnectStart,
+            tgid,
+            tid,
+            fd,
+            endpoints,
+            &Skipped::NONE,
+        );
     }
     if old == TCP_SYN_SENT {
         // Usually in softirq: the process comes from the map, not the current task.
@@ -555,7 +593,15 @@ pub fn tcp_state(ctx: TracePointContext) -> u32 {
             SocketKind::ConnectFailed
         };
         let endpoints = Some(endpoints(&ctx));
-        return emit(&ctx, kind, connecting.tgid, 0, connecting.fd, endpoints);
+        return emit(
+            &ctx,
+            kind,
+            connecting.tgid,
+            0,
+            connecting.fd,
+            endpoints,
+            &Skipped::NONE,
+        );
     }
     0
 }
@@ -614,5 +660,14 @@ pub fn close_enter(ctx: TracePointContext) -> u32 {
     if state.sk != 0 {
         forget_address(state.sk, key);
     }
-    emit(&ctx, SocketKind::Close, tgid, tid, fd as i32, None)
+    // The tallies of the message it ends.
+    emit(
+        &ctx,
+        SocketKind::Close,
+        tgid,
+        tid,
+        fd as i32,
+        None,
+        &state.skipped,
+    )
 }

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Btf, BtfError, Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         BtfTracePoint, Program, ProgramError, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
@@ -22,7 +22,7 @@ use aya_log::EbpfLogger;
 use probe_common::{
     event::Counter,
     marker::{ChunkTally, MarkerKind, TallyKey},
-    socket::{SocketState, socket_key},
+    socket::{Skipped, SocketState, socket_key},
     usdt::{UsdtSite, UsdtSpec},
 };
 
@@ -133,6 +133,20 @@ pub struct Session {
     /// Kernel-side diagnostics (aya-log), forwarded to our logger.
     pub kernel_log: Option<EbpfLogger<&'static dyn log::Log>>,
     pub socket_tracepoints: u32,
+    pub socket_tallies: SocketTallies,
+}
+
+/// The kernel's tallies of sockets' reads and writes past their messages' copied starts
+/// (docs/sockets.md), through a handle of its own on `SOCKETS`: it outlives the probes,
+/// so exchanges still open at detach get their last tallies too.
+pub struct SocketTallies(HashMap<MapData, u64, SocketState>);
+
+impl SocketTallies {
+    /// The socket's totals; None once the kernel no longer follows it.
+    pub fn get(&self, pid: u32, fd: i32) -> Option<Skipped> {
+        let state = self.0.get(&socket_key(pid, fd), 0).ok()?;
+        Some(state.skipped)
+    }
 }
 
 /// Owns the programs and their links: the probes stay attached until this is dropped (or
@@ -201,7 +215,9 @@ impl Session {
         };
         let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?)?;
-        let sockets_map = HashMap::try_from(take_map(&mut ebpf, "SOCKETS")?)?;
+        let sockets_map = take_map(&mut ebpf, "SOCKETS")?;
+        let socket_tallies = SocketTallies(HashMap::try_from(second_handle(&sockets_map)?)?);
+        let sockets_map = HashMap::try_from(sockets_map)?;
         let armed = Array::try_from(take_map(&mut ebpf, "ARMED")?)?;
         let traced = Array::try_from(take_map(&mut ebpf, "TRACED_PROCESSES")?)?;
         let usdt_sites = HashMap::try_from(take_map(&mut ebpf, "USDT_SITES")?)?;
@@ -239,6 +255,7 @@ impl Session {
             },
             kernel_log,
             socket_tracepoints,
+            socket_tallies,
         })
     }
 }
@@ -506,9 +523,22 @@ where
     Ok(program.try_into()?)
 }
 
-fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
     ebpf.take_map(name)
         .with_context(|| format!("eBPF map {name} missing from the object"))
+}
+
+/// Another handle on an LRU hash map (a duplicate of its fd).
+fn second_handle(map: &Map) -> Result<Map> {
+    let Map::LruHashMap(data) = map else {
+        bail!("eBPF map is not an LRU hash map");
+    };
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating an eBPF map's fd")?;
+    Ok(Map::LruHashMap(MapData::from_fd(fd)?))
 }
 
 fn attach_socket_tracepoints(ebpf: &mut Ebpf) -> Result<u32> {

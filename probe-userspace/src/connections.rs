@@ -12,7 +12,7 @@ use std::{collections::HashMap, net::SocketAddr};
 
 use foldhash::HashMapExt as _;
 
-use probe_common::socket::PREFIX_CAP;
+use probe_common::socket::{PREFIX_CAP, Skipped};
 
 use crate::{
     decode::{Arrival, SocketIo, SocketWhat},
@@ -196,6 +196,9 @@ pub struct ConnectionStats {
     /// Upstream response reads whose arrival time the kernel did not see (timed by the
     /// read instead).
     pub arrivals_unknown: u64,
+    /// Times a socket's tallies in the kernel started over (its map entry was evicted):
+    /// the reads and writes they held since the last look are not counted.
+    pub tallies_lost: u64,
 }
 
 /// Names upstream peers: configured names, else `ip:port`.
@@ -222,6 +225,10 @@ impl UpstreamNames {
 /// Looks up a socket the tracker first sees by its I/O: (pid, fd) → what /proc says.
 pub type Resolver = Box<dyn FnMut(u32, i32) -> Option<OpenSocket>>;
 
+/// Reads the kernel's current tallies of a socket's reads and writes past its messages'
+/// copied starts: (pid, fd) → totals, None if the kernel no longer follows it.
+pub type TallyReader = Box<dyn FnMut(u32, i32) -> Option<Skipped>>;
+
 struct Connection {
     /// None: the role is unknown, the socket's I/O is not followed.
     role: Option<Role>,
@@ -236,6 +243,11 @@ struct Connection {
     /// writes until their first line is complete.
     request_head: Head,
     response_head: Head,
+    /// The kernel's tallies as of the last look ([`catch_up`]).
+    tallied: Skipped,
+    /// Direction of the last data record: the message that tallied reads and writes
+    /// continue.
+    last_direction: Option<Direction>,
 }
 
 impl Connection {
@@ -250,6 +262,8 @@ impl Connection {
             exchange: None,
             request_head: Head::default(),
             response_head: Head::default(),
+            tallied: Skipped::NONE,
+            last_direction: None,
         }
     }
 }
@@ -272,6 +286,7 @@ pub struct Connections {
     connections: foldhash::HashMap<(u32, i32), Connection>,
     names: UpstreamNames,
     resolve: Resolver,
+    read_tallies: TallyReader,
     idle_ns: u64,
     next_id: u64,
     stats: ConnectionStats,
@@ -281,11 +296,17 @@ pub struct Connections {
 
 impl Connections {
     /// `idle_ns`: an exchange whose response has been quiet this long is over.
-    pub fn new(names: UpstreamNames, idle_ns: u64, resolve: Resolver) -> Self {
+    pub fn new(
+        names: UpstreamNames,
+        idle_ns: u64,
+        resolve: Resolver,
+        read_tallies: TallyReader,
+    ) -> Self {
         Self {
             connections: foldhash::HashMap::new(),
             names,
             resolve,
+            read_tallies,
             idle_ns,
             next_id: 1,
             stats: ConnectionStats::default(),
@@ -332,13 +353,13 @@ impl Connections {
         let key = (io.pid, io.fd);
         match io.what {
             SocketWhat::Accept => {
-                self.close(key, out);
+                self.close(key, None, out);
                 let mut connection = Connection::new(Some(Role::Inbound));
                 connection.pending_accept_ns = Some(io.ts_ns);
                 self.connections.insert(key, connection);
             }
             SocketWhat::ConnectStart { remote } => {
-                self.close(key, out);
+                self.close(key, None, out);
                 let mut connection = Connection::new(Some(Role::Upstream));
                 connection.remote = remote;
                 connection.connect_start_ns = Some(io.ts_ns);
@@ -364,7 +385,7 @@ impl Connections {
             SocketWhat::ConnectFailed => {
                 self.stats.connect_failures += 1;
             }
-            SocketWhat::Close => self.close(key, out),
+            SocketWhat::Close => self.close(key, Some(&io.skipped), out),
             SocketWhat::Send { bytes, ref prefix } => {
                 let data = Data {
                     direction: Direction::Send,
@@ -388,9 +409,13 @@ impl Connections {
         }
     }
 
-    /// Ends the connection at `key` (closed, or its fd reused without a close seen).
-    fn close(&mut self, key: (u32, i32), out: &mut Vec<Progress>) {
+    /// Ends the connection at `key` (closed, with the kernel's last tallies; or its fd
+    /// reused without a close seen).
+    fn close(&mut self, key: (u32, i32), tallies: Option<&Skipped>, out: &mut Vec<Progress>) {
         if let Some(mut connection) = self.connections.remove(&key) {
+            if let Some(tallies) = tallies {
+                catch_up(&mut self.stats, &mut connection, tallies);
+            }
             end_exchange(&mut self.stats, &mut connection, ExchangeEnd::Closed, out);
         }
     }
@@ -411,13 +436,11 @@ impl Connections {
                 }
             },
         };
+        catch_up(&mut self.stats, &mut connection, &io.skipped);
+        connection.last_direction = Some(data.direction);
         match connection.role {
             Some(role) => {
-                let is_request = matches!(
-                    (role, data.direction),
-                    (Role::Upstream, Direction::Send) | (Role::Inbound, Direction::Recv(_))
-                );
-                if is_request {
+                if carries_request(role, data.direction) {
                     self.on_request_bytes(&mut connection, role, io, data, out);
                 } else {
                     self.on_response_bytes(&mut connection, role, io, data, out);
@@ -552,25 +575,107 @@ impl Connections {
 
     /// Ends exchanges whose response has been quiet for the idle timeout.
     pub fn expire_idle(&mut self, now_ns: u64, out: &mut Vec<Progress>) {
-        let idle_ns = self.idle_ns;
-        for connection in self.connections.values_mut() {
-            let quiet = connection
+        let Self {
+            connections,
+            read_tallies,
+            stats,
+            idle_ns,
+            ..
+        } = self;
+        let quiet = |connection: &Connection| {
+            connection
                 .exchange
                 .as_ref()
                 .and_then(|e| e.last_response_ns)
-                .is_some_and(|last| now_ns.saturating_sub(last) >= idle_ns);
-            if quiet {
-                end_exchange(&mut self.stats, connection, ExchangeEnd::Idle, out);
+                .is_some_and(|last| now_ns.saturating_sub(last) >= *idle_ns)
+        };
+        for (&(pid, fd), connection) in connections.iter_mut() {
+            if !quiet(connection) {
+                continue;
+            }
+            // A stream's later reads and writes are only tallied: it may have gone on.
+            if let Some(tallies) = read_tallies(pid, fd) {
+                catch_up(stats, connection, &tallies);
+            }
+            if quiet(connection) {
+                end_exchange(stats, connection, ExchangeEnd::Idle, out);
             }
         }
     }
 
-    /// Ends every exchange still open (at detach).
+    /// Ends every exchange still open (at detach), with what the kernel tallied of it.
     pub fn finish_all(&mut self, out: &mut Vec<Progress>) {
-        for connection in self.connections.values_mut() {
-            end_exchange(&mut self.stats, connection, ExchangeEnd::Detached, out);
+        let Self {
+            connections,
+            read_tallies,
+            stats,
+            ..
+        } = self;
+        for (&(pid, fd), connection) in connections.iter_mut() {
+            if connection.exchange.is_some() {
+                if let Some(tallies) = read_tallies(pid, fd) {
+                    catch_up(stats, connection, &tallies);
+                }
+            }
+            end_exchange(stats, connection, ExchangeEnd::Detached, out);
         }
     }
+}
+
+/// Whether bytes moving this way on a connection of this role are (part of) a request.
+fn carries_request(role: Role, direction: Direction) -> bool {
+    matches!(
+        (role, direction),
+        (Role::Upstream, Direction::Send) | (Role::Inbound, Direction::Recv(_))
+    )
+}
+
+/// Takes what is new in the kernel's tallies of the connection (`tallies`, from a record
+/// or the map) since the last look: reads and writes that continued the message of the
+/// connection's last data record.
+fn catch_up(stats: &mut ConnectionStats, connection: &mut Connection, tallies: &Skipped) {
+    let seen = std::mem::replace(&mut connection.tallied, *tallies);
+    if tallies.calls < seen.calls || tallies.bytes < seen.bytes {
+        stats.tallies_lost += 1;
+        return;
+    }
+    let calls = tallies.calls - seen.calls;
+    if calls == 0 {
+        return;
+    }
+    let bytes = tallies.bytes - seen.bytes;
+    let Some(direction) = connection.last_direction else {
+        // Tallied before the connection's first record was taken: before the window.
+        stats.outside_window += calls;
+        return;
+    };
+    let Some(role) = connection.role else {
+        stats.unfollowed_events += calls;
+        return;
+    };
+    let request = carries_request(role, direction);
+    let Some(exchange) = &mut connection.exchange else {
+        if !request {
+            stats.stray_response_bytes += bytes;
+        }
+        return;
+    };
+    if request {
+        exchange.request_bytes += bytes;
+        return;
+    }
+    // Timed as their records would have been (on_response_bytes).
+    let arrived = match direction {
+        Direction::Recv(_) if tallies.last_ready_ns != 0 => Some(tallies.last_ready_ns),
+        _ => None,
+    };
+    if role == Role::Upstream && arrived.is_none() {
+        stats.arrivals_unknown += calls;
+    }
+    exchange.last_response_ns = Some(arrived.unwrap_or(tallies.last_ns));
+    exchange.response_bytes += bytes;
+    let calls = u32::try_from(calls).unwrap_or(u32::MAX);
+    exchange.response_chunks = exchange.response_chunks.saturating_add(calls);
 }
 
 /// Reports the connection's exchange, if it got a response (else counts it).
@@ -673,6 +778,7 @@ mod tests {
             tid: 70,
             fd,
             what,
+            skipped: Skipped::NONE,
         }
     }
 
@@ -707,7 +813,7 @@ mod tests {
 
     fn tracker() -> Connections {
         let names = UpstreamNames::new([("10.0.0.5:443".parse().unwrap(), "openai".into())]);
-        Connections::new(names, 1_000, Box::new(|_, _| None))
+        Connections::new(names, 1_000, Box::new(|_, _| None), Box::new(|_, _| None))
     }
 
     fn finished(out: &[Progress]) -> Vec<&Exchange> {
@@ -780,6 +886,110 @@ mod tests {
             .filter(|p| matches!(p, Progress::Started { .. }))
             .count();
         assert_eq!(started, 2);
+    }
+
+    /// `io` carrying the kernel's tallies of the socket so far.
+    fn tallied(mut io: SocketIo, calls: u64, bytes: u64, last_ns: u64) -> SocketIo {
+        io.skipped = Skipped {
+            calls,
+            bytes,
+            last_ns,
+            last_ready_ns: last_ns - WAITED,
+        };
+        io
+    }
+
+    #[test]
+    fn tallied_reads_reach_their_exchange_at_the_next_request_and_at_close() {
+        let mut c = tracker();
+        let mut out = Vec::new();
+        let remote = Some("10.0.0.5:443".parse().unwrap());
+        c.on_io(io(10, 5, SocketWhat::ConnectStart { remote }), &mut out);
+        c.on_io(send(100, 5, 150, b"POST /v1/chat HTTP/1.1\r\n"), &mut out);
+        c.on_io(recv(300, 5, 200, b"HTTP/1.1 200 OK\r\n"), &mut out);
+        // Three more reads of the stream were tallied in the kernel, the last at 450;
+        // the next request's record carries them.
+        c.on_io(
+            tallied(send(500, 5, 150, b"POST /v1/chat HTTP/1.1\r\n"), 3, 90, 450),
+            &mut out,
+        );
+        c.on_io(
+            tallied(recv(600, 5, 200, b"HTTP/1.1 200 OK\r\n"), 3, 90, 450),
+            &mut out,
+        );
+        // Two more reads, then the close, which carries them.
+        c.on_io(
+            tallied(io(900, 5, SocketWhat::Close), 5, 130, 800),
+            &mut out,
+        );
+
+        let done = finished(&out);
+        assert_eq!(done.len(), 2);
+        let (first, second) = (done[0], done[1]);
+        assert_eq!((first.response_bytes, first.response_chunks), (290, 4));
+        assert_eq!(first.duration_ns(), Some(450 - WAITED - 100));
+        assert_eq!(first.request_bytes, 150);
+        assert_eq!((second.response_bytes, second.response_chunks), (240, 3));
+        assert_eq!(second.duration_ns(), Some(800 - WAITED - 500));
+        assert_eq!(second.end, ExchangeEnd::Closed);
+    }
+
+    #[test]
+    fn a_quiet_looking_stream_is_read_from_the_kernel_before_it_is_ended() {
+        let kernel = std::rc::Rc::new(std::cell::Cell::new(Skipped::NONE));
+        let reader = kernel.clone();
+        let mut c = Connections::new(
+            UpstreamNames::default(),
+            1_000,
+            Box::new(|_, _| None),
+            Box::new(move |_, _| Some(reader.get())),
+        );
+        let mut out = Vec::new();
+        c.on_io(io(10, 9, SocketWhat::Accept), &mut out);
+        c.on_io(recv(15, 9, 200, b"POST /v1/chat HTTP/1.1\r\n"), &mut out);
+        c.on_io(send(20, 9, 300, b"HTTP/1.1 200 OK\r\n"), &mut out);
+        // The broker went on writing the stream: two writes tallied, the last at 900.
+        let totals = Skipped {
+            calls: 2,
+            bytes: 64,
+            last_ns: 900,
+            last_ready_ns: 0,
+        };
+        kernel.set(totals);
+        c.expire_idle(1_050, &mut out);
+        assert!(finished(&out).is_empty(), "still streaming at 900");
+        c.expire_idle(1_950, &mut out);
+        let done = finished(&out);
+        assert_eq!(done.len(), 1);
+        let e = done[0];
+        assert_eq!(e.end, ExchangeEnd::Idle);
+        assert_eq!((e.response_bytes, e.response_chunks), (364, 3));
+        assert_eq!(e.duration_ns(), Some(900 - 15));
+        // A later record carrying the same tallies counts nothing twice.
+        let mut io_close = io(2_500, 9, SocketWhat::Close);
+        io_close.skipped = totals;
+        c.on_io(io_close, &mut out);
+        assert_eq!(c.stats().stray_response_bytes, 0);
+        assert_eq!(finished(&out).len(), 1);
+    }
+
+    #[test]
+    fn tallies_that_start_over_are_counted_as_lost() {
+        let mut c = tracker();
+        let mut out = Vec::new();
+        c.on_io(io(10, 9, SocketWhat::Accept), &mut out);
+        c.on_io(
+            tallied(recv(15, 9, 200, b"GET / HTTP/1.1\r\n"), 4, 400, 12),
+            &mut out,
+        );
+        // The kernel's entry was evicted and made anew: its totals went back to 0.
+        c.on_io(send(20, 9, 40, b"HTTP/1.1 200 OK\r\n"), &mut out);
+        assert_eq!(c.stats().tallies_lost, 1);
+        assert_eq!(
+            c.stats().outside_window,
+            4,
+            "tallied before the connection's first record"
+        );
     }
 
     #[test]

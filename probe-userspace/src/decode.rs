@@ -11,7 +11,7 @@ use std::{
 use probe_common::{
     event::{EventHeader, Source},
     marker::{MarkerEvent, MarkerKind, Stage},
-    socket::{SocketEvent, SocketKind, WireEndpoint},
+    socket::{Skipped, SocketEvent, SocketKind, WireEndpoint},
     symbol::StageSampleEvent,
 };
 
@@ -45,6 +45,9 @@ pub struct SocketIo {
     pub tid: u32,
     pub fd: i32,
     pub what: SocketWhat,
+    /// Send, Recv, Close: the kernel's tallies of the socket's reads and writes past its
+    /// messages' copied starts, before this event (none for the other kinds).
+    pub skipped: Skipped,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -273,6 +276,7 @@ fn decode_socket(raw: SocketEvent) -> Result<SocketIo, DecodeError> {
         tid: raw.header.tid,
         fd: raw.fd,
         what,
+        skipped: raw.skipped,
     })
 }
 

@@ -621,6 +621,7 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
     };
 
     let session = Session::load(wants_sockets(&options))?;
+    let socket_tallies = session.socket_tallies;
     let (processes, mut exited) = Processes::new();
     let mut run = Run {
         options: &options,
@@ -637,6 +638,7 @@ pub async fn attach(mut options: AttachOptions) -> Result<()> {
                 let sockets = procnet::established_sockets(pid).ok()?;
                 sockets.into_iter().find(|s| s.fd == fd)
             }),
+            Box::new(move |pid, fd| socket_tallies.get(pid, fd)),
         ),
         assembler: Assembler::new(options.max_open_requests),
         progress: Vec::new(),

@@ -358,8 +358,8 @@ pub fn health_text(health: &ProbeHealth) -> String {
             "\nsockets: {} exchanges, {} unanswered; {} connects ({} failed); {} connections \
              open at attach, {} learned later, {} unresolved ({} events not followed); {} stray \
              response bytes; {} I/O outside read/write syscalls; {} events outside the window; \
-             {} response reads without arrival time; upstream exchanges attributed: {} by \
-             adjacency, {} only candidate, {} not attributed",
+             {} response reads without arrival time; {} socket tallies lost; upstream exchanges \
+             attributed: {} by adjacency, {} only candidate, {} not attributed",
             c.exchanges,
             c.unanswered,
             c.connects,
@@ -372,6 +372,7 @@ pub fn health_text(health: &ProbeHealth) -> String {
             health.socket_io_without_syscall,
             c.outside_window,
             c.arrivals_unknown,
+            c.tallies_lost,
             a.attribution.adjacent,
             a.attribution.only_candidate,
             a.attribution.unattributed,

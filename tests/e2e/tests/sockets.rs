@@ -546,6 +546,7 @@ fn profile(broker: Broker) -> Run {
             ", 0 unresolved",
             "; 0 I/O outside",
             "; 0 response reads without arrival time",
+            "; 0 socket tallies lost",
         ]
         .iter()
         .all(|clean| health.contains(clean)),

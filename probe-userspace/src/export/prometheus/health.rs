@@ -247,6 +247,12 @@ const HEALTH_COUNTERS: &[HealthCounter] = &[
         None,
         |h| h.connections.arrivals_unknown,
     ),
+    (
+        "brokerprobe_socket_tallies_lost_total",
+        "Times the kernel's tallies of a socket's continued reads and writes started over (its map entry evicted): what they held since the last look is not counted.",
+        None,
+        |h| h.connections.tallies_lost,
+    ),
 ];
 
 impl HealthMetrics {
