@@ -1,12 +1,13 @@
 //! Sizes of every eBPF map, in one place. docs/maps.md explains each choice.
 
-/// The ring buffer all probe families write (power of two, page multiple). At ~200 bytes
-/// an event this holds ~40k events: several seconds of a busy broker if userspace stalls.
+/// The ring buffer all probe families write (power of two, page multiple). At 200–280
+/// bytes an event this holds 30–40k events: several seconds of a busy broker if userspace
+/// stalls.
 pub const EVENTS_BYTES: u32 = 8 << 20;
 
 /// Records pending in the ring buffer before a probe wakes user space. Below it, records
 /// wait for user space's periodic poll (every [`EVENTS_POLL_MS`]): a wake-up costs the traced
-/// thread an interrupt and user space a context switch, per record. At 1 MiB (~5k events) a
+/// thread an interrupt and user space a context switch, per record. At 1 MiB (4–5k events) a
 /// burst still leaves seven eighths of the buffer while user space wakes.
 pub const EVENTS_WAKEUP_BYTES: u32 = EVENTS_BYTES / 8;
 

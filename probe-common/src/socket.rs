@@ -60,7 +60,8 @@ pub const DIRECTION_RECV: u32 = 2;
 /// ([`PREFIX_CAP`]): the kernel tallies them instead of sending a record each (a stream
 /// is then a record per message, not per chunk). Totals since the socket was first
 /// followed: they only grow, so user space takes what is new since it last looked, from
-/// the next record or from the `SOCKETS` map, and never counts a read twice.
+/// the next record or from the `SOCKETS` map, and never counts a read twice. They belong
+/// to `message`: user space places them only if it took that message's first record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Skipped {
@@ -70,6 +71,9 @@ pub struct Skipped {
     /// read, when its last bytes had arrived (0 if unknown, or a write).
     pub last_ns: u64,
     pub last_ready_ns: u64,
+    /// The socket's current message, as the kernel numbers them (from 1; 0 before the
+    /// first): the one these reads and writes continue.
+    pub message: u64,
 }
 
 impl Skipped {
@@ -78,6 +82,7 @@ impl Skipped {
         bytes: 0,
         last_ns: 0,
         last_ready_ns: 0,
+        message: 0,
     };
 }
 
@@ -158,6 +163,8 @@ pub struct SocketEvent {
     pub _reserved: u32,
     /// Send/Recv/Close: the socket's tallies before this event.
     pub skipped: Skipped,
+    /// Send/Recv: the message (numbered as in [`Skipped`]) this read or write belongs to.
+    pub message: u64,
     pub prefix: [u8; PREFIX_CAP],
 }
 
@@ -173,6 +180,7 @@ impl SocketEvent {
         prefix_len: 0,
         _reserved: 0,
         skipped: Skipped::NONE,
+        message: 0,
         prefix: [0; PREFIX_CAP],
     };
 
@@ -193,7 +201,7 @@ mod tests {
         assert_eq!(SocketKind::from_wire(0), None);
         assert_eq!(
             core::mem::size_of::<SocketEvent>(),
-            264,
+            280,
             "wire size changed: update docs/maps.md"
         );
     }

@@ -263,6 +263,12 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
         follow_address(state, sk, key);
     }
     let new_message = state.direction != direction;
+    // Tallied reads and writes so far continue this message; a new one is numbered now,
+    // recorded or not, so that user space never places tallies in a message it missed.
+    let continued_message = state.skipped.message;
+    if new_message {
+        state.skipped.message = continued_message + 1;
+    }
     let captured = if new_message { 0 } else { state.captured };
     state.direction = direction;
     // The first PREFIX_CAP bytes of each message are copied, over as many reads or
@@ -321,7 +327,8 @@ fn on_data(ctx: &TracePointContext, direction: u32) -> u32 {
     fill(event, kind, (tgid, tid), fd, ts_ns);
     put(&mut event.ready_ns, ready_ns);
     put(&mut event.last_ready_ns, last_ready_ns);
-    put_skipped(event, &state.skipped);
+    put_skipped(event, &state.skipped, continued_message);
+    put(&mut event.message, state.skipped.message);
     event.bytes = bytes as u32;
     if capture {
         event.prefix_len = read_prefix(event, shape, syscall.arg1, bytes as u32);
@@ -410,13 +417,15 @@ fn fill(event: &mut SocketEvent, kind: SocketKind, task: (u32, u32), fd: i32, ts
     put(&mut event.fd, fd);
 }
 
-/// Field by field: a struct copy may become a `memcpy` call (events.rs).
+/// The tallies, as of `message`; field by field: a struct copy may become a `memcpy`
+/// call (events.rs).
 #[inline(always)]
-fn put_skipped(event: &mut SocketEvent, skipped: &Skipped) {
+fn put_skipped(event: &mut SocketEvent, skipped: &Skipped, message: u64) {
     put(&mut event.skipped.calls, skipped.calls);
     put(&mut event.skipped.bytes, skipped.bytes);
     put(&mut event.skipped.last_ns, skipped.last_ns);
     put(&mut event.skipped.last_ready_ns, skipped.last_ready_ns);
+    put(&mut event.skipped.message, message);
 }
 
 /// Copies the first bytes moved by the syscall; returns how many (0 if unreadable).
@@ -501,7 +510,7 @@ fn emit(
         event.local = local;
         event.remote = remote;
     }
-    put_skipped(event, skipped);
+    put_skipped(event, skipped, skipped.message);
     entry.submit(submit_flags());
     0
 }

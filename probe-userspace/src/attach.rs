@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Btf, BtfError, Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         BtfTracePoint, Program, ProgramError, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
@@ -46,6 +46,9 @@ const TRAP_PREEMPTED: (&str, &str, &str) = ("trap_preempted", "sched", "sched_sw
 
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
+
+/// `BPF_NOEXIST`: a map insert that leaves an existing entry as it is.
+const BPF_NOEXIST: u64 = 1;
 
 /// Socket tracepoints: (program, category, tracepoints). docs/sockets.md says why each.
 /// Accept's exit and close's entry are the only syscall tracepoints: the socket layer has
@@ -484,14 +487,16 @@ impl Probes {
     }
 
     /// Lets the kernel follow sockets opened before the attach, so that their closes and
-    /// the starts of their messages are seen.
+    /// the starts of their messages are seen. A socket the kernel already follows (its
+    /// I/O since the process was registered) keeps its entry, and its message count.
     pub fn follow_open_sockets(&mut self, pid: u32, sockets: &[OpenSocket]) {
         for socket in sockets {
-            if let Err(e) = self
-                .sockets
-                .insert(socket_key(pid, socket.fd), SocketState::NEW, 0)
-            {
-                log::warn!("following open socket fd {}: {e}", socket.fd);
+            let key = socket_key(pid, socket.fd);
+            match self.sockets.insert(key, SocketState::NEW, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => log::warn!("following open socket fd {}: {e}", socket.fd),
             }
         }
     }

@@ -196,8 +196,10 @@ pub struct ConnectionStats {
     /// Upstream response reads whose arrival time the kernel did not see (timed by the
     /// read instead).
     pub arrivals_unknown: u64,
-    /// Times a socket's tallies in the kernel started over (its map entry was evicted):
-    /// the reads and writes they held since the last look are not counted.
+    /// Times the kernel's tallies of a socket's reads and writes could not be placed: the
+    /// first record of their message was lost (ring buffer full), or the socket's map
+    /// entry was evicted and started over. What they held since the last look is not
+    /// counted.
     pub tallies_lost: u64,
 }
 
@@ -245,9 +247,9 @@ struct Connection {
     response_head: Head,
     /// The kernel's tallies as of the last look ([`catch_up`]).
     tallied: Skipped,
-    /// Direction of the last data record: the message that tallied reads and writes
-    /// continue.
-    last_direction: Option<Direction>,
+    /// The last data record's message (kernel-numbered) and direction: tallies of that
+    /// message continue it.
+    last_record: Option<(u64, Direction)>,
 }
 
 impl Connection {
@@ -263,7 +265,7 @@ impl Connection {
             request_head: Head::default(),
             response_head: Head::default(),
             tallied: Skipped::NONE,
-            last_direction: None,
+            last_record: None,
         }
     }
 }
@@ -414,7 +416,7 @@ impl Connections {
     fn close(&mut self, key: (u32, i32), tallies: Option<&Skipped>, out: &mut Vec<Progress>) {
         if let Some(mut connection) = self.connections.remove(&key) {
             if let Some(tallies) = tallies {
-                catch_up(&mut self.stats, &mut connection, tallies);
+                catch_up(&mut self.stats, &mut connection, tallies, Look::Record);
             }
             end_exchange(&mut self.stats, &mut connection, ExchangeEnd::Closed, out);
         }
@@ -436,8 +438,8 @@ impl Connections {
                 }
             },
         };
-        catch_up(&mut self.stats, &mut connection, &io.skipped);
-        connection.last_direction = Some(data.direction);
+        catch_up(&mut self.stats, &mut connection, &io.skipped, Look::Record);
+        connection.last_record = Some((io.message, data.direction));
         match connection.role {
             Some(role) => {
                 if carries_request(role, data.direction) {
@@ -595,7 +597,7 @@ impl Connections {
             }
             // A stream's later reads and writes are only tallied: it may have gone on.
             if let Some(tallies) = read_tallies(pid, fd) {
-                catch_up(stats, connection, &tallies);
+                catch_up(stats, connection, &tallies, Look::Map);
             }
             if quiet(connection) {
                 end_exchange(stats, connection, ExchangeEnd::Idle, out);
@@ -614,7 +616,7 @@ impl Connections {
         for (&(pid, fd), connection) in connections.iter_mut() {
             if connection.exchange.is_some() {
                 if let Some(tallies) = read_tallies(pid, fd) {
-                    catch_up(stats, connection, &tallies);
+                    catch_up(stats, connection, &tallies, Look::Map);
                 }
             }
             end_exchange(stats, connection, ExchangeEnd::Detached, out);
@@ -630,25 +632,47 @@ fn carries_request(role: Role, direction: Direction) -> bool {
     )
 }
 
-/// Takes what is new in the kernel's tallies of the connection (`tallies`, from a record
-/// or the map) since the last look: reads and writes that continued the message of the
-/// connection's last data record.
-fn catch_up(stats: &mut ConnectionStats, connection: &mut Connection, tallies: &Skipped) {
-    let seen = std::mem::replace(&mut connection.tallied, *tallies);
-    if tallies.calls < seen.calls || tallies.bytes < seen.bytes {
-        stats.tallies_lost += 1;
+/// Where the kernel's tallies were read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Look {
+    /// In a record, in event order.
+    Record,
+    /// In the `SOCKETS` map: current, possibly ahead of records still in the ring buffer.
+    Map,
+}
+
+/// Takes what is new in the kernel's tallies of the connection since the last look:
+/// reads and writes that continued the message of the connection's last data record.
+fn catch_up(
+    stats: &mut ConnectionStats,
+    connection: &mut Connection,
+    tallies: &Skipped,
+    look: Look,
+) {
+    let same_message = connection
+        .last_record
+        .is_some_and(|(message, _)| message == tallies.message);
+    if look == Look::Map && !same_message {
+        // A newer message's records are still on their way: they will carry these.
         return;
     }
-    let calls = tallies.calls - seen.calls;
+    let seen = std::mem::replace(&mut connection.tallied, *tallies);
+    let calls = tallies.calls.wrapping_sub(seen.calls);
     if calls == 0 {
         return;
     }
-    let bytes = tallies.bytes - seen.bytes;
-    let Some(direction) = connection.last_direction else {
+    let Some((_, direction)) = connection.last_record else {
         // Tallied before the connection's first record was taken: before the window.
         stats.outside_window += calls;
         return;
     };
+    if !same_message || tallies.calls < seen.calls || tallies.bytes < seen.bytes {
+        // Their message's first record was lost (ring buffer full), or the socket's map
+        // entry was evicted and started over.
+        stats.tallies_lost += 1;
+        return;
+    }
+    let bytes = tallies.bytes - seen.bytes;
     let Some(role) = connection.role else {
         stats.unfollowed_events += calls;
         return;
@@ -779,6 +803,7 @@ mod tests {
             fd,
             what,
             skipped: Skipped::NONE,
+            message: 0,
         }
     }
 
@@ -888,15 +913,34 @@ mod tests {
         assert_eq!(started, 2);
     }
 
-    /// `io` carrying the kernel's tallies of the socket so far.
-    fn tallied(mut io: SocketIo, calls: u64, bytes: u64, last_ns: u64) -> SocketIo {
+    /// `io` as the kernel numbers it: of the socket's message `message`, carrying the
+    /// tallies so far (`calls`, `bytes`, the latest at `last_ns`) of message `continued`.
+    fn numbered(
+        mut io: SocketIo,
+        message: u64,
+        continued: u64,
+        (calls, bytes, last_ns): (u64, u64, u64),
+    ) -> SocketIo {
+        io.message = message;
         io.skipped = Skipped {
             calls,
             bytes,
             last_ns,
-            last_ready_ns: last_ns - WAITED,
+            last_ready_ns: last_ns.saturating_sub(WAITED),
+            message: continued,
         };
         io
+    }
+
+    /// A tracker whose kernel tallies are read from `kernel`.
+    fn tracker_reading(kernel: &std::rc::Rc<std::cell::Cell<Skipped>>) -> Connections {
+        let kernel = kernel.clone();
+        Connections::new(
+            UpstreamNames::default(),
+            1_000,
+            Box::new(|_, _| None),
+            Box::new(move |_, _| Some(kernel.get())),
+        )
     }
 
     #[test]
@@ -904,24 +948,21 @@ mod tests {
         let mut c = tracker();
         let mut out = Vec::new();
         let remote = Some("10.0.0.5:443".parse().unwrap());
+        let none = (0, 0, 0);
         c.on_io(io(10, 5, SocketWhat::ConnectStart { remote }), &mut out);
-        c.on_io(send(100, 5, 150, b"POST /v1/chat HTTP/1.1\r\n"), &mut out);
-        c.on_io(recv(300, 5, 200, b"HTTP/1.1 200 OK\r\n"), &mut out);
+        let request = || send(100, 5, 150, b"POST /v1/chat HTTP/1.1\r\n");
+        c.on_io(numbered(request(), 1, 0, none), &mut out);
+        let response = |ts| recv(ts, 5, 200, b"HTTP/1.1 200 OK\r\n");
+        c.on_io(numbered(response(300), 2, 1, none), &mut out);
         // Three more reads of the stream were tallied in the kernel, the last at 450;
         // the next request's record carries them.
-        c.on_io(
-            tallied(send(500, 5, 150, b"POST /v1/chat HTTP/1.1\r\n"), 3, 90, 450),
-            &mut out,
-        );
-        c.on_io(
-            tallied(recv(600, 5, 200, b"HTTP/1.1 200 OK\r\n"), 3, 90, 450),
-            &mut out,
-        );
+        let mut next = numbered(request(), 3, 2, (3, 90, 450));
+        next.ts_ns = 500;
+        c.on_io(next, &mut out);
+        c.on_io(numbered(response(600), 4, 3, (3, 90, 450)), &mut out);
         // Two more reads, then the close, which carries them.
-        c.on_io(
-            tallied(io(900, 5, SocketWhat::Close), 5, 130, 800),
-            &mut out,
-        );
+        let close = io(900, 5, SocketWhat::Close);
+        c.on_io(numbered(close, 4, 4, (5, 130, 800)), &mut out);
 
         let done = finished(&out);
         assert_eq!(done.len(), 2);
@@ -932,30 +973,28 @@ mod tests {
         assert_eq!((second.response_bytes, second.response_chunks), (240, 3));
         assert_eq!(second.duration_ns(), Some(800 - WAITED - 500));
         assert_eq!(second.end, ExchangeEnd::Closed);
+        assert_eq!(c.stats().tallies_lost, 0);
     }
 
     #[test]
     fn a_quiet_looking_stream_is_read_from_the_kernel_before_it_is_ended() {
         let kernel = std::rc::Rc::new(std::cell::Cell::new(Skipped::NONE));
-        let reader = kernel.clone();
-        let mut c = Connections::new(
-            UpstreamNames::default(),
-            1_000,
-            Box::new(|_, _| None),
-            Box::new(move |_, _| Some(reader.get())),
-        );
+        let mut c = tracker_reading(&kernel);
         let mut out = Vec::new();
+        let none = (0, 0, 0);
         c.on_io(io(10, 9, SocketWhat::Accept), &mut out);
-        c.on_io(recv(15, 9, 200, b"POST /v1/chat HTTP/1.1\r\n"), &mut out);
-        c.on_io(send(20, 9, 300, b"HTTP/1.1 200 OK\r\n"), &mut out);
+        let request = recv(15, 9, 200, b"POST /v1/chat HTTP/1.1\r\n");
+        c.on_io(numbered(request, 1, 0, none), &mut out);
+        let response = send(20, 9, 300, b"HTTP/1.1 200 OK\r\n");
+        c.on_io(numbered(response, 2, 1, none), &mut out);
         // The broker went on writing the stream: two writes tallied, the last at 900.
-        let totals = Skipped {
+        kernel.set(Skipped {
             calls: 2,
             bytes: 64,
             last_ns: 900,
             last_ready_ns: 0,
-        };
-        kernel.set(totals);
+            message: 2,
+        });
         c.expire_idle(1_050, &mut out);
         assert!(finished(&out).is_empty(), "still streaming at 900");
         c.expire_idle(1_950, &mut out);
@@ -965,31 +1004,58 @@ mod tests {
         assert_eq!(e.end, ExchangeEnd::Idle);
         assert_eq!((e.response_bytes, e.response_chunks), (364, 3));
         assert_eq!(e.duration_ns(), Some(900 - 15));
-        // A later record carrying the same tallies counts nothing twice.
-        let mut io_close = io(2_500, 9, SocketWhat::Close);
-        io_close.skipped = totals;
-        c.on_io(io_close, &mut out);
+        // The close carries the same tallies: nothing is counted twice.
+        let close = io(2_500, 9, SocketWhat::Close);
+        c.on_io(numbered(close, 2, 2, (2, 64, 900)), &mut out);
         assert_eq!(c.stats().stray_response_bytes, 0);
+        assert_eq!(c.stats().tallies_lost, 0);
         assert_eq!(finished(&out).len(), 1);
     }
 
     #[test]
-    fn tallies_that_start_over_are_counted_as_lost() {
+    fn tallies_of_a_message_whose_records_are_still_coming_are_left_to_them() {
+        let kernel = std::rc::Rc::new(std::cell::Cell::new(Skipped::NONE));
+        let mut c = tracker_reading(&kernel);
+        let mut out = Vec::new();
+        let none = (0, 0, 0);
+        c.on_io(io(10, 9, SocketWhat::Accept), &mut out);
+        let request = recv(15, 9, 200, b"POST /v1/chat HTTP/1.1\r\n");
+        c.on_io(numbered(request, 1, 0, none), &mut out);
+        let response = send(20, 9, 300, b"HTTP/1.1 200 OK\r\n");
+        c.on_io(numbered(response, 2, 1, none), &mut out);
+        // Two writes of the response were tallied, then the client's next request (message
+        // 3) began and went on past its first bytes; its record is still in the ring.
+        kernel.set(Skipped {
+            calls: 3,
+            bytes: 1_064,
+            last_ns: 950,
+            last_ready_ns: 940,
+            message: 3,
+        });
+        c.finish_all(&mut out);
+        let done = finished(&out);
+        assert_eq!(done.len(), 1);
+        assert_eq!(
+            (done[0].response_bytes, done[0].response_chunks),
+            (300, 1),
+            "another message's tallies were taken as this response's"
+        );
+        assert_eq!(c.stats().tallies_lost, 0);
+    }
+
+    #[test]
+    fn tallies_that_cannot_be_placed_are_counted() {
         let mut c = tracker();
         let mut out = Vec::new();
         c.on_io(io(10, 9, SocketWhat::Accept), &mut out);
-        c.on_io(
-            tallied(recv(15, 9, 200, b"GET / HTTP/1.1\r\n"), 4, 400, 12),
-            &mut out,
-        );
-        // The kernel's entry was evicted and made anew: its totals went back to 0.
-        c.on_io(send(20, 9, 40, b"HTTP/1.1 200 OK\r\n"), &mut out);
+        // Tallied before the connection's first record in the window.
+        let request = recv(15, 9, 200, b"GET / HTTP/1.1\r\n");
+        c.on_io(numbered(request, 1, 0, (4, 400, 12)), &mut out);
+        assert_eq!(c.stats().outside_window, 4);
+        // The first record of message 2 was lost; message 3's carries its tallies.
+        let next = recv(40, 9, 200, b"GET / HTTP/1.1\r\n");
+        c.on_io(numbered(next, 3, 2, (6, 500, 30)), &mut out);
         assert_eq!(c.stats().tallies_lost, 1);
-        assert_eq!(
-            c.stats().outside_window,
-            4,
-            "tallied before the connection's first record"
-        );
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct SocketIo {
     /// Send, Recv, Close: the kernel's tallies of the socket's reads and writes past its
     /// messages' copied starts, before this event (none for the other kinds).
     pub skipped: Skipped,
+    /// Send, Recv: the socket's message this read or write belongs to (kernel-numbered).
+    pub message: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -277,6 +279,7 @@ fn decode_socket(raw: SocketEvent) -> Result<SocketIo, DecodeError> {
         fd: raw.fd,
         what,
         skipped: raw.skipped,
+        message: raw.message,
     })
 }
 
