@@ -250,6 +250,8 @@ struct Connection {
     /// The last data record's message (kernel-numbered) and direction: tallies of that
     /// message continue it.
     last_record: Option<(u64, Direction)>,
+    /// A newer message the kernel's tallies showed at the last idle check.
+    map_ahead: Option<u64>,
 }
 
 impl Connection {
@@ -266,6 +268,7 @@ impl Connection {
             response_head: Head::default(),
             tallied: Skipped::NONE,
             last_record: None,
+            map_ahead: None,
         }
     }
 }
@@ -575,7 +578,8 @@ impl Connections {
         awaiting.next().is_none().then_some(only.id)
     }
 
-    /// Ends exchanges whose response has been quiet for the idle timeout.
+    /// Ends exchanges whose response has been quiet for the idle timeout. Call it with
+    /// the ring buffer drained: the kernel's tallies are read as they are now.
     pub fn expire_idle(&mut self, now_ns: u64, out: &mut Vec<Progress>) {
         let Self {
             connections,
@@ -597,6 +601,15 @@ impl Connections {
             }
             // A stream's later reads and writes are only tallied: it may have gone on.
             if let Some(tallies) = read_tallies(pid, fd) {
+                if !continues_last_record(connection, &tallies)
+                    && connection.map_ahead != Some(tallies.message)
+                {
+                    // A newer message began just now: its first record, on its way, ends
+                    // this exchange with its tallies. Still so at the next look, that
+                    // record was lost, and the exchange ends without them.
+                    connection.map_ahead = Some(tallies.message);
+                    continue;
+                }
                 catch_up(stats, connection, &tallies, Look::Map);
             }
             if quiet(connection) {
@@ -632,6 +645,13 @@ fn carries_request(role: Role, direction: Direction) -> bool {
     )
 }
 
+/// Whether the tallies continue the message of the connection's last data record.
+fn continues_last_record(connection: &Connection, tallies: &Skipped) -> bool {
+    connection
+        .last_record
+        .is_some_and(|(message, _)| message == tallies.message)
+}
+
 /// Where the kernel's tallies were read.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Look {
@@ -649,9 +669,7 @@ fn catch_up(
     tallies: &Skipped,
     look: Look,
 ) {
-    let same_message = connection
-        .last_record
-        .is_some_and(|(message, _)| message == tallies.message);
+    let same_message = continues_last_record(connection, tallies);
     if look == Look::Map && !same_message {
         // A newer message's records are still on their way: they will carry these.
         return;
@@ -1041,6 +1059,60 @@ mod tests {
             "another message's tallies were taken as this response's"
         );
         assert_eq!(c.stats().tallies_lost, 0);
+    }
+
+    /// An inbound exchange: request read (message 1), response's first write at 20
+    /// (message 2); then the kernel's tallies show message 3, the client's next request,
+    /// begun: 2 more response writes (64 bytes, the last at 900), then 1 read past the new
+    /// request's first bytes.
+    fn answered_then_next_request_begun(
+        kernel: &std::rc::Rc<std::cell::Cell<Skipped>>,
+    ) -> Connections {
+        let mut c = tracker_reading(kernel);
+        let mut out = Vec::new();
+        c.on_io(io(10, 9, SocketWhat::Accept), &mut out);
+        let request = recv(15, 9, 200, b"POST /v1/chat HTTP/1.1\r\n");
+        c.on_io(numbered(request, 1, 0, (0, 0, 0)), &mut out);
+        let response = send(20, 9, 300, b"HTTP/1.1 200 OK\r\n");
+        c.on_io(numbered(response, 2, 1, (0, 0, 0)), &mut out);
+        kernel.set(Skipped {
+            calls: 3,
+            bytes: 1_064,
+            last_ns: 960,
+            last_ready_ns: 955,
+            message: 3,
+        });
+        c
+    }
+
+    #[test]
+    fn a_newer_message_in_the_kernel_leaves_the_idle_end_to_its_record() {
+        let kernel = std::rc::Rc::new(std::cell::Cell::new(Skipped::NONE));
+        let mut c = answered_then_next_request_begun(&kernel);
+        let mut out = Vec::new();
+        c.expire_idle(1_500, &mut out);
+        assert!(finished(&out).is_empty(), "its next record was on its way");
+        let next = recv(950, 9, 200, b"POST /v1/chat HTTP/1.1\r\n");
+        c.on_io(numbered(next, 3, 2, (2, 64, 900)), &mut out);
+        let done = finished(&out);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].end, ExchangeEnd::NextRequest);
+        assert_eq!((done[0].response_bytes, done[0].response_chunks), (364, 3));
+        assert_eq!(c.stats().tallies_lost, 0);
+    }
+
+    #[test]
+    fn a_newer_message_whose_record_never_comes_ends_at_the_next_look() {
+        let kernel = std::rc::Rc::new(std::cell::Cell::new(Skipped::NONE));
+        let mut c = answered_then_next_request_begun(&kernel);
+        let mut out = Vec::new();
+        c.expire_idle(1_500, &mut out);
+        assert!(finished(&out).is_empty());
+        c.expire_idle(2_500, &mut out);
+        let done = finished(&out);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].end, ExchangeEnd::Idle);
+        assert_eq!((done[0].response_bytes, done[0].response_chunks), (300, 1));
     }
 
     #[test]

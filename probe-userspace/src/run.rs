@@ -822,6 +822,9 @@ async fn event_loop(
                 guard.clear_ready();
             }
             _ = housekeeping.tick() => {
+                // Idle exchanges are judged against the kernel's tallies as they are now:
+                // the records before them first.
+                drain(ring.get_mut(), pipeline);
                 pipeline.tell_if_quiet();
                 pipeline.expire(options);
                 let health = pipeline.health(run.counts(), &mut counters);

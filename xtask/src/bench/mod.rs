@@ -780,9 +780,9 @@ fn findings_section(
          chunk also cost an upstream read and a client write, a 232-byte record each. Past \
          a message's first 128 bytes (copied for its request or status line), reads and \
          writes are now tallied in the socket's `SOCKETS` entry (calls, bytes, the latest \
-         one's times), and the socket's next record carries the totals; brokerprobe reads \
-         the entry itself for an exchange that looks quiet for `--exchange-idle`, and at \
-         detach (docs/sockets.md). By hand, the demo broker in front of `fake-upstream \
+         one's times, under the number of the message they continue), and the socket's \
+         next record carries the totals; brokerprobe reads the entry itself for an \
+         exchange that looks quiet for `--exchange-idle`, and at detach (docs/sockets.md). By hand, the demo broker in front of `fake-upstream \
          --chunks 40 --chunk-interval-ms 1`, every request streaming, 300 and 200 requests/s \
          for 5 s, markers and sockets, the old and new brokerprobe interleaved, 6 rounds: \
          brokerprobe received 91.1–96.9 events per request before and 16.1 after; its CPU \
