@@ -189,9 +189,11 @@ pub struct ConnectionStats {
     /// Response bytes with no request seen: a response already under way at attach, or
     /// one resumed after the idle timeout ended its exchange.
     pub stray_response_bytes: u64,
-    /// Socket events before every probe was attached, or after detaching began.
+    /// Socket events (and reads and writes tallied in the kernel) before every probe was
+    /// attached, or after detaching began.
     pub outside_window: u64,
-    /// Socket events of sockets not followed (role unknown).
+    /// Socket events (and tallied reads and writes) of sockets not followed (role
+    /// unknown).
     pub unfollowed_events: u64,
     /// Upstream response reads whose arrival time the kernel did not see (timed by the
     /// read instead).
